@@ -1,0 +1,298 @@
+"""Model analysis: per-layer activation / parameter tables and the self-attention identities (Q1).
+
+Tables come from the real Flax module: every submodule `__call__` is intercepted while
+`module.init_with_output` runs under `jax.eval_shape`, so no weights are materialised and no
+number is written by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cnn_caption import models
+from cnn_caption.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One layer: its output shapes without the batch axis, their total size and its parameters."""
+  layer: str  # module path joined with '/', or 'input'
+  kind: str  # module class name, or 'input'
+  shapes: tuple[tuple[int, ...], ...]  # one per array the layer returns
+  size: int  # activation values per example, summed over the returned arrays
+  params: int  # parameters in this module and its submodules
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The activation shape of a single-output layer."""
+    if len(self.shapes) != 1:
+      raise ValueError(f'layer {self.layer!r} returns {len(self.shapes)} arrays; use .shapes')
+    return self.shapes[0]
+
+
+def _shapes_without_batch(tree) -> tuple[tuple[int, ...], ...]:
+  return tuple(tuple(int(d) for d in leaf.shape[1:]) for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape'))
+
+
+def _count(tree) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _subtree(params, path: tuple[str, ...]):
+  node = params
+  for name in path:
+    if not isinstance(node, dict) or name not in node:
+      return {}
+    node = node[name]
+  return node
+
+
+def layer_table(module: nn.Module, *inputs, depth: int | None = None, rngs: dict | None = None,
+                **call_kwargs) -> list[Row]:
+  """Per-layer table of `module` applied to `inputs` (shape-only: runs under `jax.eval_shape`).
+
+  Args:
+    module: an unbound linen module.
+    *inputs: its positional inputs (arrays or `jax.ShapeDtypeStruct`), axis 0 being the batch.
+    depth: list submodules nested at most this deep (1 = direct children); None lists all.
+    rngs: init PRNG keys; default 'params' and 'dropout' keys from seed 0 (only shapes are used).
+    **call_kwargs: keyword arguments of `module.__call__` (e.g. train=False).
+
+  Returns:
+    Row 'input' (all positional inputs), then one row per submodule in call order. A module called
+    more than once (shared, or inside a loop or scan) is listed once, with its first call's output.
+    Parameters that no listed row holds (the top module's own, or of deeper modules when a parent is
+    not listed) are put in a last row '(other)', so the top-level rows sum to the model's total.
+  """
+  if rngs is None:
+    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
+  calls: dict[tuple[str, ...], list] = {}  # path -> [kind, output shapes], in call-start order
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = tuple(context.module.path)
+    if context.method_name != '__call__' or not path or (depth is not None and len(path) > depth):
+      return next_fun(*args, **kwargs)
+    first = path not in calls
+    if first:
+      calls[path] = [type(context.module).__name__, None]
+    out = next_fun(*args, **kwargs)
+    if first:
+      calls[path][1] = _shapes_without_batch(out)
+    return out
+
+  init = functools.partial(module.init_with_output, rngs, **call_kwargs)
+  with nn.intercept_methods(interceptor):
+    _, variables = jax.eval_shape(init, *inputs)
+  params = variables.get('params', {})
+
+  input_shapes = _shapes_without_batch(inputs)
+  rows = [Row('input', 'input', input_shapes, sum(math.prod(s) for s in input_shapes), 0)]
+  for path, (kind, shapes) in calls.items():
+    rows.append(Row('/'.join(path), kind, shapes, sum(math.prod(s) for s in shapes),
+                    _count(_subtree(params, path))))
+  other = _count(params) - sum(_count(_subtree(params, p)) for p in _outermost(list(calls)))
+  if other:
+    rows.append(Row('(other)', '-', (), 0, other))
+  return rows
+
+
+def _outermost(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+  """Paths with no proper prefix in `paths`."""
+  path_set = set(paths)
+  return [p for p in paths if not any(p[:i] in path_set for i in range(1, len(p)))]
+
+
+def total_params(rows: Sequence[Row]) -> int:
+  """Sum over the rows not nested inside another listed row: the model's parameter count."""
+  by_path = {tuple(r.layer.split('/')): r for r in rows if r.kind != 'input'}
+  return sum(by_path[p].params for p in _outermost(list(by_path)))
+
+
+def _format_shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
+  return ' + '.join('(' + ', '.join(str(d) for d in s) + ')' for s in shapes) or '-'
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  """Fixed-width text table; the last line is 'Total parameters: N' with N like 10,298."""
+  header = ('layer', 'kind', 'activation shape', 'activation size', 'parameters')
+  body = [(r.layer, r.kind, _format_shapes(r.shapes), f'{r.size:,}', f'{r.params:,}') for r in rows]
+  widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+  def fmt(line):
+    left = [f'{cell:<{w}}' for cell, w in zip(line[:3], widths[:3])]
+    right = [f'{cell:>{w}}' for cell, w in zip(line[3:], widths[3:])]
+    return '  '.join(left + right).rstrip()
+
+  rule = '-' * len(fmt(header))
+  lines = [fmt(header), rule, *(fmt(line) for line in body), rule,
+           f'Total parameters: {total_params(rows):,}']
+  return '\n'.join(lines)
+
+
+def _call_kwargs(module: nn.Module) -> dict[str, Any]:
+  """train=False for modules whose __call__ takes `train`; nothing otherwise."""
+  return {'train': False} if 'train' in inspect.signature(type(module).__call__).parameters else {}
+
+
+def print_summary(config: ml_collections.ConfigDict) -> int:
+  """Prints the configured model's layer table (and the encoder's for a captioner); returns 0."""
+  overrides = {}
+  if config.model.name == 'captioner':
+    overrides['vocab_size'] = config.model_inputs.vocab_size
+  model = models.create_model(config, **overrides)
+  rows = layer_table(model, *models.example_inputs(config), **_call_kwargs(model))
+  print(f'{config.model.name}: {type(model).__name__}')
+  print(format_table(rows))
+  if config.model.name == 'captioner' and 'encoder' in config:
+    from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
+    size = config.data.image_size
+    encoder = encoders.create_encoder(config.encoder.name)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    logging.info('Tracing encoder %s at %dx%d (shapes only).', config.encoder.name, size, size)
+    enc_rows = layer_table(encoder, images, depth=1)
+    print(f'\nencoder {config.encoder.name} at {size}x{size}: {type(encoder).__name__} (shapes only, no weights loaded)')
+    print(format_table(enc_rows))
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """One verdict of `attention_checks`."""
+  name: str
+  detail: str  # the measured figure and the criterion
+  passed: bool
+
+
+def _row_softmax(scores: np.ndarray) -> np.ndarray:
+  e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _random_invertible(key: jax.Array, dim: int, singular_range: Sequence[float]) -> np.ndarray:
+  """B = U diag(s) V^T, U and V Haar-orthogonal, each s = r or 1/r with r uniform in singular_range.
+
+  So cond(B) <= (max r)^2 and B is never close to the identity (no singular value near 1) as long
+  as min r > 1, which keeps the control check meaningful.
+  """
+  ku, kv, kr, ks = jax.random.split(key, 4)
+
+  def haar(k):
+    q, r = np.linalg.qr(np.asarray(jax.random.normal(k, (dim, dim)), np.float64))
+    return q * np.sign(np.diag(r))
+
+  lo, hi = singular_range
+  r = np.asarray(jax.random.uniform(kr, (dim,), minval=lo, maxval=hi), np.float64)
+  flip = np.asarray(jax.random.bernoulli(ks, 0.5, (dim,)))
+  return haar(ku) @ np.diag(np.where(flip, 1.0 / r, r)) @ haar(kv).T
+
+
+def _with_head2(params, wq_NxD, wk_NxD, dtype):
+  """params with head index 1 of the query and key kernels replaced (cast to dtype)."""
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  q = params['query']['kernel'].at[1].set(jnp.asarray(wq_NxD, dtype))
+  k = params['key']['kernel'].at[1].set(jnp.asarray(wk_NxD, dtype))
+  return {**params, 'query': {'kernel': q}, 'key': {'kernel': k}}
+
+
+def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
+  """Measures the Q1.3 identities on a random X (L x n) and the configured module (>= 2 heads).
+
+  Args:
+    config: configs/attention.py layout: model (name 'self_attention', input_shape (L, n), num_heads,
+      head_dim, scale_scores), seed, and check (tolerances and B's singular-value range).
+
+  Returns:
+    One Check per head for P(h) == row-softmax(c X A(h) X^T) and for rank(A(h)) <= d, then the
+    two-heads identity with W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T in float32 and in float64, and
+    the control (B on W_Q alone) that must change the probabilities.
+  """
+  if config.model.name != 'self_attention':
+    raise UserError(f"config.model.name={config.model.name!r}: the attention check needs 'self_attention' "
+                    '(use --config=configs/attention.py)')
+  if config.model.num_heads < 2:
+    raise UserError(f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
+                    '(set --config.model.num_heads=2)')
+  seq_len, model_dim = config.model.input_shape
+  d, tol = config.model.head_dim, config.check
+  module = models.create_model(config)
+  key_x, key_init, key_b = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  x_LxN = jax.random.normal(key_x, (seq_len, model_dim), jnp.float32)
+  params = module.init(key_init, x_LxN)['params']
+  apply = jax.jit(lambda p, x: module.apply({'params': p}, x, return_probs=True)[1])
+  probs_HxLxL = np.asarray(apply(params, x_LxN), np.float64)
+  a_HxNxN = np.asarray(module.apply({'params': params}, method=module.attention_matrices), np.float64)
+  x64 = np.asarray(x_LxN, np.float64)
+  checks = []
+
+  for h in range(config.model.num_heads):
+    ref = _row_softmax(module.score_scale * x64 @ a_HxNxN[h] @ x64.T)
+    diff = float(np.abs(probs_HxLxL[h] - ref).max())
+    checks.append(Check(
+        f'P({h + 1}) = row-softmax({_scale_text(module)}X A({h + 1}) X^T)',
+        f'max abs diff {diff:.2e} (float32 module vs float64 formula; tol {tol.prob_atol:.0e})',
+        diff <= tol.prob_atol))
+  for h in range(config.model.num_heads):
+    s = np.linalg.svd(a_HxNxN[h], compute_uv=False)
+    rank = int(np.sum(s > tol.rank_rtol * s[0])) if s[0] > 0 else 0
+    tail = f'; s_{d + 1}/s_1 = {s[d] / s[0]:.1e}' if d < model_dim and s[0] > 0 else ''
+    checks.append(Check(
+        f'rank(A({h + 1})) <= d',
+        f'numerical rank {rank} (singular values > {tol.rank_rtol:.0e} * s_1), d = {d}, n = {model_dim}{tail}',
+        rank <= d))
+
+  b_DxD = _random_invertible(key_b, d, tol.b_singular_range)
+  cond_b = float(np.linalg.cond(b_DxD))
+  wq1 = np.asarray(params['query']['kernel'][0], np.float64)
+  wk1 = np.asarray(params['key']['kernel'][0], np.float64)
+  wq2, wk2 = wq1 @ b_DxD, wk1 @ np.linalg.inv(b_DxD).T
+  same32 = np.asarray(apply(_with_head2(params, wq2, wk2, jnp.float32), x_LxN))
+  diff32 = float(np.abs(same32[0] - same32[1]).max())
+  with jax.enable_x64(True):
+    same64 = apply(_with_head2(params, wq2, wk2, jnp.float64), jnp.asarray(x64, jnp.float64))
+    dtype64 = same64.dtype
+    same64 = np.asarray(same64)
+  diff64 = float(np.abs(same64[0] - same64[1]).max())
+  control = np.asarray(apply(_with_head2(params, wq2, wk1, jnp.float32), x_LxN))
+  diff_control = float(np.abs(control[0] - control[1]).max())
+  b_text = f'random invertible {d}x{d} B, cond(B) = {cond_b:.2f}'
+  checks += [
+      Check('W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T gives P(2) = P(1), float32',
+            f'max abs diff {diff32:.2e} (tol {tol.same_atol32:.0e}; {b_text})', diff32 <= tol.same_atol32),
+      Check('same, float64',
+            f'max abs diff {diff64:.2e} (tol {tol.same_atol64:.0e}; computed in {dtype64})',
+            diff64 <= tol.same_atol64 and dtype64 == np.float64),
+      Check('control: W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) changes P',
+            f'max abs diff {diff_control:.2e} (must be >= {tol.control_min_diff:.0e})',
+            diff_control >= tol.control_min_diff),
+  ]
+  return checks
+
+
+def _scale_text(module) -> str:
+  return f'{module.score_scale:.4g} * ' if module.scale_scores else ''
+
+
+def attention_check(config: ml_collections.ConfigDict) -> bool:
+  """Prints every `attention_checks` verdict with its measured figure; True only if all pass."""
+  seq_len, model_dim = config.model.input_shape
+  scaling = f'scores scaled by 1/sqrt(d)' if config.model.scale_scores else 'scores not scaled'
+  print(f'Self-attention check: L={seq_len}, n={model_dim}, d={config.model.head_dim}, '
+        f'heads={config.model.num_heads}, seed={config.seed}, {scaling}')
+  checks = attention_checks(config)
+  for c in checks:
+    print(f'  [{"PASS" if c.passed else "FAIL"}] {c.name}: {c.detail}')
+  failed = sum(not c.passed for c in checks)
+  print(f'{len(checks) - failed} of {len(checks)} checks passed.')
+  return not failed
