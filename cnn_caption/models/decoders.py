@@ -1,0 +1,299 @@
+"""LSTM caption decoders (homework question 3): plain (3a) and additive attention (3b), plus decoding.
+
+Token ids follow the caption vocabulary: PAD = 0, BOS and EOS passed in (the vocab uses EOS = 2).
+
+Speed notes (XLA:CPU): everything that does not depend on the previous step is hoisted out of the time
+scan: the region keys W2 s_j once per batch, the embedding half of the LSTM input projection for all steps
+at once (as a projected V x 4H table when the vocabulary is smaller than the B*T tokens, which is also
+what decoding gathers from), and the vocabulary layer after the scan. The scan body only does the
+h-dependent work: one fused matmul h @ [W_hh | W1], attention, and the context projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_caption.errors import UserError
+
+PAD_ID = 0
+
+_ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
+
+# Decoding state carried between steps: {'h': BxH, 'c': BxH}.
+Carry = dict[str, jax.Array]
+# Per-call constants for `step`: {'table': Vx4H, 'feats': BxNxC, 'keys': BxNxA} (the last two: attention).
+Cache = dict[str, jax.Array]
+
+
+class _LSTMStep(nn.Module):
+  """One LSTM step (fused i, f, g, o gates) with optional additive attention; input gates come in precomputed."""
+  hidden_dim: int
+  attention_dim: int | None
+  attention_act: str
+
+  @nn.compact
+  def __call__(self, carry: Carry, xgates_Bx4H: jax.Array, feats_BxNxC: jax.Array | None,
+               keys_BxNxA: jax.Array | None) -> tuple[Carry, tuple[jax.Array, jax.Array | None]]:
+    h_BxH, c_BxH = carry['h'], carry['c']
+    hid = self.hidden_dim
+    recurrent_init = nn.initializers.orthogonal()
+    if self.attention_dim is None:
+      gates_Bx4H = xgates_Bx4H + nn.Dense(4 * hid, use_bias=False, kernel_init=recurrent_init,
+                                          name='h_gates')(h_BxH)
+      alpha_BxN = None
+    else:
+      # One matmul for everything h_{t-1} feeds: the recurrent gates and the attention query W1 h.
+      hq = nn.Dense(4 * hid + self.attention_dim, use_bias=False, name='h_gates_query')(h_BxH)
+      hgates_Bx4H, query_BxA = hq[:, :4 * hid], hq[:, 4 * hid:]
+      # Rows of h may be K beams per image (image-major); regions are stored once per image (G of them).
+      images = feats_BxNxC.shape[0]
+      query_GxKxA = query_BxA.reshape(images, -1, self.attention_dim)
+      act = _ACTIVATIONS[self.attention_act]
+      pre_GxKxNxA = act(keys_BxNxA[:, None] + query_GxKxA[:, :, None])
+      scores_GxKxN = nn.DenseGeneral(1, use_bias=False, name='score')(pre_GxKxNxA)[..., 0]
+      alpha_GxKxN = jax.nn.softmax(scores_GxKxN, axis=-1)
+      ctx_BxC = jnp.einsum('gkn,gnc->gkc', alpha_GxKxN, feats_BxNxC).reshape(h_BxH.shape[0], -1)
+      alpha_BxN = alpha_GxKxN.reshape(h_BxH.shape[0], -1)
+      ctx_gates = nn.Dense(4 * hid, use_bias=False, name='ctx_gates')(ctx_BxC)
+      gates_Bx4H = xgates_Bx4H + hgates_Bx4H + ctx_gates
+    i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
+    c_BxH = nn.sigmoid(f) * c_BxH + nn.sigmoid(i) * jnp.tanh(g)
+    h_BxH = nn.sigmoid(o) * jnp.tanh(c_BxH)
+    return {'h': h_BxH, 'c': c_BxH}, (h_BxH, alpha_BxN)
+
+
+def _scan_body(cell: _LSTMStep, carry: Carry, xgates_Bx4H: jax.Array, feats_BxNxC, keys_BxNxA):
+  return cell(carry, xgates_Bx4H, feats_BxNxC, keys_BxNxA)
+
+
+_scan_steps = nn.scan(
+    _scan_body, variable_broadcast='params', split_rngs={'params': False},
+    in_axes=(0, nn.broadcast, nn.broadcast), out_axes=0)
+
+
+class CaptionDecoder(nn.Module):
+  """LSTM decoder over CNN region features; additive attention when attention_dim is set (Q3b)."""
+  vocab_size: int
+  embed_dim: int = 100
+  hidden_dim: int = 256
+  dropout: float = 0.5
+  attention_dim: int | None = None
+  attention_act: str = 'relu'
+
+  def setup(self):
+    if self.attention_act not in _ACTIVATIONS:
+      raise UserError(f'config.model.attention_act={self.attention_act!r} is unknown; '
+                      f'use one of {sorted(_ACTIVATIONS)}')
+    if self.attention_dim is not None and self.attention_dim <= 0:
+      raise UserError(f'config.model.attention_dim={self.attention_dim} must be positive, or None '
+                      'for the plain decoder')
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim)
+    self.init_h = nn.Dense(self.hidden_dim)
+    self.init_c = nn.Dense(self.hidden_dim)
+    # Embedding half of the LSTM input projection; carries the LSTM gate bias.
+    self.x_gates = nn.Dense(4 * self.hidden_dim)
+    if self.attention_dim is not None:
+      self.keys = nn.Dense(self.attention_dim)  # W2 s_j (+ the additive attention bias)
+    self.cell = _LSTMStep(self.hidden_dim, self.attention_dim, self.attention_act)
+    self.drop = nn.Dropout(self.dropout)
+    self.out = nn.Dense(self.vocab_size)
+
+  def __call__(self, feats_BxNxC: jax.Array, tokens_BxT: jax.Array, *,
+               train: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Teacher-forced scores: logits[:, t] predicts token t+1 from tokens[:, :t+1].
+
+    Args:
+      feats_BxNxC: region features (N regions of C channels per image).
+      tokens_BxT: input tokens, [BOS, w1, ..., EOS, PAD...] without the last position.
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      (logits_BxTxV, alphas_BxTxN), alphas None for the plain decoder; alphas[:, t] is the attention
+      used at step t (it reads h_{t-1}).
+    """
+    batch, steps = tokens_BxT.shape
+    if batch * steps > self.vocab_size:
+      xgates_BxTx4H = jnp.take(self._gate_table(), tokens_BxT, axis=0)
+    else:
+      xgates_BxTx4H = self.x_gates(self.embed(tokens_BxT))
+    return self._run(feats_BxNxC, xgates_BxTx4H, train)
+
+  def forward_embedded(self, feats_BxNxC: jax.Array, embeds_BxTxE: jax.Array, *,
+                       train: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Same as __call__ from word embeddings instead of token ids (for gradient checks)."""
+    return self._run(feats_BxNxC, self.x_gates(embeds_BxTxE), train)
+
+  def _gate_table(self) -> jax.Array:
+    """The embedding half of the gates for every vocabulary word, Vx4H."""
+    return self.x_gates(self.embed.embedding)
+
+  def _start(self, feats_BxNxC: jax.Array) -> tuple[Carry, jax.Array | None]:
+    mean_BxC = feats_BxNxC.mean(axis=1)
+    carry = {'h': self.init_h(mean_BxC), 'c': self.init_c(mean_BxC)}
+    keys_BxNxA = self.keys(feats_BxNxC) if self.attention_dim is not None else None
+    return carry, keys_BxNxA
+
+  def _run(self, feats_BxNxC, xgates_BxTx4H, train):
+    carry, keys_BxNxA = self._start(feats_BxNxC)
+    feats = feats_BxNxC if self.attention_dim is not None else None
+    _, (h_TxBxH, alphas_TxBxN) = _scan_steps(
+        self.cell, carry, jnp.swapaxes(xgates_BxTx4H, 0, 1), feats, keys_BxNxA)
+    h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
+    logits_BxTxV = self.out(self.drop(h_BxTxH, deterministic=not train))
+    alphas_BxTxN = None if alphas_TxBxN is None else jnp.swapaxes(alphas_TxBxN, 0, 1)
+    return logits_BxTxV, alphas_BxTxN
+
+  def init_state(self, feats_BxNxC: jax.Array, repeat: int = 1) -> tuple[Cache, Carry]:
+    """Decoding start: the hoisted constants (gate table, region keys) and (h0, c0).
+
+    Args:
+      feats_BxNxC: region features.
+      repeat: beams per image; carry rows are image-major (b * repeat + k), the region feats and keys
+        in the cache stay once per image.
+
+    Returns:
+      (cache, carry) for `step`.
+    """
+    carry, keys_BxNxA = self._start(feats_BxNxC)
+    carry = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), carry)
+    cache = {'table': self._gate_table()}
+    if self.attention_dim is not None:
+      cache.update(feats=feats_BxNxC, keys=keys_BxNxA)  # once per image, shared by its beams
+    return cache, carry
+
+  def step(self, cache: Cache, carry: Carry,
+           token_B: jax.Array) -> tuple[Carry, jax.Array, jax.Array | None]:
+    """One decoding step from `init_state`'s cache: returns (carry, logits_BxV, alpha_BxN or None)."""
+    xgates_Bx4H = jnp.take(cache['table'], token_B, axis=0)
+    carry, (h_BxH, alpha_BxN) = self.cell(carry, xgates_Bx4H, cache.get('feats'), cache.get('keys'))
+    return carry, self.out(h_BxH), alpha_BxN
+
+
+def _decode_start(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, repeat: int):
+  return model.apply({'params': params}, feats_BxNxC, repeat, method=CaptionDecoder.init_state)
+
+
+def _decode_step(model: CaptionDecoder, params: Any, cache: Cache, carry: Carry, token_B: jax.Array):
+  return model.apply({'params': params}, cache, carry, token_B, method=CaptionDecoder.step)
+
+
+def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int,
+                  eos_id: int, max_len: int) -> tuple[jax.Array, jax.Array | None]:
+  """Greedy captions (argmax fed back) in one while loop that ends early once every caption has ended.
+
+  Jit at the call site: `jax.jit(greedy_decode, static_argnames=('model', 'bos_id', 'eos_id',
+  'max_len'))`.
+
+  Args:
+    model: the decoder module.
+    params: its parameters.
+    feats_BxNxC: region features.
+    bos_id: first input token.
+    eos_id: end token; it is kept in the output, every position after it is PAD (0).
+    max_len: generated tokens at most (BOS not counted).
+
+  Returns:
+    (tokens_BxL int32, alphas_BxLxN or None): alphas[:, t] is the attention used to choose token t,
+    zero after EOS.
+  """
+  batch, num_regions = feats_BxNxC.shape[:2]
+  cache, carry = _decode_start(model, params, feats_BxNxC, 1)
+  with_alphas = model.attention_dim is not None
+  state = {
+      't': jnp.int32(0),
+      'carry': carry,
+      'last': jnp.full((batch,), bos_id, jnp.int32),
+      'done': jnp.zeros((batch,), bool),
+      'tokens': jnp.full((batch, max_len), PAD_ID, jnp.int32),
+  }
+  if with_alphas:
+    state['alphas'] = jnp.zeros((batch, max_len, num_regions), feats_BxNxC.dtype)
+
+  def cond(s):
+    return (s['t'] < max_len) & ~jnp.all(s['done'])
+
+  def body(s):
+    carry, logits_BxV, alpha_BxN = _decode_step(model, params, cache, s['carry'], s['last'])
+    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    token_B = jnp.where(s['done'], PAD_ID, token_B)
+    new = {
+        't': s['t'] + 1,
+        'carry': carry,
+        'last': token_B,
+        'done': s['done'] | (token_B == eos_id),
+        'tokens': s['tokens'].at[:, s['t']].set(token_B),
+    }
+    if with_alphas:
+      alpha_BxN = jnp.where(s['done'][:, None], 0.0, alpha_BxN)
+      new['alphas'] = jax.lax.dynamic_update_slice_in_dim(s['alphas'], alpha_BxN[:, None], s['t'], 1)
+    return new
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state['tokens'], state.get('alphas')
+
+
+def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int, eos_id: int,
+                max_len: int, beam_size: int, length_penalty: float = 1.0) -> jax.Array:
+  """Best beam per image; a beam that emits EOS is frozen and keeps its slot with its log-prob.
+
+  Beams are ranked by their summed log-prob while searching; the final pick among the beam_size slots
+  is by sum log p / len**length_penalty, len counting generated tokens up to and including EOS (max_len
+  for beams that never ended). beam_size=1 is exactly greedy decoding. Jit at the call site with
+  model, bos_id, eos_id, max_len, beam_size, length_penalty static.
+
+  Returns:
+    tokens_BxL int32, EOS kept, PAD (0) after it.
+  """
+  if beam_size < 1:
+    raise UserError(f'config.decoding.beam_size={beam_size} must be at least 1')
+  batch = feats_BxNxC.shape[0]
+  k, vocab = beam_size, model.vocab_size
+  if k > vocab:
+    raise UserError(f'config.decoding.beam_size={beam_size} exceeds the vocabulary size {vocab}')
+  cache, carry = _decode_start(model, params, feats_BxNxC, k)
+  # Only beam 0 is live at first so the k beams do not start as k copies of one hypothesis.
+  logp_BxK = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None], (batch, 1))
+  frozen_row_V = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
+  state = {
+      't': jnp.int32(0),
+      'carry': carry,
+      'last': jnp.full((batch, k), bos_id, jnp.int32),
+      'done': jnp.zeros((batch, k), bool),
+      'length': jnp.zeros((batch, k), jnp.int32),
+      'logp': logp_BxK,
+      'tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
+  }
+
+  def cond(s):
+    return (s['t'] < max_len) & ~jnp.all(s['done'])
+
+  def body(s):
+    carry, logits, _ = _decode_step(model, params, cache, s['carry'], s['last'].reshape(-1))
+    logprobs_BxKxV = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+    logprobs_BxKxV = jnp.where(s['done'][..., None], frozen_row_V, logprobs_BxKxV)
+    cand_BxKV = (s['logp'][..., None] + logprobs_BxKxV).reshape(batch, k * vocab)
+    logp_BxK, index_BxK = jax.lax.top_k(cand_BxKV, k)
+    beam_BxK, token_BxK = index_BxK // vocab, (index_BxK % vocab).astype(jnp.int32)
+    pick = lambda x: jnp.take_along_axis(x, beam_BxK.reshape(beam_BxK.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    done_BxK = pick(s['done'])
+    rows = (jnp.arange(batch)[:, None] * k + beam_BxK).reshape(-1)
+    return {
+        't': s['t'] + 1,
+        'carry': jax.tree.map(lambda x: x[rows], carry),
+        'last': token_BxK,
+        'done': done_BxK | (token_BxK == eos_id),
+        'length': pick(s['length']) + (~done_BxK).astype(jnp.int32),
+        'logp': logp_BxK,
+        'tokens': pick(s['tokens']).at[:, :, s['t']].set(token_BxK),
+    }
+
+  state = jax.lax.while_loop(cond, body, state)
+  length_BxK = jnp.maximum(state['length'], 1).astype(jnp.float32)
+  score_BxK = state['logp'] / length_BxK ** length_penalty
+  best_B = jnp.argmax(score_BxK, axis=1)
+  return jnp.take_along_axis(state['tokens'], best_B[:, None, None], axis=1)[:, 0]
