@@ -102,7 +102,8 @@ def _bad(kind):
   return images
 
 
-@pytest.mark.parametrize('kind', ['no_sentences', 'missing_sentences', 'empty_tokens', 'empty_raw', 'bad_split'])
+@pytest.mark.parametrize(
+    'kind', ['no_sentences', 'missing_sentences', 'empty_tokens', 'empty_raw', 'bad_split'])
 def test_bad_entry_raises_naming_file_and_entry(tmp_path, kind):
   root = _write_dataset(tmp_path / 'toy', _bad(kind))
   with pytest.raises(UserError) as e:
@@ -199,7 +200,8 @@ def test_synthetic_is_deterministic_and_loads(tmp_path):
   with open(os.path.join(a, 'dataset.json')) as f:
     data = json.load(f)
   assert data['dataset'] == 'synthetic'
-  assert data['synthetic'] == {'generator': synthetic.GENERATOR, 'num_images': 20, 'image_size': 64, 'seed': 3}
+  assert data['synthetic'] == {
+      'generator': synthetic.GENERATOR, 'num_images': 20, 'image_size': 64, 'seed': 3}
   for entry, item in zip(splits['train'], data['images']):
     for group in item['scene']['objects']:
       words = [group['color'], group['shape'] + ('s' if group['count'] > 1 else '')]

@@ -202,7 +202,8 @@ def make_synthetic_dataset(out_dir: str, num_images: int, image_size: int = 224,
     logging.info('Synthetic captioning set in %s is complete (%d images); reusing it', out_dir, num_images)
     return out_dir
   replace = os.path.exists(out_dir)
-  if replace and not (os.path.isdir(out_dir) and (not os.listdir(out_dir) or _read_params(out_dir) is not None)):
+  replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir) or _read_params(out_dir) is not None)
+  if replace and not replaceable:
     raise UserError(f'{out_dir}: exists and is not a synthetic captioning set; '
                     'choose another folder (config.data.synthetic_dir) or remove it')
 

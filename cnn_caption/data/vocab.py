@@ -16,6 +16,7 @@ from cnn_caption.errors import UserError
 PAD, BOS, EOS, UNK = '<pad>', '<bos>', '<eos>', '<unk>'
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 _FORMAT = 'cnn_caption.vocab/1'
+_REBUILD = 'delete it and rebuild the vocabulary'
 
 
 class Vocab:
@@ -117,19 +118,19 @@ class Vocab:
       with open(path, encoding='utf-8') as f:
         payload = json.load(f)
     except FileNotFoundError:
-      raise UserError(f'{path}: vocabulary file not found; train first or point at the run\'s workdir') from None
+      raise UserError(f'{path}: vocabulary file not found; train first or use the training workdir') from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise UserError(f'{path}: corrupt vocabulary file ({e}); delete it and rebuild the vocabulary') from None
+      raise UserError(f'{path}: corrupt vocabulary file ({e}); {_REBUILD}') from None
     words = payload.get('words') if isinstance(payload, dict) else None
     counts = payload.get('counts') if isinstance(payload, dict) else None
     if (not isinstance(payload, dict) or payload.get('format') != _FORMAT
         or not isinstance(words, list) or not all(isinstance(w, str) for w in words)
         or (counts is not None and (not isinstance(counts, list) or len(counts) != len(words)))):
-      raise UserError(f'{path}: not a {_FORMAT} vocabulary file; delete it and rebuild the vocabulary')
+      raise UserError(f'{path}: not a {_FORMAT} vocabulary file; {_REBUILD}')
     try:
       return cls(words, counts, int(payload.get('min_count', 1)))
     except (ValueError, TypeError) as e:
-      raise UserError(f'{path}: corrupt vocabulary file ({e}); delete it and rebuild the vocabulary') from None
+      raise UserError(f'{path}: corrupt vocabulary file ({e}); {_REBUILD}') from None
 
 
 def encode_captions(entries: Sequence[ImageEntry], vocab: Vocab,
