@@ -48,6 +48,35 @@ def _batch_norm(name: str, epsilon: float) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=epsilon, name=name)
 
 
+class _DepthwiseConv(nn.Module):
+  """Depthwise kxk convolution with 'SAME' padding, as k*k shifted multiply-adds.
+
+  XLA:CPU runs `feature_group_count=C` convolutions 10-30x slower than this fused
+  elementwise form (measured on this model's shapes); results agree to float rounding.
+  The kernel has nn.Conv's depthwise layout (k, k, 1, C).
+  """
+  kernel_size: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.stride
+    batch, height, width, channels = x_BxHxWxC.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, channels))
+    out_h, out_w = -(-height // s), -(-width // s)
+    pad_h = max((out_h - 1) * s + k - height, 0)
+    pad_w = max((out_w - 1) * s + k - width, 0)
+    x = jnp.pad(x_BxHxWxC, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                            (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    del batch
+    out_BxHxWxC = None
+    for i in range(k):
+      for j in range(k):
+        tap = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
+        out_BxHxWxC = tap if out_BxHxWxC is None else out_BxHxWxC + tap
+    return out_BxHxWxC
+
+
 class _MBConv(nn.Module):
   """Inverted-residual block without squeeze-excitation (the Lite variant)."""
   in_channels: int
@@ -63,8 +92,7 @@ class _MBConv(nn.Module):
     if self.expand != 1:
       h = nn.Conv(hidden, (1, 1), use_bias=False, name='expand_conv')(h)
       h = jax.nn.relu6(_batch_norm('expand_bn', 1e-3)(h))
-    h = nn.Conv(hidden, (self.kernel, self.kernel), strides=self.stride, padding='SAME',
-                feature_group_count=hidden, use_bias=False, name='depthwise_conv')(h)
+    h = _DepthwiseConv(self.kernel, self.stride, name='depthwise_conv')(h)
     h = jax.nn.relu6(_batch_norm('depthwise_bn', 1e-3)(h))
     h = nn.Conv(self.out_channels, (1, 1), use_bias=False, name='project_conv')(h)
     h = _batch_norm('project_bn', 1e-3)(h)
