@@ -43,7 +43,8 @@ class Row:
 
 
 def _shapes_without_batch(tree) -> tuple[tuple[int, ...], ...]:
-  return tuple(tuple(int(d) for d in leaf.shape[1:]) for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape'))
+  leaves = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape')]
+  return tuple(tuple(int(d) for d in leaf.shape[1:]) for leaf in leaves)
 
 
 def _count(tree) -> int:
@@ -162,7 +163,8 @@ def print_summary(config: ml_collections.ConfigDict) -> int:
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     logging.info('Tracing encoder %s at %dx%d (shapes only).', config.encoder.name, size, size)
     enc_rows = layer_table(encoder, images, depth=1)
-    print(f'\nencoder {config.encoder.name} at {size}x{size}: {type(encoder).__name__} (shapes only, no weights loaded)')
+    print(f'\nencoder {config.encoder.name} at {size}x{size}: {type(encoder).__name__} '
+          '(shapes only, no weights loaded)')
     print(format_table(enc_rows))
   return 0
 
@@ -180,30 +182,49 @@ def _row_softmax(scores: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def _random_invertible(key: jax.Array, dim: int, singular_range: Sequence[float]) -> np.ndarray:
-  """B = U diag(s) V^T, U and V Haar-orthogonal, each s = r or 1/r with r uniform in singular_range.
+def _random_invertible(rng: np.random.Generator, dim: int, singular_range: Sequence[float]) -> np.ndarray:
+  """B = U diag(s) V^T: U, V Haar-orthogonal, s = r or 1/r with r uniform in singular_range (float64).
 
-  So cond(B) <= (max r)^2 and B is never close to the identity (no singular value near 1) as long
-  as min r > 1, which keeps the control check meaningful.
+  With singular_range = (lo, hi), lo > 1, cond(B) <= hi^2 and no singular value lies in (1/lo, lo):
+  B is never close to the identity, which keeps the control check meaningful.
   """
-  ku, kv, kr, ks = jax.random.split(key, 4)
-
-  def haar(k):
-    q, r = np.linalg.qr(np.asarray(jax.random.normal(k, (dim, dim)), np.float64))
-    return q * np.sign(np.diag(r))
-
-  lo, hi = singular_range
-  r = np.asarray(jax.random.uniform(kr, (dim,), minval=lo, maxval=hi), np.float64)
-  flip = np.asarray(jax.random.bernoulli(ks, 0.5, (dim,)))
-  return haar(ku) @ np.diag(np.where(flip, 1.0 / r, r)) @ haar(kv).T
+  def haar():
+    q, upper = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diag(upper))
+  r = rng.uniform(*singular_range, size=dim)
+  s = np.where(rng.random(dim) < 0.5, 1.0 / r, r)
+  return haar() @ np.diag(s) @ haar().T
 
 
-def _with_head2(params, wq_NxD, wk_NxD, dtype):
-  """params with head index 1 of the query and key kernels replaced (cast to dtype)."""
-  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-  q = params['query']['kernel'].at[1].set(jnp.asarray(wq_NxD, dtype))
-  k = params['key']['kernel'].at[1].set(jnp.asarray(wk_NxD, dtype))
-  return {**params, 'query': {'kernel': q}, 'key': {'kernel': k}}
+def _with_head2(params, wq_NxD: np.ndarray, wk_NxD: np.ndarray, dtype) -> dict:
+  """params (numpy) with head index 1 of the query and key kernels replaced, cast to dtype."""
+  params = jax.tree.map(lambda a: np.array(a, np.float64), params)
+  params['query']['kernel'][1] = wq_NxD
+  params['key']['kernel'][1] = wk_NxD
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def _check_attention_config(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(L, n) of a valid attention-check config; UserError naming the culprit otherwise."""
+  if config.model.name != 'self_attention':
+    raise UserError(f"config.model.name={config.model.name!r}: the attention check needs 'self_attention' "
+                    '(use --config=configs/attention.py)')
+  shape = tuple(config.model.input_shape)
+  if len(shape) != 2 or shape[0] < 2:
+    raise UserError(f'config.model.input_shape={shape} is invalid: it must be (L, n) with L >= 2 '
+                    '(with one position every P(h) is [[1]] and the control cannot fail)')
+  if config.model.num_heads < 2:
+    raise UserError(f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
+                    '(set --config.model.num_heads=2)')
+  return shape
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probs_and_a(module: nn.Module, params, x_LxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """P (H, L, L) and A (H, n, n) of an attention module (compiled once per module, shape and dtype)."""
+  variables = {'params': params}
+  probs_HxLxL = module.apply(variables, x_LxN, return_probs=True)[1]
+  return probs_HxLxL, module.apply(variables, method=module.attention_matrices)
 
 
 def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
@@ -218,24 +239,20 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
     two-heads identity with W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T in float32 and in float64, and
     the control (B on W_Q alone) that must change the probabilities.
   """
-  if config.model.name != 'self_attention':
-    raise UserError(f"config.model.name={config.model.name!r}: the attention check needs 'self_attention' "
-                    '(use --config=configs/attention.py)')
-  if config.model.num_heads < 2:
-    raise UserError(f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
-                    '(set --config.model.num_heads=2)')
-  seq_len, model_dim = config.model.input_shape
-  if seq_len < 2:
-    raise UserError(f'config.model.input_shape={tuple(config.model.input_shape)} is invalid: L must be >= 2 '
-                    '(with one position every P(h) is [[1]] and the control cannot fail)')
+  seq_len, model_dim = _check_attention_config(config)
   d, tol = config.model.head_dim, config.check
   module = models.create_model(config)
-  key_x, key_init, key_b = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  x_LxN = jax.random.normal(key_x, (seq_len, model_dim), jnp.float32)
-  params = module.init(key_init, x_LxN)['params']
-  apply = jax.jit(lambda p, x: module.apply({'params': p}, x, return_probs=True)[1])
-  probs_HxLxL = np.asarray(apply(params, x_LxN), np.float64)
-  a_HxNxN = np.asarray(module.apply({'params': params}, method=module.attention_matrices), np.float64)
+  # All randomness from one numpy Generator: one compiled program per dtype keeps many shapes fast.
+  rng = np.random.default_rng(config.seed)
+  x_LxN = rng.standard_normal((seq_len, model_dim)).astype(np.float32)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x_LxN)['params']
+  # Weights ~ N(0, 1/n): the module's own fan-in scale.
+  params = jax.tree.map(
+      lambda p: (rng.standard_normal(p.shape) / math.sqrt(model_dim)).astype(np.float32), shapes)
+
+  probs_and_a = functools.partial(_probs_and_a, module)
+  probs_HxLxL, a_HxNxN = probs_and_a(params, x_LxN)
+  probs_HxLxL, a_HxNxN = np.asarray(probs_HxLxL, np.float64), np.asarray(a_HxNxN, np.float64)
   x64 = np.asarray(x_LxN, np.float64)
   checks = []
 
@@ -252,24 +269,29 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
     tail = f'; s_{d + 1}/s_1 = {s[d] / s[0]:.1e}' if d < model_dim and s[0] > 0 else ''
     checks.append(Check(
         f'rank(A({h + 1})) <= d',
-        f'numerical rank {rank} (singular values > {tol.rank_rtol:.0e} * s_1), d = {d}, n = {model_dim}{tail}',
+        f'numerical rank {rank} (singular values > {tol.rank_rtol:.0e} * s_1), '
+        f'd = {d}, n = {model_dim}{tail}',
         rank <= d))
 
-  b_DxD = _random_invertible(key_b, d, tol.b_singular_range)
+  b_DxD = _random_invertible(rng, d, tol.b_singular_range)
   cond_b = float(np.linalg.cond(b_DxD))
   wq1 = np.asarray(params['query']['kernel'][0], np.float64)
   wk1 = np.asarray(params['key']['kernel'][0], np.float64)
   wq2, wk2 = wq1 @ b_DxD, wk1 @ np.linalg.inv(b_DxD).T
-  same32 = np.asarray(apply(_with_head2(params, wq2, wk2, jnp.float32), x_LxN))
+  same32 = np.asarray(probs_and_a(_with_head2(params, wq2, wk2, jnp.float32), x_LxN)[0])
   diff32 = float(np.abs(same32[0] - same32[1]).max())
   with jax.enable_x64(True):
-    same64 = apply(_with_head2(params, wq2, wk2, jnp.float64), jnp.asarray(x64, jnp.float64))
+    same64, _ = probs_and_a(_with_head2(params, wq2, wk2, jnp.float64), jnp.asarray(x64, jnp.float64))
     dtype64 = same64.dtype
     same64 = np.asarray(same64)
   diff64 = float(np.abs(same64[0] - same64[1]).max())
-  control = np.asarray(apply(_with_head2(params, wq2, wk1, jnp.float32), x_LxN))
+  control = np.asarray(probs_and_a(_with_head2(params, wq2, wk1, jnp.float32), x_LxN)[0])
   diff_control = float(np.abs(control[0] - control[1]).max())
   b_text = f'random invertible {d}x{d} B, cond(B) = {cond_b:.2f}'
+  control_text = f'max abs diff {diff_control:.2e} (must be >= {tol.control_min_diff:.0e})'
+  if diff_control < tol.control_min_diff and probs_HxLxL[0].max(axis=-1).min() > 0.999:
+    control_text += ('; every row of P(1) is nearly one-hot, so the changed scores cannot move it: '
+                     'try another --config.seed')
   checks += [
       Check('W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T gives P(2) = P(1), float32',
             f'max abs diff {diff32:.2e} (tol {tol.same_atol32:.0e}; {b_text})', diff32 <= tol.same_atol32),
@@ -277,8 +299,7 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
             f'max abs diff {diff64:.2e} (tol {tol.same_atol64:.0e}; computed in {dtype64})',
             diff64 <= tol.same_atol64 and dtype64 == np.float64),
       Check('control: W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) changes P',
-            f'max abs diff {diff_control:.2e} (must be >= {tol.control_min_diff:.0e})',
-            diff_control >= tol.control_min_diff),
+            control_text, diff_control >= tol.control_min_diff),
   ]
   return checks
 
@@ -289,8 +310,8 @@ def _scale_text(module) -> str:
 
 def attention_check(config: ml_collections.ConfigDict) -> bool:
   """Prints every `attention_checks` verdict with its measured figure; True only if all pass."""
-  seq_len, model_dim = config.model.input_shape
-  scaling = f'scores scaled by 1/sqrt(d)' if config.model.scale_scores else 'scores not scaled'
+  seq_len, model_dim = _check_attention_config(config)
+  scaling = 'scores scaled by 1/sqrt(d)' if config.model.get('scale_scores', False) else 'scores not scaled'
   print(f'Self-attention check: L={seq_len}, n={model_dim}, d={config.model.head_dim}, '
         f'heads={config.model.num_heads}, seed={config.seed}, {scaling}')
   checks = attention_checks(config)

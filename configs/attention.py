@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.check.rank_rtol = 1e-5  # singular values <= rank_rtol * s_1 count as zero (A is float32)
   config.check.same_atol32 = 1e-5  # max |P(1) - P(2)| in float32 when A(2) = A(1)
   config.check.same_atol64 = 1e-12  # the same in float64
-  config.check.control_min_diff = 1e-3  # B on W_Q alone must move P by at least this much
+  config.check.control_min_diff = 1e-4  # B on W_Q alone must move P this much (10x same_atol32)
   config.check.b_singular_range = (1.25, 2.0)  # B's singular values are r or 1/r, r in this range
 
   if arg == 'scaled':
