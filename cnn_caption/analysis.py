@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -54,7 +54,7 @@ def _count(tree) -> int:
 def _subtree(params, path: tuple[str, ...]):
   node = params
   for name in path:
-    if not isinstance(node, dict) or name not in node:
+    if not isinstance(node, Mapping) or name not in node:
       return {}
     node = node[name]
   return node
