@@ -49,15 +49,11 @@ class _LSTMStep(nn.Module):
       # One matmul for everything h_{t-1} feeds: the recurrent gates and the attention query W1 h.
       hq = nn.Dense(4 * hid + self.attention_dim, use_bias=False, name='h_gates_query')(h_BxH)
       hgates_Bx4H, query_BxA = hq[:, :4 * hid], hq[:, 4 * hid:]
-      # Rows of h may be K beams per image (image-major); regions are stored once per image (G of them).
-      images = feats_BxNxC.shape[0]
-      query_GxKxA = query_BxA.reshape(images, -1, self.attention_dim)
       act = _ACTIVATIONS[self.attention_act]
-      pre_GxKxNxA = act(keys_BxNxA[:, None] + query_GxKxA[:, :, None])
-      scores_GxKxN = nn.DenseGeneral(1, use_bias=False, name='score')(pre_GxKxNxA)[..., 0]
-      alpha_GxKxN = jax.nn.softmax(scores_GxKxN, axis=-1)
-      ctx_BxC = jnp.einsum('gkn,gnc->gkc', alpha_GxKxN, feats_BxNxC).reshape(h_BxH.shape[0], -1)
-      alpha_BxN = alpha_GxKxN.reshape(h_BxH.shape[0], -1)
+      pre_BxNxA = act(keys_BxNxA + query_BxA[:, None, :])
+      scores_BxN = nn.DenseGeneral(1, use_bias=False, name='score')(pre_BxNxA)[..., 0]
+      alpha_BxN = jax.nn.softmax(scores_BxN, axis=-1)
+      ctx_BxC = jnp.einsum('bn,bnc->bc', alpha_BxN, feats_BxNxC)
       ctx_gates = nn.Dense(4 * hid, use_bias=False, name='ctx_gates')(ctx_BxC)
       gates_Bx4H = xgates_Bx4H + hgates_Bx4H + ctx_gates
     i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
@@ -152,18 +148,19 @@ class CaptionDecoder(nn.Module):
 
     Args:
       feats_BxNxC: region features.
-      repeat: beams per image; carry rows are image-major (b * repeat + k), the region feats and keys
-        in the cache stay once per image.
+      repeat: beams per image; rows of the result are image-major (b * repeat + k).
 
     Returns:
       (cache, carry) for `step`.
     """
     carry, keys_BxNxA = self._start(feats_BxNxC)
-    carry = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), carry)
-    cache = {'table': self._gate_table()}
+    rows = dict(carry)
     if self.attention_dim is not None:
-      cache.update(feats=feats_BxNxC, keys=keys_BxNxA)  # once per image, shared by its beams
-    return cache, carry
+      rows.update(feats=feats_BxNxC, keys=keys_BxNxA)
+    # Repeating the regions per beam measured as fast as sharing them across beams, and is simpler.
+    rows = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), rows)
+    carry = {'h': rows.pop('h'), 'c': rows.pop('c')}
+    return {'table': self._gate_table(), **rows}, carry
 
   def step(self, cache: Cache, carry: Carry,
            token_B: jax.Array) -> tuple[Carry, jax.Array, jax.Array | None]:
@@ -238,62 +235,75 @@ def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *,
 
 def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int, eos_id: int,
                 max_len: int, beam_size: int, length_penalty: float = 1.0) -> jax.Array:
-  """Best beam per image; a beam that emits EOS is frozen and keeps its slot with its log-prob.
+  """Best caption per image by beam search; batched over images, one while loop.
 
-  Beams are ranked by their summed log-prob while searching; the final pick among the beam_size slots
-  is by sum log p / len**length_penalty, len counting generated tokens up to and including EOS (max_len
-  for beams that never ended). beam_size=1 is exactly greedy decoding. Jit at the call site with
-  model, bos_id, eos_id, max_len, beam_size, length_penalty static.
+  Keeps beam_size live hypotheses (the best non-EOS ones among the top 2 * beam_size candidates) and
+  the beam_size best finished ones by summed log-prob (an EOS candidate among the top beam_size
+  candidates finishes its hypothesis). The search stops once
+  no live hypothesis can beat the worst kept finished one (log-probs only fall), or at max_len, where
+  live ones count as finished. The answer is the kept hypothesis with the best
+  sum log p / len**length_penalty, len counting generated tokens up to and including EOS.
+  beam_size=1 is exactly greedy decoding for every length_penalty. Jit at the call site with model,
+  bos_id, eos_id, max_len, beam_size and length_penalty static.
 
   Returns:
     tokens_BxL int32, EOS kept, PAD (0) after it.
   """
-  if beam_size < 1:
-    raise UserError(f'config.decoding.beam_size={beam_size} must be at least 1')
-  batch = feats_BxNxC.shape[0]
   k, vocab = beam_size, model.vocab_size
-  if k > vocab:
-    raise UserError(f'config.decoding.beam_size={beam_size} exceeds the vocabulary size {vocab}')
+  if not 1 <= k < vocab:
+    raise UserError(f'config.decoding.beam_size={beam_size} must be in [1, vocabulary size {vocab})')
+  batch = feats_BxNxC.shape[0]
   cache, carry = _decode_start(model, params, feats_BxNxC, k)
-  # Only beam 0 is live at first so the k beams do not start as k copies of one hypothesis.
-  logp_BxK = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None], (batch, 1))
-  frozen_row_V = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
+  neg_inf = jnp.float32(-jnp.inf)
+  image_B1 = jnp.arange(batch)[:, None]
   state = {
       't': jnp.int32(0),
       'carry': carry,
       'last': jnp.full((batch, k), bos_id, jnp.int32),
-      'done': jnp.zeros((batch, k), bool),
-      'length': jnp.zeros((batch, k), jnp.int32),
-      'logp': logp_BxK,
+      # Only beam 0 is live at first so the beams do not start as k copies of one hypothesis.
+      'logp': jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0),
       'tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
+      'fin_logp': jnp.full((batch, k), neg_inf),
+      'fin_len': jnp.ones((batch, k), jnp.int32),
+      'fin_tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
   }
 
   def cond(s):
-    return (s['t'] < max_len) & ~jnp.all(s['done'])
+    return (s['t'] < max_len) & jnp.any(s['logp'].max(1) > s['fin_logp'].min(1))
 
   def body(s):
+    t = s['t']
     carry, logits, _ = _decode_step(model, params, cache, s['carry'], s['last'].reshape(-1))
-    logprobs_BxKxV = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
-    logprobs_BxKxV = jnp.where(s['done'][..., None], frozen_row_V, logprobs_BxKxV)
-    cand_BxKV = (s['logp'][..., None] + logprobs_BxKxV).reshape(batch, k * vocab)
-    logp_BxK, index_BxK = jax.lax.top_k(cand_BxKV, k)
-    beam_BxK, token_BxK = index_BxK // vocab, (index_BxK % vocab).astype(jnp.int32)
-    pick = lambda x: jnp.take_along_axis(x, beam_BxK.reshape(beam_BxK.shape + (1,) * (x.ndim - 2)),
-                                         axis=1)
-    done_BxK = pick(s['done'])
-    rows = (jnp.arange(batch)[:, None] * k + beam_BxK).reshape(-1)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k * vocab)
+    cand_logp_Bx2K, cand_BxK2 = jax.lax.top_k(s['logp'].repeat(vocab, 1) + logprobs, 2 * k)
+    cand_beam, cand_token = cand_BxK2 // vocab, (cand_BxK2 % vocab).astype(jnp.int32)
+    cand_tokens = s['tokens'][image_B1, cand_beam].at[:, :, t].set(cand_token)
+    is_eos = cand_token == eos_id
+    logp_BxK, pick = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_logp_Bx2K), k)
+    beam_BxK = cand_beam[image_B1, pick]
+    # Like fairseq, only an EOS among the top k candidates ends a hypothesis (k=1: exactly greedy).
+    ends = is_eos & (jnp.arange(2 * k) < k)
+    pool_logp = jnp.concatenate([s['fin_logp'], jnp.where(ends, cand_logp_Bx2K, neg_inf)], 1)
+    pool_len = jnp.concatenate([s['fin_len'], jnp.full((batch, 2 * k), t + 1)], 1)
+    pool_tokens = jnp.concatenate([s['fin_tokens'], cand_tokens], 1)
+    fin_logp, keep = jax.lax.top_k(pool_logp, k)
     return {
-        't': s['t'] + 1,
-        'carry': jax.tree.map(lambda x: x[rows], carry),
-        'last': token_BxK,
-        'done': done_BxK | (token_BxK == eos_id),
-        'length': pick(s['length']) + (~done_BxK).astype(jnp.int32),
+        't': t + 1,
+        'carry': jax.tree.map(lambda x: x[(image_B1 * k + beam_BxK).reshape(-1)], carry),
+        'last': cand_token[image_B1, pick],
         'logp': logp_BxK,
-        'tokens': pick(s['tokens']).at[:, :, s['t']].set(token_BxK),
+        'tokens': cand_tokens[image_B1, pick],
+        'fin_logp': fin_logp,
+        'fin_len': pool_len[image_B1, keep],
+        'fin_tokens': pool_tokens[image_B1, keep],
     }
 
-  state = jax.lax.while_loop(cond, body, state)
-  length_BxK = jnp.maximum(state['length'], 1).astype(jnp.float32)
-  score_BxK = state['logp'] / length_BxK ** length_penalty
-  best_B = jnp.argmax(score_BxK, axis=1)
-  return jnp.take_along_axis(state['tokens'], best_B[:, None, None], axis=1)[:, 0]
+  s = jax.lax.while_loop(cond, body, state)
+  # Live hypotheses join as cut at max_len; after an early stop they rank below every kept one.
+  pool_logp = jnp.concatenate([s['fin_logp'], s['logp']], 1)
+  pool_len = jnp.concatenate([s['fin_len'], jnp.full((batch, k), max_len)], 1)
+  pool_tokens = jnp.concatenate([s['fin_tokens'], s['tokens']], 1)
+  best_logp, keep = jax.lax.top_k(pool_logp, k)
+  score_BxK = best_logp / pool_len[image_B1, keep].astype(jnp.float32) ** length_penalty
+  best_B = keep[jnp.arange(batch), jnp.argmax(score_BxK, axis=1)]
+  return pool_tokens[jnp.arange(batch), best_B]
