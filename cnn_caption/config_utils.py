@@ -28,19 +28,44 @@ def _bad_override(argv: list[str], missing: str) -> str | None:
   return None
 
 
+def _load_config_file(argv: list[str]):
+  """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
+  path, _, variant = spec_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_for_error', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _known_fields(argv: list[str], path: str, missing: str) -> str:
+  """'known fields of config.X: a, b, c' for the group that lacks `missing`."""
+  try:
+    node = _load_config_file(argv)
+    parents = path.split('.')[:path.split('.').index(missing)]
+    for part in parents:
+      node = node[part]
+    return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
+  except Exception:  # pylint: disable=broad-except
+    return 'check the spelling against the config file'
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports config override problems in one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e} (fix the flag; see --helpfull)')
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    detail = lines[-1] if 'Traceback' in str(e) else lines[0]
+    head = lines[0].split(':')[0] if lines[0].startswith('flag --') else ''
+    _fail(f'{head + ": " if head and head not in detail else ""}{detail}')
   except (AttributeError, KeyError) as e:
     missing = str(e).strip('"\'')
     path = _bad_override(argv, missing)
     if path is None:
       _fail(f'config error: {e}')
-    _fail(f'--config.{path}: unknown config field {missing!r}; '
-          'check the spelling against the config file (fields are listed by --mode=summary logs and the file)')
+    _fail(f'--config.{path}: unknown config field {missing!r}; {_known_fields(argv, path, missing)}')
   except (ValueError, TypeError) as e:
     _fail(f'config override error: {e}')
   return argv  # unreachable
@@ -57,10 +82,11 @@ def require_config(config) -> ml_collections.ConfigDict:
     raise UserError('--config is required, e.g. --config=configs/classifier.py')
   if not isinstance(config, ml_collections.ConfigDict):
     try:
-      config.task  # _ErrorConfig raises the loader's error on any access
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'--config could not be loaded: {str(e).splitlines()[0]}') from None
-    raise UserError('--config did not give a ConfigDict')
+      error = object.__getattribute__(config, '_error')  # ml_collections' _ErrorConfig keeps the cause
+    except AttributeError:
+      raise UserError('--config did not give a ConfigDict') from None
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    raise UserError(f'--config could not be loaded: {lines[-1]}')
   return config
 
 

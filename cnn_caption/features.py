@@ -165,11 +165,16 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
   return feats, ok_mask
 
 
+def _encode(module, variables, images_BxHxWx3):
+  """Region features in the cache dtype; a module-level function so jit reuses compilations."""
+  return module.apply(variables, images_BxHxWx3, features_only=True).astype(FEATURE_DTYPE)
+
+
 def _compute(encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size,
              on_error, feats, ok_mask) -> list[str]:
   """Runs the encoder over image_paths[todo], filling feats/ok_mask and the cache."""
   module, variables = encoders.load_encoder(encoder_name, weights_path)
-  forward = jax.jit(lambda v, x: module.apply(v, x, features_only=True).astype(FEATURE_DTYPE))
+  forward = functools.partial(jax.jit(_encode, static_argnums=0), module)
   batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
   failures: list[str] = []
   start, done, last_log = time.time(), 0, time.time()

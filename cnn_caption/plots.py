@@ -35,20 +35,28 @@ def plot_curves(series: dict[str, list[float]], ylabel: str, path: str, title: s
 
 
 def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None:
-  """A grid of the learned kernels: one row per output channel, one column per input channel."""
+  """The learned kernels as one mosaic: a row per output channel, a column per input channel."""
   kernel = np.asarray(kernel_HxWxIxO, np.float32)
-  _, _, cin, cout = kernel.shape
-  cols = cin if cin > 1 else min(cout, 8)
-  rows = cout if cin > 1 else int(np.ceil(cout / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6 + 0.5, rows * 0.6 + 0.5), squeeze=False)
-  vmax = float(np.abs(kernel).max()) or 1.0
-  for r in range(rows):
-    for c in range(cols):
-      ax = axes[r, c]
-      ax.axis('off')
-      o, i = (r, c) if cin > 1 else (r * cols + c, 0)
-      if o < cout:
-        ax.imshow(kernel[:, :, i, o], cmap='bwr', vmin=-vmax, vmax=vmax)
+  kh, kw, cin, cout = kernel.shape
+  if cin == 1:  # single input channel: wrap the output channels into rows of 8
+    cols = min(cout, 8)
+    rows = -(-cout // cols)
+    tiles = np.zeros((rows * cols, kh, kw), np.float32)
+    tiles[:cout] = kernel[:, :, 0, :].transpose(2, 0, 1)
+    grid = tiles.reshape(rows, cols, kh, kw)
+  else:
+    rows, cols = cout, cin
+    grid = kernel.transpose(3, 2, 0, 1)  # (O, I, kh, kw)
+  pad = np.full((rows, cols, kh + 1, kw + 1), np.nan, np.float32)
+  pad[:, :, :kh, :kw] = grid
+  mosaic = pad.transpose(0, 2, 1, 3).reshape(rows * (kh + 1), cols * (kw + 1))
+  vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
+  fig, ax = plt.subplots(figsize=(min(2 + cols * 0.35, 14), min(1.5 + rows * 0.35, 14)))
+  ax.imshow(mosaic, cmap='bwr', vmin=-vmax, vmax=vmax, interpolation='nearest')
+  ax.set_xlabel('input channel' if cin > 1 else '')
+  ax.set_ylabel('output channel' if cin > 1 else '')
+  ax.set_xticks([])
+  ax.set_yticks([])
   if title:
-    fig.suptitle(title)
+    ax.set_title(title, fontsize=9)
   _save(fig, path)

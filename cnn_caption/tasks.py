@@ -48,7 +48,7 @@ class ClassificationTask:
   @staticmethod
   def metrics(loss, aux, grads) -> dict:
     del aux
-    return {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   def _eval_counts(self, params, images, labels, mask):
     logp = self.model.apply({'params': params}, images, train=False)

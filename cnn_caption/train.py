@@ -165,6 +165,19 @@ class Checkpointer:
     self.manager.close()
 
 
+class _DropLibraryInfo:
+  """absl-handler filter: orbax logs several INFO lines per save; keep its warnings only."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -185,6 +198,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task):
     self.config, self.workdir, self.task = config, workdir, task
+    quiet_library_logs()
     check_batch_size(config.batch_size)
     self.mesh = make_mesh()
     self.steps_per_epoch = task.num_train // config.batch_size

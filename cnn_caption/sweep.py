@@ -1,0 +1,106 @@
+"""Learning-rate sweep: one independent run per rate (side by side, one core each), best by validation."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+from absl import logging
+import ml_collections
+
+from cnn_caption import plots
+from cnn_caption.errors import UserError
+
+
+def run_dir(workdir: str, lr: float) -> str:
+  return os.path.join(workdir, f'lr_{lr:g}')
+
+
+def single_run_config(config: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
+  """The sweep's member for one rate: exactly the config a user would run alone with that rate."""
+  member = ml_collections.ConfigDict(config.to_dict())
+  member.optimizer.learning_rate = lr
+  member.sweep.learning_rates = ()
+  return member
+
+
+def _child(config_json: str, workdir: str, core: int | None, queue) -> None:
+  """Runs one member in a fresh process pinned to one core; reports (workdir, error or None)."""
+  if core is not None and hasattr(os, 'sched_setaffinity'):
+    os.sched_setaffinity(0, {core})
+  try:
+    from cnn_caption import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(ml_collections.ConfigDict(json.loads(config_json)), workdir)
+    queue.put((workdir, None))
+  except Exception as e:  # pylint: disable=broad-except
+    queue.put((workdir, f'{type(e).__name__}: {e}'))
+
+
+def _cores() -> list[int]:
+  if hasattr(os, 'sched_getaffinity'):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
+  from cnn_caption import train  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  rates = list(config.sweep.learning_rates)
+  if len(set(rates)) != len(rates):
+    raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
+  cores = _cores()
+  parallel = config.sweep.parallel or len(cores)
+  todo = [lr for lr in rates if not os.path.exists(os.path.join(run_dir(workdir, lr), 'results.json'))]
+  for lr in rates:
+    if lr not in todo:
+      logging.info('sweep: lr %g already finished in %s', lr, run_dir(workdir, lr))
+  ctx = multiprocessing.get_context('spawn')  # fresh interpreters: jax is not fork-safe
+  queue = ctx.Queue()
+  running: dict[str, multiprocessing.Process] = {}
+  free = list(cores[:parallel]) if parallel <= len(cores) else [None] * parallel
+  errors = []
+  while todo or running:
+    while todo and free:
+      lr = todo.pop(0)
+      core = free.pop(0)
+      member_dir = run_dir(workdir, lr)
+      proc = ctx.Process(target=_child, args=(single_run_config(config, lr).to_json(), member_dir, core, queue))
+      proc.start()
+      running[member_dir] = (proc, core)
+      logging.info('sweep: lr %g started in %s (core %s)', lr, member_dir, core)
+    done_dir, error = queue.get()
+    proc, core = running.pop(done_dir)
+    proc.join()
+    free.append(core)
+    if error:
+      errors.append(f'{done_dir}: {error}')
+      logging.error('sweep: %s failed: %s', done_dir, error)
+    else:
+      logging.info('sweep: %s finished', done_dir)
+  if errors:
+    raise UserError('sweep member failed: ' + ' | '.join(e.splitlines()[0] for e in errors))
+
+  runs = []
+  histories = {}
+  for lr in rates:
+    with open(os.path.join(run_dir(workdir, lr), 'results.json')) as f:
+      r = json.load(f)
+    with open(os.path.join(run_dir(workdir, lr), 'metrics.jsonl')) as f:
+      histories[f'lr {lr:g}'] = [json.loads(line) for line in f]
+    runs.append({'learning_rate': lr, 'val_accuracy': r['val_accuracy'], 'test_accuracy': r['test_accuracy'],
+                 'best_val_accuracy': r['best_val_accuracy'], 'train_loss': r['train_loss'],
+                 'train_seconds': r['train_seconds'], 'workdir': run_dir(workdir, lr)})
+  best = max(runs, key=lambda r: r['val_accuracy'])  # chosen on validation only
+  results = {'runs': runs, 'best': best, 'selection': 'final validation accuracy',
+             'config': config.to_dict()}
+  plot_dir = os.path.join(workdir, 'plots')
+  plots.plot_curves({k: [r['train_loss'] for r in h] for k, h in histories.items()},
+                    'training loss (epoch mean)', os.path.join(plot_dir, 'train_loss.png'))
+  plots.plot_curves({k: [r['val_accuracy'] for r in h] for k, h in histories.items()},
+                    'validation accuracy', os.path.join(plot_dir, 'val_accuracy.png'))
+  train.write_json(os.path.join(workdir, 'results.json'), train._jsonable(results))  # pylint: disable=protected-access
+  logging.info('sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'],
+               best['test_accuracy'])
+  return results

@@ -1,0 +1,127 @@
+"""The homework's Fashion-MNIST CNN and its data split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnn_caption import models
+from cnn_caption import train
+from cnn_caption.data import fashion_mnist
+from cnn_caption.errors import UserError
+from cnn_caption.models import classifier
+from configs import classifier as classifier_config
+from conftest import needs_fmnist
+
+
+def _params(config):
+  model = models.create_model(config)
+  return model, model.init(jax.random.key(0), *models.example_inputs(config))['params']
+
+
+def test_parameter_count_by_hand():
+  conv1 = 3 * 3 * 1 * 16 + 16
+  conv2 = 3 * 3 * 16 * 32 + 32
+  flat = 32 * 6 * 6  # 28 same -> pool 14 -> 3x3 valid 12 -> pool 6
+  assert flat == 1152
+  fc = (flat * 600 + 600) + (600 * 120 + 120) + (120 * 10 + 10)
+  expected = conv1 + conv2 + fc
+  assert expected == 769_930
+  _, params = _params(classifier_config.get_config())
+  assert sum(p.size for p in jax.tree.leaves(params)) == expected
+  assert params['fc1']['kernel'].shape == (1152, 600)
+
+
+def test_output_is_log_probabilities():
+  config = classifier_config.get_config()
+  model, params = _params(config)
+  x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1))
+  logp = model.apply({'params': params}, x, train=False)
+  assert logp.shape == (5, 10)
+  np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+  config = classifier_config.get_config()
+  model, params = _params(config)
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  a = model.apply({'params': params}, x, train=False)
+  b = model.apply({'params': params}, x, train=False)
+  np.testing.assert_array_equal(a, b)
+  c = model.apply({'params': params}, x, train=True, rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(a, c)
+
+
+def test_max_pool_matches_flax():
+  x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(classifier.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+
+
+def test_loss_falls_when_one_batch_is_overfit():
+  from cnn_caption import tasks  # pylint: disable=g-import-not-at-top
+  config = classifier_config.get_config()
+  config.model.dropout = 0.0
+  config.optimizer.learning_rate = 0.05
+  model = models.create_model(config)
+  state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0),
+                                   train.make_optimizer(config.optimizer, 100))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((1, 8, 28, 28, 1), np.float32), 'label': rng.integers(0, 10, (1, 8)).astype(np.int32)}
+  task = tasks.ClassificationTask.__new__(tasks.ClassificationTask)
+  step = jax.jit(lambda s, b, k: train.train_steps(s, b, k, task=task, num_steps=1))
+  losses = []
+  for _ in range(60):
+    state, m = step(state, batch, jax.random.key(1))
+    losses.append(float(m['loss'][0]))
+  assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_split_indices_are_the_course_split():
+  train_idx, dev_idx = fashion_mnist.split_indices()
+  perm = np.random.RandomState(42).permutation(60000)
+  np.testing.assert_array_equal(dev_idx, perm[:10000])
+  np.testing.assert_array_equal(train_idx, perm[10000:])
+  assert len(set(train_idx) | set(dev_idx)) == 60000 and not set(train_idx) & set(dev_idx)
+
+
+@needs_fmnist
+def test_real_splits_shapes_and_scaling():
+  splits = fashion_mnist.load_splits()
+  raw = fashion_mnist.load_raw()
+  assert {k: v[0].shape for k, v in splits.items()} == {
+      'train': (50000, 28, 28, 1), 'val': (10000, 28, 28, 1), 'test': (10000, 28, 28, 1)}
+  _, dev_idx = fashion_mnist.split_indices()
+  np.testing.assert_array_equal(splits['val'][0][..., 0], raw['train_images'][dev_idx] / 256.0)
+  assert splits['train'][0].max() < 1.0  # pixels / 256, as the course did
+  assert np.bincount(splits['test'][1]).tolist() == [1000] * 10
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    fashion_mnist.load_raw(str(tmp_path / 'nope'))
+  with pytest.raises(UserError, match='no Fashion-MNIST IDX files'):
+    fashion_mnist.load_raw(str(tmp_path))
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+  path = tmp_path / 'train-images-idx3-ubyte'
+  header = bytes([0, 0, 8, 3]) + (5).to_bytes(4, 'big') + (28).to_bytes(4, 'big') + (28).to_bytes(4, 'big')
+  path.write_bytes(header + bytes(100))
+  with pytest.raises(UserError, match='truncated'):
+    fashion_mnist.read_idx(str(path))
+
+
+def test_optimizers_build():
+  config = classifier_config.get_config()
+  for name in ('sgd', 'adam', 'adamw'):
+    config.optimizer.name = name
+    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = 'warmup_cosine'
+    config.optimizer.warmup_steps = 10
+    tx = train.make_optimizer(config.optimizer, 100)
+    params = {'w': jnp.ones(3)}
+    updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
+    assert np.isfinite(optax.tree.norm(updates))

@@ -1,0 +1,164 @@
+"""The generic training loop: end to end, resume == uninterrupted, sharding, NaN stop, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_caption import train
+from cnn_caption.errors import UserError
+from configs import classifier as classifier_config
+from conftest import ROOT, needs_fmnist, read_jsonl, run_launch, strip_timing
+
+pytestmark = needs_fmnist
+
+
+def smoke_config(**overrides):
+  config = classifier_config.get_config('smoke')
+  config.data.num_train = 160
+  config.data.num_eval = 100
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def final_params(workdir):
+  ckpt = train.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
+  step = ckpt.latest_step()
+  manager = ckpt.manager
+  restored = manager.restore(step)
+  ckpt.close()
+  return step, restored['state']['params']
+
+
+def assert_same_params(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_smoke_run_writes_every_file(tmp_path):
+  result = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  for name in ('metrics.jsonl', 'results.json', 'plots/train_loss.png', 'plots/val_accuracy.png',
+               'plots/filters_conv1.png', 'plots/filters_conv2.png'):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  assert os.listdir(tmp_path / 'checkpoints')
+  history = read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['epoch'] for r in history] == [1, 2]
+  for r in history:
+    assert {'epoch', 'train_loss', 'train_loss_running', 'val_accuracy', 'seconds'} <= set(r)
+  # running mean over all batches of both epochs = mean of the two epoch means (equal batch counts)
+  assert history[1]['train_loss_running'] == pytest.approx((history[0]['train_loss'] + history[1]['train_loss']) / 2)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['num_params'] == 769_930
+  assert {'test_accuracy', 'val_accuracy', 'best_epoch', 'best_val_accuracy', 'config'} <= set(results)
+  assert results['config']['optimizer']['learning_rate'] == 0.01
+  assert 'no checkpoint, starting fresh' in result.stderr
+  # a second start with the same command resumes and changes nothing
+  again = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
+  assert again.returncode == 0 and 'resuming from step 100' in again.stderr
+  assert strip_timing(read_jsonl(tmp_path / 'metrics.jsonl')) == strip_timing(history)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+  train.train_and_evaluate(smoke_config(), full)
+  train.train_and_evaluate(smoke_config(num_epochs=1), part)
+  assert len(read_jsonl(os.path.join(part, 'metrics.jsonl'))) == 1
+  train.train_and_evaluate(smoke_config(), part)  # same command, more epochs: resumes at epoch 2
+  step_a, params_a = final_params(full)
+  step_b, params_b = final_params(part)
+  assert step_a == step_b == 40
+  assert_same_params(params_a, params_b)
+  assert strip_timing(read_jsonl(os.path.join(full, 'metrics.jsonl'))) == strip_timing(
+      read_jsonl(os.path.join(part, 'metrics.jsonl')))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+  args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=800', '--config.checkpoint.every_steps=16',
+          '--config.num_epochs=2']
+  killed = str(tmp_path / 'killed')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, 'launch.py', *args, f'--workdir={killed}'], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if steps and max(steps) >= 32:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert steps and steps[-1] < 200, f'kill came too late to test anything: {steps}'
+  resumed = run_launch(*args, f'--workdir={killed}')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'resuming from step' in resumed.stderr
+  clean = run_launch(*args, f'--workdir={tmp_path / "clean"}')
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  assert_same_params(final_params(killed)[1], final_params(str(tmp_path / 'clean'))[1])
+  assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
+      read_jsonl(tmp_path / 'clean' / 'metrics.jsonl'))
+
+
+def test_two_devices_match_one_device(tmp_path):
+  args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=160', '--config.data.num_eval=100']
+  one = run_launch(*args, f'--workdir={tmp_path / "one"}', devices=1)
+  two = run_launch(*args, f'--workdir={tmp_path / "two"}', devices=2)
+  assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+  r1 = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  r2 = json.loads((tmp_path / 'two' / 'results.json').read_text())
+  assert (r1['devices'], r2['devices']) == (1, 2)
+  for a, b in zip(read_jsonl(tmp_path / 'one' / 'metrics.jsonl'), read_jsonl(tmp_path / 'two' / 'metrics.jsonl')):
+    assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-4)
+    assert a['val_accuracy'] == pytest.approx(b['val_accuracy'], abs=0.011)
+  assert r1['test_accuracy'] == pytest.approx(r2['test_accuracy'], abs=0.011)
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+  result = run_launch('--config=configs/classifier.py:smoke', '--config.batch_size=3', f'--workdir={tmp_path}',
+                      devices=2)
+  assert result.returncode == 2
+  assert 'config.batch_size=3 is not divisible by the 2 devices' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
+  step, params = final_params(workdir)
+  metrics_before = (tmp_path / 'metrics.jsonl').read_text()
+  with pytest.raises(UserError, match='loss became .* at step'):
+    train.train_and_evaluate(smoke_config(**{'num_epochs': 2, 'optimizer.learning_rate': 1e30}), workdir)
+  step_after, params_after = final_params(workdir)
+  assert step_after == step
+  assert_same_params(params, params_after)
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
+
+
+def test_sweep_smoke_picks_by_validation(tmp_path):
+  result = run_launch('--config=configs/classifier.py:smoke_sweep', '--config.data.num_train=80',
+                      '--config.data.num_eval=50', '--config.eval_batch_size=50', '--config.num_epochs=1',
+                      f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert [r['learning_rate'] for r in results['runs']] == [0.001, 0.01, 0.1]
+  assert results['best']['val_accuracy'] == max(r['val_accuracy'] for r in results['runs'])
+  for run in results['runs']:
+    alone = json.loads((tmp_path / f'lr_{run["learning_rate"]:g}' / 'results.json').read_text())
+    assert alone['config']['optimizer']['learning_rate'] == run['learning_rate']
+    assert alone['test_accuracy'] == run['test_accuracy']
+  assert os.path.exists(tmp_path / 'plots' / 'val_accuracy.png')
