@@ -60,3 +60,27 @@ def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None
   if title:
     ax.set_title(title, fontsize=9)
   _save(fig, path)
+
+
+def plot_attention(image_path: str, words: list[str], alphas_LxN: np.ndarray, path: str) -> None:
+  """The image, then one panel per generated word with its attention over the region grid overlaid."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(image_path) as im:
+    rgb = np.asarray(im.convert('RGB').resize((224, 224)))
+  side = int(round(np.sqrt(alphas_LxN.shape[1])))
+  words = list(words) + ['<eos>']
+  panels = min(len(words), alphas_LxN.shape[0])
+  cols = min(panels + 1, 6)
+  rows = -(-(panels + 1) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.2), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  axes[0, 0].imshow(rgb)
+  axes[0, 0].set_title(' '.join(words[:-1])[:40], fontsize=7)
+  for t in range(panels):
+    ax = axes[(t + 1) // cols, (t + 1) % cols]
+    grid = alphas_LxN[t].reshape(side, side)
+    ax.imshow(rgb)
+    ax.imshow(grid, cmap='inferno', alpha=0.6, extent=(0, 224, 224, 0), interpolation='bilinear')
+    ax.set_title(words[t], fontsize=9)
+  _save(fig, path)

@@ -161,6 +161,11 @@ class Checkpointer:
                       'trained with') from None
     return restored['state'], restored['meta']
 
+  def restore_params(self, step: int):
+    """Only the parameters, as saved (no target needed: used to caption from a workdir alone)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored['state']['params']
+
   def close(self) -> None:
     self.manager.close()
 

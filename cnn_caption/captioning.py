@@ -1,0 +1,247 @@
+"""Image captioning task (homework question 3) and the `--mode=caption` command.
+
+The encoder is frozen, so its region features are computed once (cnn_caption.features caches them)
+and training only ever sees features: a batch is {'feats': BxNxC, 'tokens': Bx(T+2)}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cnn_caption import features as features_lib
+from cnn_caption import metrics as metrics_lib
+from cnn_caption import models
+from cnn_caption import plots
+from cnn_caption import train as train_lib
+from cnn_caption.data import captions as captions_lib
+from cnn_caption.data import synthetic
+from cnn_caption.data import vocab as vocab_lib
+from cnn_caption.errors import UserError
+from cnn_caption.models import decoders
+
+VOCAB_FILE = 'vocab.json'
+CONFIG_FILE = 'config.json'
+
+
+def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.data.dir, or the embedded synthetic scenes written under the workdir."""
+  if config.data.dir is not None:
+    return config.data.dir
+  out = config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
+  logging.info('no --config.data.dir: using the SYNTHETIC captioned-scenes set in %s', out)
+  return synthetic.make_synthetic_dataset(out, config.data.synthetic_num_images,
+                                          image_size=config.data.image_size, seed=config.seed)
+
+
+def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
+  """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens."""
+  inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+  logits_BxTxV, alphas_BxTxN = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train,
+                                        rngs=rngs)
+  mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+  num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
+  loss = (nll_BxT * mask_BxT).sum() / num_tokens
+  if doubly_stochastic and alphas_BxTxN is not None:
+    # Show, Attend and Tell: each region's attention summed over the caption should be near 1.
+    coverage_BxN = (alphas_BxTxN * mask_BxT[..., None]).sum(axis=1)
+    loss = loss + doubly_stochastic * ((1.0 - coverage_BxN) ** 2).sum(axis=1).mean()
+  return loss, {'num_tokens': num_tokens}
+
+
+class CaptioningTask:
+  """Frozen-encoder features -> LSTM decoder (plain or attention), scored by BLEU-4."""
+
+  selection_metric = 'bleu4'
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = train_lib.make_mesh()
+    train_lib.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+    data_dir = dataset_dir(config, workdir)
+    self.synthetic = config.data.dir is None
+    splits = captions_lib.load_karpathy(data_dir, config.data.image_dir, config.data.on_error)
+    for split in ('train', 'val', 'test'):
+      if not splits[split]:
+        raise UserError(f'{data_dir}/dataset.json has no {split} images; captioning needs train, val and test')
+    self.vocab = self._vocab(splits['train'])
+    # One extraction call for all splits: one encoder compilation, one progress log.
+    all_entries = [e for split in ('train', 'val', 'test') for e in splits[split]]
+    feats, ok = features_lib.extract_features(
+        config.encoder.name, config.encoder.weights, [e.path for e in all_entries], config.data.image_size,
+        config.encoder.cache_dir or os.path.join(workdir, 'features'), config.encoder.batch_size,
+        config.data.on_error)
+    self.feats, self.entries = {}, {}
+    start = 0
+    for split in ('train', 'val', 'test'):
+      rows = slice(start, start + len(splits[split]))
+      start = rows.stop
+      self.feats[split] = feats[rows][ok[rows]]
+      self.entries[split] = [e for e, good in zip(splits[split], ok[rows]) if good]
+      if not self.entries[split]:
+        raise UserError(f'every {split} image of {data_dir} failed to load; see the warnings above')
+    self.image_index, self.tokens, _ = vocab_lib.encode_captions(
+        self.entries['train'], self.vocab, config.data.max_caption_len)
+    self.num_train = len(self.tokens)
+    self.model = models.create_model(config, vocab_size=len(self.vocab))
+    self.loss = functools.partial(caption_loss, doubly_stochastic=config.loss.doubly_stochastic)
+    logging.info('captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, '
+                 'features %s', 'SYNTHETIC' if self.synthetic else data_dir,
+                 *(len(self.entries[s]) for s in ('train', 'val', 'test')), self.num_train,
+                 len(self.vocab), self.feats['train'].shape[1:])
+    self._decoders = {}
+
+  def _vocab(self, train_entries) -> vocab_lib.Vocab:
+    """The workdir's vocabulary when resuming (it must match the checkpoint), else built from train."""
+    path = os.path.join(self.workdir, VOCAB_FILE)
+    built = vocab_lib.Vocab.build((c for e in train_entries for c in e.captions), self.config.data.min_word_count)
+    if os.path.exists(path):
+      saved = vocab_lib.Vocab.load(path)
+      if saved != built:
+        raise UserError(f'{path} differs from the vocabulary of this data/config; use a fresh --workdir '
+                        'or the data the workdir was trained on')
+      return saved
+    return built
+
+  def example_inputs(self) -> tuple:
+    return (jnp.asarray(self.feats['train'][:1], jnp.float32), jnp.asarray(self.tokens[:1, :-1]))
+
+  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32),
+            'tokens': self.tokens[indices]}
+
+  @staticmethod
+  def metrics(loss, aux, grads) -> dict:
+    return {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'num_tokens': aux['num_tokens']}
+
+  def _decode_fn(self, method: str):
+    if method not in self._decoders:
+      d = self.config.decoding
+      kwargs = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len)
+      if method == 'greedy':
+        fn = lambda params, feats: decoders.greedy_decode(self.model, params, feats, **kwargs)[0]
+      else:
+        fn = lambda params, feats: decoders.beam_search(self.model, params, feats, beam_size=d.beam_size,
+                                                        length_penalty=d.length_penalty, **kwargs)
+      self._decoders[method] = jax.jit(fn)
+    return self._decoders[method]
+
+  def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
+    """Captions (word lists) for every image of a split."""
+    fn = self._decode_fn(method)
+    feats, b = self.feats[split], self.config.eval_batch_size
+    out = []
+    for start in range(0, len(feats), b):
+      chunk = feats[start:start + b].astype(np.float32)
+      n = len(chunk)
+      if n < b:
+        chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.float32)])
+      tokens = np.asarray(fn(params, train_lib.shard_batch({'f': chunk}, self.mesh)['f']))[:n]
+      out.extend(self.vocab.decode(row.tolist()) for row in tokens)
+    return out
+
+  def _scores(self, split: str, hypotheses: list[list[str]]) -> dict[str, float]:
+    refs = vocab_lib.references(self.entries[split])
+    scores = metrics_lib.corpus_bleu_scores(refs, hypotheses)
+    scores['bleu4_sentence_mean'] = metrics_lib.sentence_bleu_mean(refs, hypotheses)
+    return scores
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    return self._scores(split, self.decode(params, split, 'greedy'))
+
+  def save_assets(self, workdir: str) -> None:
+    self.vocab.save(os.path.join(workdir, VOCAB_FILE))
+    train_lib.write_json(os.path.join(workdir, CONFIG_FILE), self.config.to_dict())
+
+  def final_results(self, params, best_params, workdir: str) -> dict:
+    """Test BLEU of the best epoch's parameters with config.decoding.method (and greedy for reference)."""
+    del params
+    method = self.config.decoding.method
+    hyps = self.decode(best_params, 'test', method)
+    scores = self._scores('test', hyps)
+    results = {f'test_{k}': v for k, v in scores.items()}
+    results['decoding'] = {'method': method, 'beam_size': self.config.decoding.beam_size if method == 'beam' else 1,
+                           'max_len': self.config.decoding.max_len,
+                           'length_penalty': self.config.decoding.length_penalty}
+    if method != 'greedy':
+      greedy = self._scores('test', self.decode(best_params, 'test', 'greedy'))
+      results.update({f'test_greedy_{k}': v for k, v in greedy.items()})
+    results['dataset'] = 'synthetic' if self.synthetic else self.config.data.dir
+    results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
+    results['vocab_size'] = len(self.vocab)
+    captions = [{'image_name': e.name, 'caption': h} for e, h in zip(self.entries['test'], hyps)]
+    train_lib.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+    return results
+
+  def make_plots(self, history: list[dict], params, workdir: str) -> None:
+    del params
+    plot_dir = os.path.join(workdir, 'plots')
+    plots.plot_curves({'train': [r['train_loss'] for r in history]}, 'training loss (token cross-entropy)',
+                      os.path.join(plot_dir, 'train_loss.png'))
+    plots.plot_curves({'corpus BLEU-4': [r['val_bleu4'] for r in history],
+                       'mean sentence BLEU-4': [r['val_bleu4_sentence_mean'] for r in history]},
+                      'validation BLEU-4 (greedy)', os.path.join(plot_dir, 'val_bleu4.png'))
+
+
+def _load_trained(workdir: str):
+  """(config, vocab, model, params) from a training workdir alone."""
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise UserError(f'{config_path} not found: --workdir must be a captioning training workdir')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  vocab = vocab_lib.Vocab.load(os.path.join(workdir, VOCAB_FILE))
+  model = models.create_model(config, vocab_size=len(vocab))
+  for sub in ('checkpoints_best', 'checkpoints'):
+    directory = os.path.join(workdir, sub)
+    if os.path.isdir(directory):
+      ckpt = train_lib.Checkpointer(directory, config.checkpoint.max_to_keep)
+      step = ckpt.latest_step()
+      if step is not None:
+        params = ckpt.restore_params(step)
+        ckpt.close()
+        logging.info('caption: parameters from %s/%d', directory, step)
+        return config, vocab, model, params
+      ckpt.close()
+  raise UserError(f'no checkpoint in {workdir}: train first with --mode=train --workdir={workdir}')
+
+
+def caption_main(workdir: str, image_paths: list[str]) -> int:
+  """Prints `path: caption` per image; attention models also write workdir/captions/<name>.png."""
+  from cnn_caption.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
+  if not image_paths:
+    raise UserError('--images is empty: pass --images=a.jpg,b.tif')
+  config, vocab, model, params = _load_trained(workdir)
+  encoder, variables = encoders.load_encoder(config.encoder.name, config.encoder.weights)
+  encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True))
+  decode = jax.jit(lambda p, f: decoders.greedy_decode(model, p, f, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
+                                                       max_len=config.decoding.max_len))
+  failures = 0
+  for path in image_paths:
+    try:
+      pixels = images_lib.load_image(path, config.data.image_size, config.encoder.name)
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      failures += 1
+      continue
+    feats = encode(pixels[None])
+    tokens, alphas = decode(params, feats.astype(jnp.float32))
+    words = vocab.decode(np.asarray(tokens[0]).tolist())
+    print(f'{path}: {" ".join(words)}', flush=True)
+    if alphas is not None:
+      out = os.path.join(workdir, 'captions', os.path.splitext(os.path.basename(path))[0] + '.png')
+      plots.plot_attention(path, words, np.asarray(alphas[0]), out)
+      print(f'  attention map: {out}', flush=True)
+  return 1 if failures else 0
