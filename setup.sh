@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-time setup on Debian: the Fashion-MNIST package, then a virtualenv with cnn_caption and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+echo "setup done: use .venv/bin/python"
