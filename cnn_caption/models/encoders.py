@@ -61,14 +61,13 @@ class _DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     k, s = self.kernel_size, self.stride
-    batch, height, width, channels = x_BxHxWxC.shape
+    _, height, width, channels = x_BxHxWxC.shape
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, channels))
     out_h, out_w = -(-height // s), -(-width // s)
     pad_h = max((out_h - 1) * s + k - height, 0)
     pad_w = max((out_w - 1) * s + k - width, 0)
     x = jnp.pad(x_BxHxWxC, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
                             (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    del batch
     out_BxHxWxC = None
     for i in range(k):
       for j in range(k):
