@@ -12,6 +12,14 @@ def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+class MaxPool2x2(nn.Module):
+  """max_pool_2x2 as a (parameter-free) module, so it is a row of the per-layer summary."""
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return max_pool_2x2(x_BxHxWxC)
+
+
 class FashionCNN(nn.Module):
   """conv16 3x3 same -> ReLU -> pool2 -> conv32 3x3 valid -> ReLU -> pool2 -> 600 -> 120 -> 10, log-softmax."""
 
@@ -25,9 +33,9 @@ class FashionCNN(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
     x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', name='conv1')(x_BxHxWx1)
-    x = max_pool_2x2(nn.relu(x))
+    x = MaxPool2x2(name='pool1')(nn.relu(x))
     x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', name='conv2')(x)
-    x = max_pool_2x2(nn.relu(x))
+    x = MaxPool2x2(name='pool2')(nn.relu(x))
     # Flatten in (C, H, W) order as torch's x.view(B, -1) did, so a ported torch fc1 would line up.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden1, name='fc1')(x))
