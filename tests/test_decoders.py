@@ -105,6 +105,16 @@ def test_tanh_attention_differs_and_unknown_activation_is_a_user_error():
     _model(8, attention_act='gelu').init(jax.random.key(0), feats, tokens, train=False)
 
 
+def test_bad_inputs_are_user_errors():
+  model, params, feats, tokens = _setup('plain')
+  with pytest.raises(UserError, match='regions, channels'):
+    model.apply({'params': params}, feats[:, :, None], tokens, train=False)
+  with pytest.raises(UserError, match='dropout'):
+    _model(None, dropout=1.0).init(jax.random.key(0), feats, tokens, train=False)
+  with pytest.raises(UserError, match='beam_size'):
+    decoders.beam_search(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T, beam_size=0)
+
+
 def test_gate_table_path_matches_embedding_projection():
   model, params, feats, tokens = _setup('attention')  # 64 tokens > 13 words: __call__ uses the table
   via_table, _ = _apply(model, params, feats, tokens)

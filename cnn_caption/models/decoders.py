@@ -6,7 +6,10 @@ Speed notes (XLA:CPU): everything that does not depend on the previous step is h
 scan: the region keys W2 s_j once per batch, the embedding half of the LSTM input projection for all steps
 at once (as a projected V x 4H table when the vocabulary is smaller than the B*T tokens, which is also
 what decoding gathers from), and the vocabulary layer after the scan. The scan body only does the
-h-dependent work: one fused matmul h @ [W_hh | W1], attention, and the context projection.
+h-dependent work: one fused matmul h @ [W_hh | W1], attention, and the context projection. Beam search
+projects the regions through the context half of the gates once per image instead (softmax weights
+commute with it), and every beam of an image shares its regions. Decoding loops are `lax.while_loop`s
+that end as soon as every caption has ended.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class CaptionDecoder(nn.Module):
     if self.attention_act not in _ACTIVATIONS:
       raise UserError(f'config.model.attention_act={self.attention_act!r} is unknown; '
                       f'use one of {sorted(_ACTIVATIONS)}')
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f'config.model.dropout={self.dropout} must be in [0, 1)')
     if self.attention_dim is not None and self.attention_dim <= 0:
       raise UserError(f'config.model.attention_dim={self.attention_dim} must be positive, or None '
                       'for the plain decoder')
@@ -143,6 +148,9 @@ class CaptionDecoder(nn.Module):
     return self.x_gates(self.embed.embedding)
 
   def _start(self, feats_BxNxC: jax.Array) -> tuple[Carry, jax.Array | None]:
+    if feats_BxNxC.ndim != 3:
+      raise UserError(f'caption decoder features have shape {feats_BxNxC.shape}; expected '
+                      '(batch, regions, channels): flatten the encoder map to regions first')
     mean_BxC = feats_BxNxC.mean(axis=1)
     carry = {'h': self.init_h(mean_BxC), 'c': self.init_c(mean_BxC)}
     keys_BxNxA = self.keys(feats_BxNxC) if self.attention_dim is not None else None
