@@ -52,19 +52,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if arg == 'sweep':
     config.sweep.learning_rates = (0.001, 0.01, 0.1)
-  elif arg == 'smoke':
+  elif arg in ('smoke', 'smoke_sweep'):
     config.data.num_train = 400
     config.data.num_eval = 200
     config.eval_batch_size = 100
     config.num_epochs = 2
     config.log_every_steps = 20
-  elif arg == 'smoke_sweep':
-    config.data.num_train = 400
-    config.data.num_eval = 200
-    config.eval_batch_size = 100
-    config.num_epochs = 2
-    config.log_every_steps = 20
-    config.sweep.learning_rates = (0.001, 0.01, 0.1)
+    if arg == 'smoke_sweep':
+      config.sweep.learning_rates = (0.001, 0.01, 0.1)
   elif arg not in (None, ''):
     raise ValueError(f'unknown variant {arg!r} of configs/classifier.py; use sweep, smoke or smoke_sweep')
   return config

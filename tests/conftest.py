@@ -36,3 +36,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 def strip_timing(records: list[dict]) -> list[dict]:
   return [{k: v for k, v in r.items() if 'seconds' not in k} for r in records]
+
+
+def override(config, **fields):
+  """Sets dotted config fields, e.g. override(c, **{'optimizer.learning_rate': 0.1})."""
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

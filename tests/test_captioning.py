@@ -12,7 +12,7 @@ from cnn_caption import captioning
 from cnn_caption import train
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
-from conftest import read_jsonl, strip_timing
+from conftest import override, read_jsonl, strip_timing
 
 
 @pytest.fixture(scope='module')
@@ -26,13 +26,7 @@ def smoke(config_module, shared_dirs, **overrides):
   config = config_module.get_config('smoke')
   config.data.synthetic_dir, config.encoder.cache_dir = shared_dirs
   config.data.synthetic_num_images = 30
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def test_loss_ignores_padding_and_matches_a_hand_computation():

@@ -14,7 +14,7 @@ import pytest
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
-from conftest import ROOT, needs_fmnist, read_jsonl, run_launch, strip_timing
+from conftest import override, ROOT, needs_fmnist, read_jsonl, run_launch, strip_timing
 
 pytestmark = needs_fmnist
 
@@ -23,13 +23,7 @@ def smoke_config(**overrides):
   config = classifier_config.get_config('smoke')
   config.data.num_train = 160
   config.data.num_eval = 100
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def final_params(workdir):
