@@ -34,7 +34,7 @@ Cache = dict[str, jax.Array]
 
 
 class _LSTMStep(nn.Module):
-  """One LSTM step (fused i, f, g, o gates) with optional additive attention; input gates come in precomputed."""
+  """One LSTM step (fused i, f, g, o gates), optional additive attention; input gates come precomputed."""
   hidden_dim: int
   attention_dim: int | None
   attention_act: str
@@ -268,12 +268,12 @@ def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, b
 
   Keeps beam_size live hypotheses (the best non-EOS ones among the top 2 * beam_size candidates) and
   the beam_size best finished ones by summed log-prob (an EOS candidate among the top beam_size
-  candidates finishes its hypothesis). The search stops once
-  no live hypothesis can beat the worst kept finished one (log-probs only fall), or at max_len, where
-  live ones count as finished. The answer is the kept hypothesis with the best
-  sum log p / len**length_penalty, len counting generated tokens up to and including EOS.
-  beam_size=1 is exactly greedy decoding for every length_penalty. Jit at the call site with model,
-  bos_id, eos_id, max_len, beam_size and length_penalty static.
+  candidates finishes its hypothesis, as in fairseq). The search stops once no live hypothesis can
+  beat the worst kept finished one (log-probs only fall), or at max_len, where live ones count as
+  finished. The answer is the kept hypothesis with the best sum log p / len**length_penalty, len
+  counting generated tokens up to and including EOS. beam_size=1 is exactly greedy decoding for every
+  length_penalty. Like greedy decoding it may emit any id, PAD included, from an untrained model.
+  Jit at the call site with model, bos_id, eos_id, max_len, beam_size and length_penalty static.
 
   Returns:
     tokens_BxL int32, EOS kept, PAD (0) after it.
