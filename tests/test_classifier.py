@@ -125,3 +125,20 @@ def test_optimizers_build():
     params = {'w': jnp.ones(3)}
     updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
     assert np.isfinite(optax.tree.norm(updates))
+
+
+def test_offline_tfds_fallback_fails_at_once_with_install_hint(tmp_path, monkeypatch):
+  pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setattr(fashion_mnist, 'SYSTEM_DIR', str(tmp_path / 'no_system_copy'))
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def offline(*args, **kwargs):
+    raise OSError('network is unreachable')
+
+  monkeypatch.setattr(socket, 'create_connection', offline)
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  with pytest.raises(UserError, match='apt-get install dataset-fashion-mnist'):
+    fashion_mnist.load_raw()
+  assert time.time() - start < 30  # TFDS alone would retry the download for minutes
