@@ -1,4 +1,9 @@
-"""Learning-rate sweep: one independent run per rate (side by side, one core each), best by validation."""
+"""Learning-rate sweep: one independent run per rate (side by side), best by validation.
+
+Members run as separate processes that see every core, exactly as a run started alone does: XLA:CPU
+picks its thread pool (and so the order of float reductions) from the visible cores, so pinning a
+member to one core would change its numbers. Running them side by side only changes their speed.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +30,8 @@ def single_run_config(config: ml_collections.ConfigDict, lr: float) -> ml_collec
   return member
 
 
-def _child(config_json: str, workdir: str, core: int | None, queue) -> None:
-  """Runs one member in a fresh process pinned to one core; reports (workdir, error or None)."""
-  if core is not None and hasattr(os, 'sched_setaffinity'):
-    os.sched_setaffinity(0, {core})
+def _child(config_json: str, workdir: str, queue) -> None:
+  """Runs one member in a fresh process; reports (workdir, error or None)."""
   try:
     from cnn_caption import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(ml_collections.ConfigDict(json.loads(config_json)), workdir)
@@ -37,10 +40,8 @@ def _child(config_json: str, workdir: str, core: int | None, queue) -> None:
     queue.put((workdir, f'{type(e).__name__}: {e}'))
 
 
-def _cores() -> list[int]:
-  if hasattr(os, 'sched_getaffinity'):
-    return sorted(os.sched_getaffinity(0))
-  return list(range(os.cpu_count() or 1))
+def _num_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -50,8 +51,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rates = list(config.sweep.learning_rates)
   if len(set(rates)) != len(rates):
     raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
-  cores = _cores()
-  parallel = config.sweep.parallel or len(cores)
+  parallel = config.sweep.parallel or _num_cores()
   todo = [lr for lr in rates if not os.path.exists(os.path.join(run_dir(workdir, lr), 'results.json'))]
   for lr in rates:
     if lr not in todo:
@@ -59,21 +59,17 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ctx = multiprocessing.get_context('spawn')  # fresh interpreters: jax is not fork-safe
   queue = ctx.Queue()
   running: dict[str, multiprocessing.Process] = {}
-  free = list(cores[:parallel]) if parallel <= len(cores) else [None] * parallel
   errors = []
   while todo or running:
-    while todo and free:
+    while todo and len(running) < parallel:
       lr = todo.pop(0)
-      core = free.pop(0)
       member_dir = run_dir(workdir, lr)
-      proc = ctx.Process(target=_child, args=(single_run_config(config, lr).to_json(), member_dir, core, queue))
+      proc = ctx.Process(target=_child, args=(single_run_config(config, lr).to_json(), member_dir, queue))
       proc.start()
-      running[member_dir] = (proc, core)
-      logging.info('sweep: lr %g started in %s (core %s)', lr, member_dir, core)
+      running[member_dir] = proc
+      logging.info('sweep: lr %g started in %s', lr, member_dir)
     done_dir, error = queue.get()
-    proc, core = running.pop(done_dir)
-    proc.join()
-    free.append(core)
+    running.pop(done_dir).join()
     if error:
       errors.append(f'{done_dir}: {error}')
       logging.error('sweep: %s failed: %s', done_dir, error)

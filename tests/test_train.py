@@ -143,16 +143,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
 
 
-def test_sweep_smoke_picks_by_validation(tmp_path):
-  result = run_launch('--config=configs/classifier.py:smoke_sweep', '--config.data.num_train=80',
-                      '--config.data.num_eval=50', '--config.eval_batch_size=50', '--config.num_epochs=1',
-                      f'--workdir={tmp_path}')
+def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
+  args = ['--config.data.num_eval=50', '--config.eval_batch_size=50',
+          '--config.num_epochs=1']
+  result = run_launch('--config=configs/classifier.py:smoke_sweep', *args, f'--workdir={tmp_path / "sweep"}')
   assert result.returncode == 0, result.stderr[-2000:]
-  results = json.loads((tmp_path / 'results.json').read_text())
+  results = json.loads((tmp_path / 'sweep' / 'results.json').read_text())
   assert [r['learning_rate'] for r in results['runs']] == [0.001, 0.01, 0.1]
   assert results['best']['val_accuracy'] == max(r['val_accuracy'] for r in results['runs'])
-  for run in results['runs']:
-    alone = json.loads((tmp_path / f'lr_{run["learning_rate"]:g}' / 'results.json').read_text())
-    assert alone['config']['optimizer']['learning_rate'] == run['learning_rate']
-    assert alone['test_accuracy'] == run['test_accuracy']
-  assert os.path.exists(tmp_path / 'plots' / 'val_accuracy.png')
+  assert os.path.exists(tmp_path / 'sweep' / 'plots' / 'val_accuracy.png')
+  alone = run_launch('--config=configs/classifier.py:smoke', *args, '--config.optimizer.learning_rate=0.1',
+                     f'--workdir={tmp_path / "alone"}')
+  assert alone.returncode == 0, alone.stderr[-2000:]
+  assert strip_timing(read_jsonl(tmp_path / 'alone' / 'metrics.jsonl')) == strip_timing(
+      read_jsonl(tmp_path / 'sweep' / 'lr_0.1' / 'metrics.jsonl'))
+  member = json.loads((tmp_path / 'sweep' / 'lr_0.1' / 'results.json').read_text())
+  assert member['test_accuracy'] == json.loads((tmp_path / 'alone' / 'results.json').read_text())['test_accuracy']
