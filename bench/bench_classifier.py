@@ -70,8 +70,8 @@ def _tree_rss_mb(pid: int) -> float:
   return total / 1024
 
 
-def sweep(extra: list[str]) -> dict:
-  workdir = tempfile.mkdtemp(prefix='bench_sweep_')
+def sweep(extra: list[str], workdir: str | None = None) -> dict:
+  workdir = workdir or tempfile.mkdtemp(prefix='bench_sweep_')
   cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
          f'--workdir={workdir}', *extra]
   t0 = time.time()
@@ -100,6 +100,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--sweep', action='store_true', help='also time the full sweep on all cores')
   parser.add_argument('--sweep_args', default='', help='extra launch.py flags for the sweep, space separated')
+  parser.add_argument('--sweep_workdir', default=None, help='where the sweep writes (default: a temp dir)')
   parser.add_argument('--core', type=int, default=0)
   parser.add_argument('--seconds', type=float, default=8.0)
   args = parser.parse_args()
@@ -109,7 +110,7 @@ def main():
     print(json.dumps(throughput(batch_size, k, args.seconds)), flush=True)
   os.sched_setaffinity(0, cores)
   if args.sweep:
-    print(json.dumps(sweep(args.sweep_args.split())), flush=True)
+    print(json.dumps(sweep(args.sweep_args.split(), args.sweep_workdir)), flush=True)
 
 
 if __name__ == '__main__':
