@@ -27,6 +27,7 @@ class ClassificationTask:
     self.config = config
     self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval)
     self.model = models.create_model(config)
+    self._to_float = fashion_mnist.to_float
     self.num_train = len(self.splits['train'][1])
     self.mesh = train_lib.make_mesh()
     train_lib.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -37,7 +38,7 @@ class ClassificationTask:
 
   def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     images, labels = self.splits['train']
-    return {'image': images[indices], 'label': labels[indices]}
+    return {'image': self._to_float(images[indices]), 'label': labels[indices]}
 
   @staticmethod
   def loss(params, batch, *, apply_fn, rngs, train: bool):
@@ -61,7 +62,7 @@ class ClassificationTask:
     b, n = self.config.eval_batch_size, len(labels)
     correct, nll = 0, 0.0
     for start in range(0, n, b):
-      x, y = images[start:start + b], labels[start:start + b]
+      x, y = self._to_float(images[start:start + b]), labels[start:start + b]
       pad = b - len(y)
       mask = np.arange(b) < len(y)
       if pad:

@@ -93,8 +93,9 @@ def test_real_splits_shapes_and_scaling():
   assert {k: v[0].shape for k, v in splits.items()} == {
       'train': (50000, 28, 28, 1), 'val': (10000, 28, 28, 1), 'test': (10000, 28, 28, 1)}
   _, dev_idx = fashion_mnist.split_indices()
-  np.testing.assert_array_equal(splits['val'][0][..., 0], raw['train_images'][dev_idx] / 256.0)
-  assert splits['train'][0].max() < 1.0  # pixels / 256, as the course did
+  np.testing.assert_array_equal(splits['val'][0][..., 0], raw['train_images'][dev_idx])
+  scaled = fashion_mnist.to_float(splits['train'][0])
+  assert scaled.dtype == np.float32 and scaled.max() == 255 / 256  # pixels / 256, as the course did
   assert np.bincount(splits['test'][1]).tolist() == [1000] * 10
 
 
