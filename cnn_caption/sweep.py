@@ -96,7 +96,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     'training loss (epoch mean)', os.path.join(plot_dir, 'train_loss.png'))
   plots.plot_curves({k: [r['val_accuracy'] for r in h] for k, h in histories.items()},
                     'validation accuracy', os.path.join(plot_dir, 'val_accuracy.png'))
-  train.write_json(os.path.join(workdir, 'results.json'), train._jsonable(results))  # pylint: disable=protected-access
+  train.write_json(os.path.join(workdir, 'results.json'), results)
   logging.info('sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'],
                best['test_accuracy'])
   return results

@@ -126,7 +126,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-  _atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  _atomic_write(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + '\n')
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -250,9 +250,7 @@ class Trainer:
     step_fns = {}
     step = int(state.step)
     epoch = step // self.steps_per_epoch
-    since_best = self._epochs_since_best(meta)
-    stopped_early = False
-    while epoch < config.num_epochs and not stopped_early:
+    while epoch < config.num_epochs and not self._should_stop(meta):
       order = _epoch_order(config.seed, epoch, task.num_train)
       pos = step - epoch * self.steps_per_epoch
       t_epoch = time.time()
@@ -303,21 +301,20 @@ class Trainer:
       ckpt.save(step, state, meta)
       write_jsonl(self.metrics_path, meta['history'])
       epoch += 1
-      since_best = self._epochs_since_best(meta)
-      if config.get('early_stopping_patience') and since_best >= config.early_stopping_patience:
-        logging.info('early stopping: no val %s gain for %d epochs', task.selection_metric, since_best)
-        stopped_early = True
+    if self._should_stop(meta):
+      logging.info('early stopping after epoch %d: no val %s gain for %d epochs', len(meta['history']),
+                   task.selection_metric, config.early_stopping_patience)
 
     results = self._finish(state, meta, best_ckpt, num_params)
     ckpt.close()
     best_ckpt.close()
     return results
 
-  @staticmethod
-  def _epochs_since_best(meta: dict) -> int:
-    if meta['best_epoch'] is None:
-      return 0
-    return len(meta['history']) - meta['best_epoch']
+  def _should_stop(self, meta: dict) -> bool:
+    """Early stopping (also on resume): `early_stopping_patience` epochs without a val gain."""
+    patience = self.config.get('early_stopping_patience')
+    return bool(patience) and meta['best_epoch'] is not None and (
+        len(meta['history']) - meta['best_epoch'] >= patience)
 
   def _account(self, meta: dict, pending) -> None:
     """Adds one call's losses to the running sums; stops at the first NaN/inf."""
@@ -353,7 +350,7 @@ class Trainer:
     }
     results.update(task.final_results(state.params, best_state.params, self.workdir))
     task.make_plots(history, state.params, self.workdir)
-    write_json(os.path.join(self.workdir, 'results.json'), _jsonable(results))
+    write_json(os.path.join(self.workdir, 'results.json'), results)
     logging.info('results: %s', {k: v for k, v in results.items() if k != 'config'})
     return results
 

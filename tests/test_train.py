@@ -159,3 +159,14 @@ def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
       read_jsonl(tmp_path / 'sweep' / 'lr_0.1' / 'metrics.jsonl'))
   member = json.loads((tmp_path / 'sweep' / 'lr_0.1' / 'results.json').read_text())
   assert member['test_accuracy'] == json.loads((tmp_path / 'alone' / 'results.json').read_text())['test_accuracy']
+
+
+def test_early_stopping_rule_also_holds_on_resume():
+  import types  # pylint: disable=g-import-not-at-top
+  fake = types.SimpleNamespace(config=smoke_config(early_stopping_patience=2))
+  history = lambda n: [{'epoch': i + 1} for i in range(n)]
+  assert not train.Trainer._should_stop(fake, {'history': [], 'best_epoch': None})
+  assert not train.Trainer._should_stop(fake, {'history': history(5), 'best_epoch': 4})
+  assert train.Trainer._should_stop(fake, {'history': history(6), 'best_epoch': 4})
+  fake.config.early_stopping_patience = 0  # off
+  assert not train.Trainer._should_stop(fake, {'history': history(9), 'best_epoch': 1})
