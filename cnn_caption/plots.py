@@ -76,7 +76,8 @@ def plot_attention(image_path: str, words: list[str], alphas_LxN: np.ndarray, pa
   for ax in axes.ravel():
     ax.axis('off')
   axes[0, 0].imshow(rgb)
-  axes[0, 0].set_title(' '.join(words[:-1])[:40], fontsize=7)
+  import textwrap  # pylint: disable=g-import-not-at-top
+  axes[0, 0].set_title(textwrap.fill(' '.join(words[:-1]), 30), fontsize=7)
   for t in range(panels):
     ax = axes[(t + 1) // cols, (t + 1) % cols]
     grid = alphas_LxN[t].reshape(side, side)
