@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,3 +49,22 @@ def override(config, **fields):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout: float = 240) -> list[int]:
+  """Starts launch.py, SIGKILLs it once a checkpoint at step >= min_step exists; returns the saved steps."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, 'launch.py', *args, f'--workdir={workdir}'], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if steps and max(steps) >= min_step:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert steps, 'no checkpoint was written before the kill'
+  return steps

@@ -12,7 +12,7 @@ from cnn_caption import captioning
 from cnn_caption import train
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
-from conftest import override, read_jsonl, strip_timing
+from conftest import kill_after_checkpoint, override, read_jsonl, run_launch, strip_timing
 
 
 @pytest.fixture(scope='module')
@@ -96,3 +96,24 @@ def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
       read_jsonl(os.path.join(part, 'metrics.jsonl')))
   assert json.loads(open(os.path.join(full, 'test_captions.json')).read()) == json.loads(
       open(os.path.join(part, 'test_captions.json')).read())
+
+
+def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, shared_dirs):
+  synthetic_dir, cache_dir = shared_dirs
+  args = ['--config=configs/captioner_attention.py:smoke', f'--config.data.synthetic_dir={synthetic_dir}',
+          f'--config.encoder.cache_dir={cache_dir}', '--config.data.synthetic_num_images=30',
+          '--config.checkpoint.every_steps=3', '--config.num_epochs=3']
+  killed, clean = str(tmp_path / 'killed'), str(tmp_path / 'clean')
+  steps = kill_after_checkpoint(args, killed, min_step=6)
+  resumed = run_launch(*args, f'--workdir={killed}')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resuming from step {steps[-1]}' in resumed.stderr
+  assert run_launch(*args, f'--workdir={clean}').returncode == 0
+  a = train.Checkpointer(os.path.join(killed, 'checkpoints'), 3)
+  b = train.Checkpointer(os.path.join(clean, 'checkpoints'), 3)
+  assert steps[-1] < a.latest_step() == b.latest_step()
+  for x, y in zip(jax.tree.leaves(a.restore_params(a.latest_step())),
+                  jax.tree.leaves(b.restore_params(b.latest_step()))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
+      read_jsonl(os.path.join(clean, 'metrics.jsonl')))

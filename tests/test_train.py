@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -14,7 +10,7 @@ import pytest
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
-from conftest import override, ROOT, needs_fmnist, read_jsonl, run_launch, strip_timing
+from conftest import kill_after_checkpoint, override, needs_fmnist, read_jsonl, run_launch, strip_timing
 
 pytestmark = needs_fmnist
 
@@ -83,29 +79,16 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=800', '--config.checkpoint.every_steps=16',
           '--config.num_epochs=2']
-  killed = str(tmp_path / 'killed')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen([sys.executable, 'launch.py', *args, f'--workdir={killed}'], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = os.path.join(killed, 'checkpoints')
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    if steps and max(steps) >= 32:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert steps and steps[-1] < 200, f'kill came too late to test anything: {steps}'
+  killed, clean = str(tmp_path / 'killed'), str(tmp_path / 'clean')
+  steps = kill_after_checkpoint(args, killed, min_step=32)
+  assert steps[-1] < 200, f'kill came too late to test anything: {steps}'
   resumed = run_launch(*args, f'--workdir={killed}')
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert 'resuming from step' in resumed.stderr
-  clean = run_launch(*args, f'--workdir={tmp_path / "clean"}')
-  assert clean.returncode == 0, clean.stderr[-2000:]
-  assert_same_params(final_params(killed)[1], final_params(str(tmp_path / 'clean'))[1])
+  assert f'resuming from step {steps[-1]}' in resumed.stderr
+  assert run_launch(*args, f'--workdir={clean}').returncode == 0
+  assert_same_params(final_params(killed)[1], final_params(clean)[1])
   assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(tmp_path / 'clean' / 'metrics.jsonl'))
+      read_jsonl(os.path.join(clean, 'metrics.jsonl')))
 
 
 def test_two_devices_match_one_device(tmp_path):
