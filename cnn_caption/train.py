@@ -146,6 +146,11 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, meta: dict) -> None:
+    if step in self.manager.all_steps():
+      # A run killed between the best-epoch save and the epoch save redoes that epoch; resumption is
+      # exact, so the checkpoint already on disk holds the same values.
+      logging.info('checkpoint for step %d already in %s; keeping it', step, self.manager.directory)
+      return
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()

@@ -153,3 +153,19 @@ def test_early_stopping_rule_also_holds_on_resume():
   assert train.Trainer._should_stop(fake, {'history': history(6), 'best_epoch': 4})
   fake.config.early_stopping_patience = 0  # off
   assert not train.Trainer._should_stop(fake, {'history': history(9), 'best_epoch': 1})
+
+
+def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
+  """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(), workdir)
+  step, params = final_params(workdir)
+  # The collision needs the last epoch to be the best one (true for this seed and config).
+  assert json.loads((tmp_path / 'results.json').read_text())['best_epoch'] == 2
+  assert os.listdir(os.path.join(workdir, 'checkpoints_best')) == [str(step)]
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))  # epoch 2 saved as best only
+  train.train_and_evaluate(smoke_config(), workdir)
+  step_again, params_again = final_params(workdir)
+  assert step_again == step
+  assert_same_params(params, params_again)
