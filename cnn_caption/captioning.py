@@ -21,6 +21,7 @@ import optax
 from cnn_caption import features as features_lib
 from cnn_caption import metrics as metrics_lib
 from cnn_caption import models
+from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import train as train_lib
 from cnn_caption.data import captions as captions_lib
@@ -91,6 +92,7 @@ class CaptioningTask:
       self.entries[split] = [e for e, good in zip(splits[split], ok[rows]) if good]
       if not self.entries[split]:
         raise UserError(f'every {split} image of {data_dir} failed to load; see the warnings above')
+    self.references = {split: vocab_lib.references(self.entries[split]) for split in ('val', 'test')}
     self.image_index, self.tokens, _ = vocab_lib.encode_captions(
         self.entries['train'], self.vocab, config.data.max_caption_len)
     self.num_train = len(self.tokens)
@@ -152,7 +154,7 @@ class CaptioningTask:
     return out
 
   def _scores(self, split: str, hypotheses: list[list[str]]) -> dict[str, float]:
-    refs = vocab_lib.references(self.entries[split])
+    refs = self.references[split]
     scores = metrics_lib.corpus_bleu_scores(refs, hypotheses)
     scores['bleu4_sentence_mean'] = metrics_lib.sentence_bleu_mean(refs, hypotheses)
     return scores
@@ -162,7 +164,7 @@ class CaptioningTask:
 
   def save_assets(self, workdir: str) -> None:
     self.vocab.save(os.path.join(workdir, VOCAB_FILE))
-    train_lib.write_json(os.path.join(workdir, CONFIG_FILE), self.config.to_dict())
+    io_utils.write_json(os.path.join(workdir, CONFIG_FILE), self.config.to_dict())
 
   def final_results(self, params, best_params, workdir: str) -> dict:
     """Test BLEU of the best epoch's parameters with config.decoding.method (and greedy for reference)."""
@@ -181,7 +183,7 @@ class CaptioningTask:
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
     captions = [{'image_name': e.name, 'caption': h} for e, h in zip(self.entries['test'], hyps)]
-    train_lib.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+    io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
 
   def make_plots(self, history: list[dict], params, workdir: str) -> None:

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 
 from absl import logging
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_caption import io_utils
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
@@ -39,18 +39,6 @@ def _file_identity(path: str) -> dict:
 
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_write(path: str, write_fn) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write_fn(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def cache_folder(encoder_name: str, weights_path: str, image_size: int,
@@ -127,7 +115,7 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, 'key.json')
   if not os.path.exists(meta_path):
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(key, indent=1).encode()))
+    io_utils.atomic_write(meta_path, lambda f: f.write(json.dumps(key, indent=1).encode()))
 
   module = encoders.create_encoder(encoder_name)
   regions_shape = jax.eval_shape(
@@ -193,7 +181,7 @@ def _compute(encoder_name, weights_path, image_paths, todo, entries, image_size,
             failures.append(errors[j])
             continue
           feats[i], ok_mask[i] = out[j], True
-          _atomic_write(entries[i], functools.partial(np.save, arr=out[j], allow_pickle=False))
+          io_utils.atomic_write(entries[i], functools.partial(np.save, arr=out[j], allow_pickle=False))
         done += len(idx)
         if time.time() - last_log > 10 or b == len(batches) - 1:
           last_log = time.time()

@@ -10,13 +10,13 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from cnn_caption import io_utils
+
 
 def _save(fig, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110, bbox_inches='tight')
+  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110, bbox_inches='tight'))
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def plot_curves(series: dict[str, list[float]], ylabel: str, path: str, title: str = '') -> None:

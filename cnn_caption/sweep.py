@@ -14,6 +14,7 @@ import os
 from absl import logging
 import ml_collections
 
+from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption.errors import UserError
 
@@ -96,7 +97,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     'training loss (epoch mean)', os.path.join(plot_dir, 'train_loss.png'))
   plots.plot_curves({k: [r['val_accuracy'] for r in h] for k, h in histories.items()},
                     'validation accuracy', os.path.join(plot_dir, 'val_accuracy.png'))
-  train.write_json(os.path.join(workdir, 'results.json'), results)
+  io_utils.write_json(os.path.join(workdir, 'results.json'), results)
   logging.info('sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'],
                best['test_accuracy'])
   return results

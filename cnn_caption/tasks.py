@@ -14,6 +14,7 @@ import optax
 from cnn_caption import models
 from cnn_caption import plots
 from cnn_caption import train as train_lib
+from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 
 
@@ -23,11 +24,9 @@ class ClassificationTask:
   selection_metric = 'accuracy'
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    from cnn_caption.data import fashion_mnist  # pylint: disable=g-import-not-at-top
     self.config = config
     self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval)
     self.model = models.create_model(config)
-    self._to_float = fashion_mnist.to_float
     self.num_train = len(self.splits['train'][1])
     self.mesh = train_lib.make_mesh()
     train_lib.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -38,7 +37,7 @@ class ClassificationTask:
 
   def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     images, labels = self.splits['train']
-    return {'image': self._to_float(images[indices]), 'label': labels[indices]}
+    return {'image': fashion_mnist.to_float(images[indices]), 'label': labels[indices]}
 
   @staticmethod
   def loss(params, batch, *, apply_fn, rngs, train: bool):
@@ -62,7 +61,7 @@ class ClassificationTask:
     b, n = self.config.eval_batch_size, len(labels)
     correct, nll = 0, 0.0
     for start in range(0, n, b):
-      x, y = self._to_float(images[start:start + b]), labels[start:start + b]
+      x, y = fashion_mnist.to_float(images[start:start + b]), labels[start:start + b]
       pad = b - len(y)
       mask = np.arange(b) < len(y)
       if pad:

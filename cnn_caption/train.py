@@ -12,11 +12,9 @@ Resume order (what a restarted run does):
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from absl import logging
 from flax.training import train_state
@@ -29,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from cnn_caption.errors import UserError
+from cnn_caption.io_utils import write_json, write_jsonl
 
 Batch = dict[str, jax.Array]
 TrainState = train_state.TrainState
@@ -116,21 +115,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -
 
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any) -> None:
-  _atomic_write(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + '\n')
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-  _atomic_write(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
 
 
 class Checkpointer:
@@ -358,15 +342,3 @@ class Trainer:
     write_json(os.path.join(self.workdir, 'results.json'), results)
     logging.info('results: %s', {k: v for k, v in results.items() if k != 'config'})
     return results
-
-
-def _jsonable(obj):
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer)):
-    return obj.item()
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj

@@ -25,10 +25,9 @@ def smoke_config(**overrides):
 def final_params(workdir):
   ckpt = train.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
   step = ckpt.latest_step()
-  manager = ckpt.manager
-  restored = manager.restore(step)
+  params = ckpt.restore_params(step)
   ckpt.close()
-  return step, restored['state']['params']
+  return step, params
 
 
 def assert_same_params(a, b):

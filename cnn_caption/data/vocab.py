@@ -5,11 +5,11 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from cnn_caption import io_utils
 from cnn_caption.data.captions import ImageEntry
 from cnn_caption.errors import UserError
 
@@ -101,15 +101,7 @@ class Vocab:
                'counts': list(self._counts) if self._counts is not None else None}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.vocab-', suffix='.tmp', dir=folder)
-    try:
-      with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        json.dump(payload, f, ensure_ascii=False)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    io_utils.atomic_write(path, lambda f: json.dump(payload, f, ensure_ascii=False), binary=False)
 
   @classmethod
   def load(cls, path: str) -> Vocab:
