@@ -58,7 +58,7 @@ def train_steps(state: TrainState, batches: Batch, rng: jax.Array, *, task, num_
   """num_steps train_steps unrolled in one call (batches have a leading num_steps axis).
 
   At small batch sizes a step costs mostly dispatch overhead on CPU; unrolling amortises it
-  (lax.scan over steps measured several times slower on XLA:CPU, see ECOSYSTEM.md).
+  (lax.scan over steps measured several times slower on XLA:CPU, jax 0.10.2).
   """
   all_metrics = []
   for i in range(num_steps):
