@@ -22,6 +22,10 @@ _BLEU_WEIGHTS = {
     'bleu4': (0.25, 0.25, 0.25, 0.25),
 }
 
+# What captioning computes on val after every epoch (METEOR only at test): the candidates for
+# config.selection_metric.
+VALIDATION_METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'bleu4_sentence_mean', 'rouge_l', 'cider')
+
 References = Sequence[Sequence[Sequence[str]]]  # per image: its reference captions, each a token list
 Hypotheses = Sequence[Sequence[str]]  # per image: one generated token list
 
