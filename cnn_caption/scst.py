@@ -11,6 +11,7 @@ One SCST step, in three parts:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -122,3 +123,31 @@ def scst_loss(params, batch, *, apply_fn, rngs, train: bool):
 def repeat_images(values: Sequence | np.ndarray, num_samples: int) -> np.ndarray:
   """Each image's row repeated K times, image-major, to line up with `sample_captions`' rows."""
   return np.repeat(np.asarray(values), num_samples, axis=0)
+
+
+class OnPolicyBatcher:
+  """Turns a batch of images into an SCST batch with the CURRENT parameters (host + two jitted calls).
+
+  Called once per optimizer step, before the generic train step (so steps_per_call must be 1): samples
+  K captions per image (key folded with the step, so a resumed run draws the same samples), decodes the
+  greedy baseline if asked, scores everything with CIDEr-D on host and returns `scst_loss`'s batch.
+  """
+
+  def __init__(self, model: decoders.CaptionDecoder, rewards: SelfCriticalRewards, *, num_samples: int,
+               baseline: str, bos_id: int, eos_id: int, max_len: int, seed: int):
+    if baseline not in ('greedy', 'mean'):
+      raise ValueError(f"baseline={baseline!r}: use 'greedy' or 'mean'")
+    self.rewards, self.num_samples, self.baseline, self.bos_id = rewards, num_samples, baseline, bos_id
+    self.rng = jax.random.key(seed)
+    self._sample = jax.jit(functools.partial(sample_captions, model, num_samples=num_samples, bos_id=bos_id,
+                                             eos_id=eos_id, max_len=max_len))
+    self._greedy = jax.jit(lambda p, f: decoders.greedy_decode(model, p, f, bos_id=bos_id, eos_id=eos_id,
+                                                               max_len=max_len)[0])
+
+  def __call__(self, params, feats_BxNxC: np.ndarray, references: metrics.References,
+               step: int) -> dict[str, np.ndarray]:
+    samples = np.asarray(self._sample(params, feats_BxNxC, jax.random.fold_in(self.rng, step)))
+    greedy = np.asarray(self._greedy(params, feats_BxNxC)) if self.baseline == 'greedy' else None
+    scored = self.rewards(references, samples, greedy)
+    return {'feats': repeat_images(feats_BxNxC, self.num_samples),
+            'tokens': teacher_forcing_tokens(samples, self.bos_id), **scored}

@@ -105,3 +105,20 @@ def test_cider_rewards_use_training_document_frequencies_and_baselines():
   out = rewards(refs, samples, greedy_BxL=np.array([[4, 5, 2]]))
   np.testing.assert_allclose(out['advantage'], [0.0, -out['reward'][0]], atol=1e-6)
   assert out['reward'][0] == pytest.approx(rewards.cider.image_score(refs[0], ['red', 'circle']))
+
+
+def test_on_policy_batch_is_seeded_by_the_step_and_lines_up():
+  model, params, feats = _setup(None)
+  words = ['<pad>', '<bos>', '<eos>', '<unk>'] + [f'w{i}' for i in range(4, VOCAB)]
+  decode = lambda ids: [words[i] for i in (ids[:ids.index(EOS)] if EOS in ids else ids) if i > 3]
+  refs = [[['w4', 'w5']], [['w6', 'w7', 'w8']], [['w5']]]
+  batcher = scst.OnPolicyBatcher(model, scst.SelfCriticalRewards(refs, decode), num_samples=K, baseline='mean',
+                                 bos_id=BOS, eos_id=EOS, max_len=MAX_LEN, seed=0)
+  batch = batcher(params, np.asarray(feats), refs, step=7)
+  assert batch['feats'].shape == (IMAGES * K, REGIONS, CHANNELS)
+  np.testing.assert_array_equal(batch['feats'][K], np.asarray(feats)[1])  # rows image-major
+  assert batch['tokens'].shape == (IMAGES * K, MAX_LEN + 1) and (batch['tokens'][:, 0] == BOS).all()
+  assert batch['advantage'].shape == batch['reward'].shape == (IMAGES * K,)
+  np.testing.assert_allclose(batch['advantage'].reshape(IMAGES, K).sum(1), 0.0, atol=1e-5)
+  np.testing.assert_array_equal(batch['tokens'], batcher(params, np.asarray(feats), refs, step=7)['tokens'])
+  assert not np.array_equal(batch['tokens'], batcher(params, np.asarray(feats), refs, step=8)['tokens'])
