@@ -198,3 +198,30 @@ def coco_scores(references: References, hypotheses: Hypotheses, *, meteor: bool 
     if meteor_per_image is not None:
       scores['per_image']['meteor'] = meteor_per_image
   return scores
+
+
+def paired_bootstrap_ci(scores_a: Sequence[float], scores_b: Sequence[float], *, num_resamples: int = 10000,
+                        confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+  """Percentile bootstrap CI of mean(a - b) over images resampled with replacement (the same images for both).
+
+  Args:
+    scores_a: per-image scores of system A (e.g. CIDEr-D of the attention captioner).
+    scores_b: per-image scores of system B on the same images in the same order.
+    num_resamples: bootstrap resamples.
+    confidence: coverage of the interval.
+    seed: numpy seed of the resampling.
+
+  Returns:
+    {'mean_diff', 'low', 'high', 'p_a_not_better'}: the observed mean difference, the interval, and the
+    fraction of resamples whose mean difference is <= 0.
+  """
+  a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or not len(a):
+    raise ValueError(f'paired scores need two equal-length 1-D sequences, got shapes {a.shape} and {b.shape}')
+  diff = a - b
+  idx = np.random.default_rng(seed).integers(0, len(diff), size=(num_resamples, len(diff)))
+  means = diff[idx].mean(axis=1)
+  tail = (1 - confidence) / 2
+  low, high = np.quantile(means, [tail, 1 - tail])
+  return {'mean_diff': float(diff.mean()), 'low': float(low), 'high': float(high),
+          'p_a_not_better': float(np.mean(means <= 0))}

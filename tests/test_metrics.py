@@ -175,3 +175,19 @@ def test_meteor_without_java_is_skipped_with_one_warning(monkeypatch):
   assert 'meteor' not in scores and 'cider' in scores
   warning.assert_called_once()
   assert 'java' in warning.call_args[0][0]
+
+
+def test_paired_bootstrap_ci():
+  rng = np.random.default_rng(0)
+  b = rng.normal(3.0, 1.0, size=200)
+  # A constant per-image gain: every resample has exactly that mean difference.
+  out = metrics.paired_bootstrap_ci(b + 0.25, b, num_resamples=500)
+  assert out['mean_diff'] == out['low'] == pytest.approx(0.25) and out['high'] == pytest.approx(0.25)
+  assert out['p_a_not_better'] == 0.0
+  # Noise of sd 1 per image around a 0.1 gain: the 95% interval is about 0.1 +- 1.96 / sqrt(200) = +-0.14.
+  out = metrics.paired_bootstrap_ci(b + 0.1 + rng.normal(0, 1, 200), b, num_resamples=4000)
+  assert out['low'] < out['mean_diff'] < out['high']
+  assert 0.2 < out['high'] - out['low'] < 0.36
+  assert 0.0 < out['p_a_not_better'] < 0.5
+  with pytest.raises(ValueError, match='equal-length'):
+    metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])
