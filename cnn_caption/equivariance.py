@@ -55,7 +55,11 @@ def _min_over_output_shifts(fx_BxHxWxC: jax.Array, target_BxHxWxC: jax.Array) ->
              for s in itertools.product(range(h), range(w)))
 
 
-def _validate(check: ml_collections.ConfigDict) -> None:
+def _validate(config: ml_collections.ConfigDict) -> None:
+  check = config.get('check')
+  if check is None or 'shift' not in check or 'image_shape' not in check:
+    raise UserError('this config has no check.shift / check.image_shape: the equivariance check needs '
+                    '--config=configs/equivariance.py')
   h, w, _ = check.image_shape
   dy, dx = check.shift
   r = check.kernel_size // 2
@@ -67,6 +71,14 @@ def _validate(check: ml_collections.ConfigDict) -> None:
   if not (0 <= dy and 0 <= dx and dy + 2 * r < h and dx + 2 * r < w):
     raise UserError(f'config.check.shift={tuple(check.shift)}: needs 0 <= shift and shift + kernel_size - 1 < '
                     'image size, so an interior is left')
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """One header line for the printed checks (validates the config first)."""
+  _validate(config)
+  check = config.check
+  return (f'Translation checks (question 2.1): random {tuple(check.image_shape)} image, shift '
+          f'{tuple(check.shift)}, seed {config.seed}; rel diff = max |f(T x) - T\' f(x)| / max |f(x)|')
 
 
 def equivariance_checks(config: ml_collections.ConfigDict) -> list[Check]:
@@ -81,8 +93,8 @@ def equivariance_checks(config: ml_collections.ConfigDict) -> list[Check]:
     whole image; max pool does not commute with the (odd) shift; max pool commutes with the doubled shift;
     the dense layer does not commute; the control (a wrong output shift must differ).
   """
+  _validate(config)
   check = config.check
-  _validate(check)
   shift, same, differ = tuple(check.shift), check.same_rtol, check.differ_rtol
   key_x, key_circ, key_zero, key_fc = jax.random.split(jax.random.key(config.seed), 4)
   x = jax.random.normal(key_x, (1, *check.image_shape), jnp.float32)

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
+from cnn_caption import cli
 from cnn_caption import equivariance
 from cnn_caption.errors import UserError
 from configs import equivariance as equivariance_config
+from conftest import run_launch
 
 
 def _config(**check):
@@ -30,6 +32,20 @@ def test_statements_hold_with_measured_figures():
       assert c.difference > 0.05, c.name
   assert checks[-1].name.startswith('control')
   assert f'{circular.difference:.2e}' in circular.detail
+
+
+def test_cli_prints_pass_lines_and_exit_code(capsys):
+  assert cli.equivariance_check(_config()) == 0
+  out = capsys.readouterr().out
+  assert out.count('[PASS]') == 7 and '7 of 7 checks passed.' in out
+  assert cli.equivariance_check(_config(differ_rtol=10.0)) == 1
+  assert '[FAIL] control' in capsys.readouterr().out
+
+
+def test_launch_refuses_a_config_without_checks():
+  result = run_launch('--config=configs/classifier.py', '--mode=equivariance_check', timeout=120)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert 'configs/equivariance.py' in result.stderr
 
 
 def test_checks_fail_when_the_criterion_is_out_of_reach():
