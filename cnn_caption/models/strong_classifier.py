@@ -2,13 +2,17 @@
 
 GroupNorm instead of BatchNorm: the generic train step carries no mutable batch statistics, and
 GroupNorm needs none (train and eval compute the same function).
+
+Pooling is flax's `nn.max_pool`, not classifier.max_pool_2x2: behind GroupNorm + ReLU, the jitted gradient
+of the reshape-and-max pool came out NaN on XLA:CPU (jax 0.10.2; finite without jit and with nn.max_pool),
+presumably a fused recomputation of the window maximum that no longer equals any element, so the
+tie-splitting gradient divides 0 by 0.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_caption.models.classifier import MaxPool2x2
 
 
 class ConvBlock(nn.Module):
@@ -36,10 +40,10 @@ class StrongCNN(nn.Module):
     c1, c2, c3 = self.channels
     x = ConvBlock(c1, self.groups, name='block1a')(x_BxHxWx1)
     x = ConvBlock(c1, self.groups, name='block1b')(x)
-    x = MaxPool2x2(name='pool1')(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = ConvBlock(c2, self.groups, name='block2a')(x)
     x = ConvBlock(c2, self.groups, name='block2b')(x)
-    x = MaxPool2x2(name='pool2')(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = ConvBlock(c3, self.groups, name='block3')(x)
     feats_BxC = jnp.mean(x, axis=(1, 2))
     feats_BxC = nn.Dropout(self.dropout, deterministic=not train)(feats_BxC)

@@ -123,7 +123,8 @@ class CaptioningTask:
   def example_inputs(self) -> tuple:
     return (jnp.asarray(self.feats['train'][:1], jnp.float32), jnp.asarray(self.tokens[:1, :-1]))
 
-  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    del step  # no random augmentation
     return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32),
             'tokens': self.tokens[indices]}
 
