@@ -47,8 +47,9 @@ def test_samples_are_image_major_padded_after_eos_and_seeded(attention_dim):
     ends = np.flatnonzero(row == EOS)
     if ends.size:
       assert (row[ends[0] + 1:] == decoders.PAD_ID).all()
-  np.testing.assert_array_equal(tokens, np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(3), **kwargs)))
-  assert not np.array_equal(tokens, np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(4), **kwargs)))
+  draw = lambda seed: np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(seed), **kwargs))
+  np.testing.assert_array_equal(tokens, draw(3))
+  assert not np.array_equal(tokens, draw(4))
   # Near-zero temperature: every sample is the greedy caption of its image (rows b*K..b*K+K-1 are image b).
   cold = np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(3), temperature=1e-4, **kwargs))
   greedy, _ = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len'))(
@@ -66,8 +67,8 @@ def _log_prob(model, params, feats_bk, tokens):
 
 def test_policy_gradient_sign_on_the_decoder():
   model, params, feats = _setup(4)
-  samples = np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(5), model=model, num_samples=K, bos_id=BOS,
-                              eos_id=EOS, max_len=MAX_LEN))
+  samples = np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(5), model=model, num_samples=K,
+                              bos_id=BOS, eos_id=EOS, max_len=MAX_LEN))
   batch = {'feats': jnp.asarray(scst.repeat_images(feats, K)),
            'tokens': jnp.asarray(scst.teacher_forcing_tokens(samples, BOS)),
            'reward': jnp.zeros(IMAGES * K)}
