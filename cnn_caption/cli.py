@@ -17,6 +17,7 @@ import ml_collections
 
 from cnn_caption import attention_check as check_lib
 from cnn_caption import config_utils
+from cnn_caption import equivariance
 from cnn_caption import imagenet
 from cnn_caption import layer_tables
 from cnn_caption import plots
@@ -25,7 +26,7 @@ from cnn_caption import train as train_lib
 from cnn_caption.errors import UserError
 from cnn_caption.tasks import captioning
 
-MODES = ('train', 'summary', 'attention_check', 'imagenet_predict', 'caption')
+MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption')
 
 
 def _fail(message: str) -> None:
@@ -119,6 +120,17 @@ def attention_check(config: ml_collections.ConfigDict) -> int:
   return 1 if failed else 0
 
 
+def equivariance_check(config: ml_collections.ConfigDict) -> int:
+  """--mode=equivariance_check: question 2.1, PASS/FAIL per statement with its measured difference."""
+  print(equivariance.describe(config))
+  checks = equivariance.equivariance_checks(config)
+  for c in checks:
+    print(f'  [{"PASS" if c.passed else "FAIL"}] {c.name}: {c.detail}')
+  failed = sum(not c.passed for c in checks)
+  print(f'{len(checks) - failed} of {len(checks)} checks passed.')
+  return 1 if failed else 0
+
+
 def imagenet_predict(config: ml_collections.ConfigDict, image_paths: list[str]) -> int:
   """--mode=imagenet_predict: top-5 classes per image; a bad image gets one line and exit code 1."""
   if not image_paths:
@@ -173,6 +185,8 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
     return summary(config)
   if mode == 'attention_check':
     return attention_check(config)
+  if mode == 'equivariance_check':
+    return equivariance_check(config)
   if mode == 'imagenet_predict':
     return imagenet_predict(config, images)
   raise app.UsageError(f'--mode={mode} is not handled')

@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from cnn_caption import metrics
 from cnn_caption.errors import UserError
 
 
@@ -88,6 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'decoding.method', lambda v: v in ('greedy', 'beam'), "'greedy' or 'beam'")
   _check(config, 'decoding.beam_size', pos_int, 'a positive integer')
   _check(config, 'decoding.max_len', pos_int, 'a positive integer')
+  _check(config, 'data.augment_pad', nonneg_int, 'an integer >= 0 (0 = no random crops)')
+  _check(config, 'selection_metric', lambda v: v in metrics.VALIDATION_METRICS,
+         f'one of {", ".join(metrics.VALIDATION_METRICS)} (METEOR is computed at test only)')
   for i, lr in enumerate(_get(config, 'sweep.learning_rates') or ()):
     if not _finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')

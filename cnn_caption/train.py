@@ -168,10 +168,10 @@ class Trainer:
       self._step_fns[num_steps] = jax.jit(fn, donate_argnums=0)
     return self._step_fns[num_steps]
 
-  def _host_batches(self, order: np.ndarray, start: int, num_steps: int) -> dict[str, np.ndarray]:
+  def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int) -> dict[str, np.ndarray]:
     b = self.config.batch_size
     idx = order[start * b:(start + num_steps) * b]
-    batch = self.task.train_batch(idx)
+    batch = self.task.train_batch(idx, step)
     return {k: v.reshape(num_steps, b, *v.shape[1:]) for k, v in batch.items()}
 
   def _train_epoch(self, state: TrainState, meta: RunMeta, dropout_rng: jax.Array,
@@ -186,7 +186,7 @@ class Trainer:
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
       n = min(config.steps_per_call, self.steps_per_epoch - pos)
-      batch = parallel.shard_batch(self._host_batches(order, pos, n), self.mesh, batch_axis=1)
+      batch = parallel.shard_batch(self._host_batches(order, pos, n, step), self.mesh, batch_axis=1)
       state, metrics = self._compile(n)(state, batch, dropout_rng)
       if pending is not None:
         self._account(meta, pending)

@@ -4,6 +4,8 @@ Variants (`--config=configs/classifier.py:VARIANT`):
   (none)  the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5
   sweep   the homework's learning-rate sweep 0.001 / 0.01 / 0.1, best by validation accuracy
   smoke   a few hundred examples, 2 epochs: tests and quick checks
+  strong  beyond the homework: a GroupNorm CNN (models/strong_classifier.py, 140k parameters), random
+          crops and flips, AdamW with warmup and cosine decay, batch 128, 15 epochs
 """
 
 from ml_collections import config_dict
@@ -18,6 +20,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.data.dir = config_dict.placeholder(str)  # IDX folder; None -> /usr/share/datasets/fashion-mnist, then TFDS
   config.data.num_train = 0  # training examples used (first N of the 50,000); 0 = all
   config.data.num_eval = 0  # val and test examples used (first N); 0 = all
+  config.data.augment_pad = 0  # training only: random crops of the image zero-padded by this many pixels; 0 = off
+  config.data.augment_flip = False  # training only: mirror each image left-right with probability 1/2
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'classifier'  # cnn_caption/models registry key
@@ -60,6 +64,24 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.log_every_steps = 20
     if arg == 'smoke_sweep':
       config.sweep.learning_rates = (0.001, 0.01, 0.1)
+  elif arg == 'strong':
+    config.model = config_dict.ConfigDict()
+    config.model.name = 'strong_classifier'  # cnn_caption/models registry key
+    config.model.input_shape = (28, 28, 1)  # H, W, C of one image
+    config.model.num_classes = 10  # output classes
+    config.model.channels = (32, 64, 128)  # conv channels of the two 2-conv stages and the last conv
+    config.model.groups = 8  # GroupNorm groups
+    config.model.dropout = 0.2  # before the classifier head
+    config.data.augment_pad = 2
+    config.data.augment_flip = True
+    config.optimizer.name = 'adamw'
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.schedule = 'warmup_cosine'
+    config.optimizer.warmup_steps = 390  # about one epoch at batch 128
+    config.optimizer.grad_clip_norm = 1.0
+    config.batch_size = 128
+    config.steps_per_call = 1  # a step of 128 amortises the dispatch by itself
   elif arg not in (None, ''):
-    raise ValueError(f'unknown variant {arg!r} of configs/classifier.py; use sweep, smoke or smoke_sweep')
+    raise ValueError(f'unknown variant {arg!r} of configs/classifier.py; use sweep, smoke, smoke_sweep or strong')
   return config

@@ -59,20 +59,27 @@ def test_doubly_stochastic_term_adds_to_the_loss():
 
 def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(smoke(attention_config, shared_dirs), workdir)
+  # Selected on CIDEr-D: the task reads config.selection_metric, the trainer the task's.
+  results = train.train_and_evaluate(smoke(attention_config, shared_dirs, selection_metric='cider'), workdir)
   for name in ('metrics.jsonl', 'results.json', 'test_captions.json', 'vocab.json', 'config.json',
-               'plots/train_loss.png', 'plots/val_bleu4.png'):
+               'plots/train_loss.png', 'plots/val_bleu4.png', 'plots/val_cider.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   saved = json.loads(open(os.path.join(workdir, 'results.json')).read())
-  assert {'test_bleu1', 'test_bleu4', 'test_bleu4_sentence_mean', 'best_epoch', 'decoding', 'config'} <= set(saved)
+  assert {'test_bleu1', 'test_bleu4', 'test_bleu4_sentence_mean', 'test_rouge_l', 'test_cider', 'best_epoch',
+          'decoding', 'config'} <= set(saved)
+  assert 'test_meteor' not in saved  # the smoke config leaves METEOR (Java) out
+  assert saved['best_val_cider'] == max(r['val_cider'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')))
   assert saved['dataset'] == 'synthetic'
   history = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['epoch'] for r in history] == [1, 2]
   assert all(0.0 <= r['val_bleu4'] <= 1.0 and np.isfinite(r['train_loss']) for r in history)
+  assert all(0.0 <= r['val_rouge_l'] <= 1.0 and r['val_cider'] >= 0.0 for r in history)
   assert history[1]['train_loss'] < history[0]['train_loss']
   captions = json.loads(open(os.path.join(workdir, 'test_captions.json')).read())
   assert len(captions) == results['num_images']['test']
-  assert all(set(c) == {'image_name', 'caption'} and isinstance(c['caption'], list) for c in captions)
+  assert all(set(c) == {'image_name', 'caption', 'cider', 'rouge_l'} and isinstance(c['caption'], list)
+             for c in captions)
+  assert np.mean([c['cider'] for c in captions]) == pytest.approx(saved['test_cider'])
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
   capsys.readouterr()

@@ -48,3 +48,16 @@ def test_placeholder_fields_accept_overrides():
   config.model.attention_dim = 64  # typed placeholder: an int is accepted ...
   with pytest.raises(TypeError):
     config.model.attention_dim = 'wide'  # ... and a string is not
+
+
+def test_selection_metric_and_augmentation_fields_are_validated():
+  config_utils.validate(classifier_config.get_config('strong'))
+  config = captioner_config.get_config()
+  assert config.selection_metric == 'bleu4'  # the homework keeps BLEU-4
+  config.selection_metric = 'meteor'  # test only: not computed on val
+  with pytest.raises(UserError, match="config.selection_metric='meteor'"):
+    config_utils.validate(config)
+  config = classifier_config.get_config('strong')
+  config.data.augment_pad = -2
+  with pytest.raises(UserError, match='config.data.augment_pad=-2'):
+    config_utils.validate(config)

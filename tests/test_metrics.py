@@ -1,8 +1,10 @@
-"""BLEU: identity, a hand-checked corpus, lower-casing and empty hypotheses."""
+"""Caption metrics: BLEU, ROUGE-L and CIDEr-D against hand-worked values and pycocoevalcap; METEOR."""
 
 import math
+from unittest import mock
 import warnings
 
+import numpy as np
 import pytest
 
 from cnn_caption import metrics
@@ -82,3 +84,110 @@ def test_mismatched_or_empty_inputs():
     metrics.sentence_bleu_mean([], [])
   with pytest.raises(ValueError, match='image 1 has no reference'):
     metrics.corpus_bleu_scores([REFS[0], []], HYPS)
+
+
+# CIDEr-D by hand on a two-image corpus, one reference each: image A "a b", image B "c d".
+# Document frequencies (images whose references hold the n-gram): every n-gram is in one image, so its
+# idf is log(2) - log(1) = log 2 =: l; an n-gram in no reference also gets df max(1, 0) = 1, weight l.
+# Hypothesis A "a b b" (tf-idf vectors per order, reference in brackets):
+#   1-grams {a: l, b: 2l} [{a: l, b: l}]: clipped dot min(l,l)l + min(2l,l)l = 2l^2;
+#     norms sqrt(5) l, sqrt(2) l -> 2 / sqrt(10)
+#   2-grams {ab: l, bb: l} [{ab: l}]: l^2 / (sqrt(2) l * l) -> 1 / sqrt(2)
+#   3-grams {abb} [none]: reference norm 0 -> 0;  4-grams: none -> 0
+#   length penalty: coco counts bigrams, 2 vs 1, delta 1: exp(-1 / (2 * 6^2))
+#   score: 10 * mean over the 4 orders / 1 reference
+# Hypothesis B "c e": 1-grams {c: l, e: l} [{c: l, d: l}]: l^2 / (2 l^2) = 1/2; 2-grams {ce} vs {cd}: 0;
+#   delta 0 -> 10 * (1/2) / 4 = 1.25
+CIDER_REFS = [[['a', 'b']], [['c', 'd']]]
+CIDER_HYPS = [['a', 'b', 'b'], ['c', 'e']]
+CIDER_A = 10 * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
+CIDER_B = 1.25
+
+# ROUGE-L (coco: beta 1.2, the best precision and the best recall over references, taken separately).
+# Image 1: "a red circle on the right" vs "a red circle on the left" (LCS 5: P 5/6, R 5/6) and
+#   "there is a red circle" (LCS 3: P 3/6, R 3/5) -> P 5/6, R 5/6 -> F = 5/6.
+# Image 2: "blue blue square" vs "a blue square at the top" (LCS 2: P 2/3, R 2/6) and
+#   "there is a blue square" (LCS 2: P 2/3, R 2/5) -> P 2/3, R 2/5.
+def _rouge_f(p, r, beta=1.2):
+  return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+
+
+EXPECTED_ROUGE = (5 / 6 + _rouge_f(2 / 3, 2 / 5)) / 2
+
+
+def test_cider_d_hand_worked():
+  scorer = metrics.CiderD(CIDER_REFS)
+  np.testing.assert_allclose(scorer.scores(CIDER_REFS, CIDER_HYPS), [CIDER_A, CIDER_B], rtol=1e-12)
+  scores = metrics.coco_scores(CIDER_REFS, CIDER_HYPS, per_image=True)
+  assert scores['cider'] == pytest.approx((CIDER_A + CIDER_B) / 2, rel=1e-12)
+  np.testing.assert_allclose(scores['per_image']['cider'], [CIDER_A, CIDER_B], rtol=1e-12)
+
+
+def test_cider_d_document_frequencies_come_from_the_given_corpus():
+  # With "a" in both images' references its idf is 0: hypothesis "a" scores 0 against reference "a b";
+  # with the scored corpus alone as documents (one image: log 1 = 0 for everything) every score is 0.
+  scorer = metrics.CiderD([[['a', 'b']], [['a', 'c']]])
+  assert scorer.image_score([['a', 'b']], ['a']) == 0.0
+  assert scorer.image_score([['a', 'b']], ['b']) > 0.0
+  assert metrics.CiderD([[['a', 'b']]]).image_score([['a', 'b']], ['a', 'b']) == 0.0
+
+
+def test_rouge_l_hand_worked():
+  assert metrics.coco_scores(REFS, HYPS)['rouge_l'] == pytest.approx(EXPECTED_ROUGE, rel=1e-12)
+
+
+def test_project_bleu_and_cider_equal_pycocoevalcap():
+  from pycocoevalcap.bleu import bleu as coco_bleu  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.cider import cider as coco_cider  # pylint: disable=g-import-not-at-top
+  # Hypotheses of >= 4 words: for a shorter one nltk counts max(1, 0) 4-grams in the denominator,
+  # coco-caption 0, so their BLEU-4 differ (UCM captions are all longer).
+  refs = REFS + [['two green triangles in the center'.split(), 'green triangles'.split()],
+                 ['a small yellow circle'.split(), 'one yellow circle at the bottom'.split()]]
+  hyps = [HYPS[0], 'blue blue square here'.split(), 'two green triangles there'.split(),
+          'a yellow circle at the bottom left'.split()]
+  gts = {i: [' '.join(r) for r in rs] for i, rs in enumerate(refs)}
+  res = {i: [' '.join(h)] for i, h in enumerate(hyps)}
+  coco, _ = coco_bleu.Bleu(4).compute_score(gts, res, verbose=0)
+  ours = metrics.coco_scores(refs, hyps)
+  # pycocoevalcap adds 1e-9 / 1e-15 to its counts, hence not bit-equal.
+  np.testing.assert_allclose([ours[f'bleu{n}'] for n in range(1, 5)], coco, rtol=1e-6)
+  coco_cider_value, coco_per_image = coco_cider.Cider().compute_score(gts, res)
+  assert ours['cider'] == pytest.approx(coco_cider_value, rel=1e-12)
+  np.testing.assert_allclose(metrics.CiderD(refs).scores(refs, hyps), coco_per_image, rtol=1e-12)
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason='METEOR needs java')
+def test_meteor_orders_captions():
+  # One call (the Java process takes most of the time): two images captioned by a reference, two unrelated.
+  refs = REFS + REFS
+  hyps = [r[0] for r in REFS] + [['nothing', 'alike'], ['at', 'all']]
+  scores = metrics.coco_scores(refs, hyps, meteor=True, per_image=True)
+  good, bad = scores['per_image']['meteor'][:2], scores['per_image']['meteor'][2:]
+  assert min(good) > 0.9 and max(good) <= 1.0
+  assert min(bad) >= 0.0 and max(bad) < 0.1
+  assert min(good) > scores['meteor'] > max(bad)
+
+
+def test_meteor_without_java_is_skipped_with_one_warning(monkeypatch):
+  monkeypatch.setattr(metrics.shutil, 'which', lambda name: None)
+  with mock.patch.object(metrics.logging, 'warning') as warning:
+    scores = metrics.coco_scores(REFS, HYPS, meteor=True)
+  assert 'meteor' not in scores and 'cider' in scores
+  warning.assert_called_once()
+  assert 'java' in warning.call_args[0][0]
+
+
+def test_paired_bootstrap_ci():
+  rng = np.random.default_rng(0)
+  b = rng.normal(3.0, 1.0, size=200)
+  # A constant per-image gain: every resample has exactly that mean difference.
+  out = metrics.paired_bootstrap_ci(b + 0.25, b, num_resamples=500)
+  assert out['mean_diff'] == out['low'] == pytest.approx(0.25) and out['high'] == pytest.approx(0.25)
+  assert out['p_a_not_better'] == 0.0
+  # Noise of sd 1 per image around a 0.1 gain: the 95% interval is about 0.1 +- 1.96 / sqrt(200) = +-0.14.
+  out = metrics.paired_bootstrap_ci(b + 0.1 + rng.normal(0, 1, 200), b, num_resamples=4000)
+  assert out['low'] < out['mean_diff'] < out['high']
+  assert 0.2 < out['high'] - out['low'] < 0.36
+  assert 0.0 < out['p_a_not_better'] < 0.5
+  with pytest.raises(ValueError, match='equal-length'):
+    metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])

@@ -22,8 +22,12 @@ class Task(Protocol):
   def example_inputs(self) -> tuple:
     """Positional model inputs of batch 1, for parameter initialisation."""
 
-  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Host arrays of the training examples `indices` (leading axis = len(indices))."""
+  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    """Host arrays of the training examples `indices` (leading axis = len(indices)).
+
+    `indices` holds len(indices) // batch_size consecutive steps' examples, the first being global step
+    `step`: random augmentation seeded by (seed, step) repeats exactly on resume.
+    """
 
   def loss(self, params: Params, batch: Batch, *, apply_fn, rngs: dict, train: bool) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for one batch; traced inside the jitted train step."""

@@ -64,14 +64,15 @@ def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochasti
 
 
 class CaptioningTask:
-  """Implements tasks.base.Task: frozen-encoder features -> LSTM decoder (plain or attention), BLEU-4."""
+  """Implements tasks.base.Task: frozen-encoder features -> LSTM decoder (plain or attention), coco metrics."""
 
-  selection_metric = 'bleu4'
+  selection_metric = 'bleu4'  # overridden by config.selection_metric when the config has it
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
+    self.selection_metric = config.get('selection_metric', CaptioningTask.selection_metric)
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     data_dir = dataset_dir(config, workdir)
     self.synthetic = config.data.dir is None
@@ -122,7 +123,8 @@ class CaptioningTask:
   def example_inputs(self) -> tuple:
     return (jnp.asarray(self.feats['train'][:1], jnp.float32), jnp.asarray(self.tokens[:1, :-1]))
 
-  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    del step  # no random augmentation
     return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32),
             'tokens': self.tokens[indices]}
 
@@ -153,9 +155,11 @@ class CaptioningTask:
       out.extend(self.vocab.decode(row.tolist()) for row in tokens)
     return out
 
-  def _scores(self, split: str, hypotheses: list[list[str]]) -> dict[str, float]:
+  def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False,
+              per_image: bool = False) -> dict:
+    """BLEU-1..4, mean sentence BLEU-4, ROUGE-L, CIDEr-D (and METEOR) of the split's captions."""
     refs = self.references[split]
-    scores = metrics_lib.corpus_bleu_scores(refs, hypotheses)
+    scores = metrics_lib.coco_scores(refs, hypotheses, meteor=meteor, per_image=per_image)
     scores['bleu4_sentence_mean'] = metrics_lib.sentence_bleu_mean(refs, hypotheses)
     return scores
 
@@ -167,11 +171,12 @@ class CaptioningTask:
     io_utils.write_json(os.path.join(workdir, CONFIG_FILE), self.config.to_dict())
 
   def final_results(self, params, best_params, workdir: str) -> dict:
-    """Test BLEU of the best epoch's parameters with config.decoding.method (and greedy for reference)."""
+    """Test metrics (METEOR too) of the best epoch's parameters with config.decoding.method (and greedy)."""
     del params
     method = self.config.decoding.method
     hyps = self.decode(best_params, 'test', method)
-    scores = self._scores('test', hyps)
+    scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
+    per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
     results['decoding'] = {'method': method, 'beam_size': self.config.decoding.beam_size if method == 'beam' else 1,
                            'max_len': self.config.decoding.max_len,
@@ -182,7 +187,9 @@ class CaptioningTask:
     results['dataset'] = 'synthetic' if self.synthetic else self.config.data.dir
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
-    captions = [{'image_name': e.name, 'caption': h} for e, h in zip(self.entries['test'], hyps)]
+    # Per-image CIDEr-D and ROUGE-L: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci).
+    captions = [{'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
+                for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])]
     io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
 
@@ -194,6 +201,8 @@ class CaptioningTask:
     plots.plot_curves({'corpus BLEU-4': [r['val_bleu4'] for r in history],
                        'mean sentence BLEU-4': [r['val_bleu4_sentence_mean'] for r in history]},
                       'validation BLEU-4 (greedy)', os.path.join(plot_dir, 'val_bleu4.png'))
+    plots.plot_curves({'CIDEr-D': [r['val_cider'] for r in history]}, 'validation CIDEr-D (greedy)',
+                      os.path.join(plot_dir, 'val_cider.png'))
 
 
 def load_trained(workdir: str):

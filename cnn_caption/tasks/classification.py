@@ -14,6 +14,7 @@ import optax
 from cnn_caption import models
 from cnn_caption import parallel
 from cnn_caption import plots
+from cnn_caption.data import augment
 from cnn_caption.data import fashion_mnist
 
 
@@ -34,9 +35,17 @@ class ClassificationTask:
   def example_inputs(self) -> tuple:
     return models.example_inputs(self.config)
 
-  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
     images, labels = self.splits['train']
-    return {'image': fashion_mnist.to_float(images[indices]), 'label': labels[indices]}
+    x = images[indices]
+    pad, flip = self.config.data.get('augment_pad', 0), self.config.data.get('augment_flip', False)
+    if pad or flip:
+      # One generator per step, seeded by (seed, step): the same crops after a resume, whatever the chunking.
+      b = self.config.batch_size
+      x = np.concatenate([
+          augment.random_crop_flip(x[i:i + b], np.random.default_rng([self.config.seed, step + i // b]), pad=pad,
+                                   flip=flip) for i in range(0, len(x), b)])
+    return {'image': fashion_mnist.to_float(x), 'label': labels[indices]}
 
   @staticmethod
   def loss(params, batch, *, apply_fn, rngs, train: bool):

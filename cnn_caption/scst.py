@@ -1,0 +1,153 @@
+"""Self-critical sequence training (Rennie et al. 2017): policy gradient on the CIDEr-D of sampled captions.
+
+One SCST step, in three parts:
+  1. `sample_captions` (jitted): K captions per image sampled from the current decoder;
+  2. `SelfCriticalRewards` (host): CIDEr-D of every sample against its image's references, with document
+     frequencies from the TRAINING references, minus a baseline (the greedy caption's CIDEr-D, or the
+     mean of the image's other K-1 samples), giving one advantage per sample;
+  3. `scst_loss` (inside the generic train step): -advantage * log p(sample), teacher-forced on the
+     sampled tokens, so the same train_step that minimises cross-entropy does the policy gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cnn_caption import metrics
+from cnn_caption.models import decoders
+
+
+def sample_captions(model: decoders.CaptionDecoder, params: Any, feats_BxNxC: jax.Array, rng: jax.Array, *,
+                    num_samples: int, bos_id: int, eos_id: int, max_len: int,
+                    temperature: float = 1.0) -> jax.Array:
+  """K captions per image sampled token by token from softmax(logits / temperature).
+
+  Jit at the call site with model, num_samples, bos_id, eos_id and max_len static (temperature may be traced).
+
+  Returns:
+    tokens_BKxL int32, image-major (row b * K + k is sample k of image b), EOS kept, PAD (0) after it.
+  """
+  batch = feats_BxNxC.shape[0] * num_samples
+  cache, carry = model.apply({'params': params}, feats_BxNxC, num_samples,
+                             method=decoders.CaptionDecoder.init_state)
+  state = {
+      't': jnp.int32(0),
+      'carry': carry,
+      'last': jnp.full((batch,), bos_id, jnp.int32),
+      'done': jnp.zeros((batch,), bool),
+      'tokens': jnp.full((batch, max_len), decoders.PAD_ID, jnp.int32),
+  }
+
+  def cond(s):
+    return (s['t'] < max_len) & ~jnp.all(s['done'])
+
+  def body(s):
+    carry, logits_BxV, _ = model.apply({'params': params}, cache, s['carry'], s['last'],
+                                       method=decoders.CaptionDecoder.step)
+    token_B = jax.random.categorical(jax.random.fold_in(rng, s['t']), logits_BxV / temperature).astype(jnp.int32)
+    token_B = jnp.where(s['done'], decoders.PAD_ID, token_B)
+    return {'t': s['t'] + 1, 'carry': carry, 'last': token_B, 'done': s['done'] | (token_B == eos_id),
+            'tokens': s['tokens'].at[:, s['t']].set(token_B)}
+
+  return jax.lax.while_loop(cond, body, state)['tokens']
+
+
+def teacher_forcing_tokens(tokens_BxL: np.ndarray, bos_id: int) -> np.ndarray:
+  """[BOS, sampled tokens...]: the layout caption losses read (inputs [:, :-1], targets [:, 1:])."""
+  return np.concatenate([np.full((len(tokens_BxL), 1), bos_id, np.int32), np.asarray(tokens_BxL, np.int32)], 1)
+
+
+def advantages(rewards_BxK: np.ndarray, baseline_B: np.ndarray | None = None) -> np.ndarray:
+  """Reward minus baseline: the given per-image baseline (e.g. greedy CIDEr-D), else the mean of the other samples.
+
+  The mean-of-others baseline needs K >= 2; its advantages of one image sum to zero.
+  """
+  rewards_BxK = np.asarray(rewards_BxK, np.float64)
+  if baseline_B is not None:
+    return rewards_BxK - np.asarray(baseline_B, np.float64)[:, None]
+  k = rewards_BxK.shape[1]
+  if k < 2:
+    raise ValueError('the mean-of-others baseline needs at least 2 samples per image')
+  others_mean = (rewards_BxK.sum(axis=1, keepdims=True) - rewards_BxK) / (k - 1)
+  return rewards_BxK - others_mean
+
+
+class SelfCriticalRewards:
+  """Host side of SCST: CIDEr-D rewards with the training references' document frequencies, and advantages."""
+
+  def __init__(self, train_references: metrics.References, decode_fn):
+    """decode_fn maps one row of token ids to its words (up to EOS), e.g. Vocab.decode."""
+    self.cider = metrics.CiderD(train_references)
+    self.decode_fn = decode_fn
+
+  def __call__(self, references: metrics.References, samples_BKxL: np.ndarray,
+               greedy_BxL: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{'reward': BK, 'advantage': BK} for K samples per image (image-major rows)."""
+    num_images = len(references)
+    k = len(samples_BKxL) // num_images
+    if k * num_images != len(samples_BKxL):
+      raise ValueError(f'{len(samples_BKxL)} samples are not a multiple of {num_images} images')
+    rewards = np.array([self.cider.image_score(references[i // k], self.decode_fn(row.tolist()))
+                        for i, row in enumerate(np.asarray(samples_BKxL))]).reshape(num_images, k)
+    baseline = None
+    if greedy_BxL is not None:
+      baseline = np.array([self.cider.image_score(refs, self.decode_fn(row.tolist()))
+                           for refs, row in zip(references, np.asarray(greedy_BxL))])
+    return {'reward': rewards.reshape(-1).astype(np.float32),
+            'advantage': advantages(rewards, baseline).reshape(-1).astype(np.float32)}
+
+
+def scst_loss(params, batch, *, apply_fn, rngs, train: bool):
+  """-advantage * log p(sampled caption), per token, mean over real tokens: the SCST policy gradient.
+
+  batch: 'feats' (BK x N x C, each image's features once per sample), 'tokens' (BK x (L+1),
+  [BOS, sample..., EOS, PAD...]), 'advantage' (BK), 'reward' (BK, logged only). The advantage is a
+  constant: no gradient flows into the rewards or the baseline.
+  """
+  inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+  logits_BxTxV, _ = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train, rngs=rngs)
+  mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
+  logp_BxT = -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+  advantage_B = jax.lax.stop_gradient(batch['advantage'])
+  num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
+  loss = -(advantage_B[:, None] * logp_BxT * mask_BxT).sum() / num_tokens
+  return loss, {'num_tokens': num_tokens, 'mean_reward': batch['reward'].mean()}
+
+
+def repeat_images(values: Sequence | np.ndarray, num_samples: int) -> np.ndarray:
+  """Each image's row repeated K times, image-major, to line up with `sample_captions`' rows."""
+  return np.repeat(np.asarray(values), num_samples, axis=0)
+
+
+class OnPolicyBatcher:
+  """Turns a batch of images into an SCST batch with the CURRENT parameters (host + two jitted calls).
+
+  Called once per optimizer step, before the generic train step (so steps_per_call must be 1): samples
+  K captions per image (key folded with the step, so a resumed run draws the same samples), decodes the
+  greedy baseline if asked, scores everything with CIDEr-D on host and returns `scst_loss`'s batch.
+  """
+
+  def __init__(self, model: decoders.CaptionDecoder, rewards: SelfCriticalRewards, *, num_samples: int,
+               baseline: str, bos_id: int, eos_id: int, max_len: int, seed: int):
+    if baseline not in ('greedy', 'mean'):
+      raise ValueError(f"baseline={baseline!r}: use 'greedy' or 'mean'")
+    self.rewards, self.num_samples, self.baseline, self.bos_id = rewards, num_samples, baseline, bos_id
+    self.rng = jax.random.key(seed)
+    self._sample = jax.jit(functools.partial(sample_captions, model, num_samples=num_samples, bos_id=bos_id,
+                                             eos_id=eos_id, max_len=max_len))
+    self._greedy = jax.jit(lambda p, f: decoders.greedy_decode(model, p, f, bos_id=bos_id, eos_id=eos_id,
+                                                               max_len=max_len)[0])
+
+  def __call__(self, params, feats_BxNxC: np.ndarray, references: metrics.References,
+               step: int) -> dict[str, np.ndarray]:
+    samples = np.asarray(self._sample(params, feats_BxNxC, jax.random.fold_in(self.rng, step)))
+    greedy = np.asarray(self._greedy(params, feats_BxNxC)) if self.baseline == 'greedy' else None
+    scored = self.rewards(references, samples, greedy)
+    return {'feats': repeat_images(feats_BxNxC, self.num_samples),
+            'tokens': teacher_forcing_tokens(samples, self.bos_id), **scored}
