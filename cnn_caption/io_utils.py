@@ -11,6 +11,8 @@ from typing import Any, Callable, IO
 
 import numpy as np
 
+from cnn_caption.errors import UserError
+
 
 TMP_PREFIX = '.tmp-'
 
@@ -85,3 +87,23 @@ def remove_stale_temporaries(directory: str, max_depth: int = 2) -> list[str]:
         removed.append(os.path.join(root, name))
         dirs.remove(name)
   return removed
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir if needed; raises UserError if it is a file, cannot be created or cannot be written."""
+  if not workdir:
+    raise UserError('the workdir is empty; pass --workdir=<folder>')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a folder; pass a folder (it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create --workdir={workdir} ({e.strerror}); choose a location you can write to'
+                    ) from None
+  try:
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=TMP_PREFIX)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to'
+                    ) from None
