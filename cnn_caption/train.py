@@ -11,6 +11,7 @@ Resume order (what a restarted run does):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -27,9 +28,11 @@ import numpy as np
 
 from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import config_utils
+from cnn_caption import io_utils
 from cnn_caption import optim
 from cnn_caption import parallel
 from cnn_caption import tasks as tasks_lib
+from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
 from cnn_caption.io_utils import write_json, write_jsonl
 
@@ -101,11 +104,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   if config.get('sweep') and config.sweep.get('learning_rates'):
     raise UserError('config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
                     '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)')
-  os.makedirs(workdir, exist_ok=True)
+  io_utils.prepare_workdir(workdir)
   checkpoint_lib.quiet_library_logs()
-  mesh = mesh if mesh is not None else parallel.make_mesh()
-  task = tasks_lib.get_task(config, workdir, mesh)
-  return Trainer(config, workdir, task, mesh).run()
+  # One run per workdir; process 0 holds the lock for a multi-process run.
+  with workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    if jax.process_index() == 0:
+      for path in io_utils.remove_stale_temporaries(workdir):
+        logging.warning('removed %s, left by an interrupted save', path)
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    task = tasks_lib.get_task(config, workdir, mesh)
+    return Trainer(config, workdir, task, mesh).run()
 
 
 class Trainer:

@@ -29,9 +29,9 @@ CAPTIONER = '--config=configs/captioner.py:smoke'
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-  """launch.py's main in this process; returns (exit code, stderr)."""
+  """launch.py's main (flags parsed as cli.run_app does) in this process; returns (exit code, stderr)."""
   import launch  # pylint: disable=g-import-not-at-top
-  from cnn_caption import config_utils  # pylint: disable=g-import-not-at-top
+  from cnn_caption import cli  # pylint: disable=g-import-not-at-top
   argv = ['launch.py', *args]
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the config overrides from sys.argv
   flags.FLAGS.unparse_flags()
@@ -39,7 +39,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     delattr(flags.FLAGS, name)  # a config's override flags are defined at parse time, once per process
   capsys.readouterr()
   try:
-    launch.main(config_utils._parse_flags(argv))  # pylint: disable=protected-access
+    launch.main(cli._parse_flags(argv))  # pylint: disable=protected-access
     code = 0
   except SystemExit as e:
     code = e.code
