@@ -122,3 +122,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if data_dir is not None and not os.path.isdir(data_dir):
     raise UserError(f'config.data.dir={data_dir!r} is not a directory; '
                     'point --config.data.dir at the folder that holds the data')
+
+
+# Fields that only change what is reported, how fast, or where files are: a resume may change them.
+RESUME_SAFE_FIELDS = (
+    'log_every_steps', 'eval_batch_size', 'steps_per_call', 'early_stopping_patience', 'checkpoint', 'decoding',
+    'sweep', 'model_inputs', 'data.dir', 'data.image_dir', 'data.synthetic_dir', 'data.on_error',
+    'encoder.cache_dir', 'encoder.batch_size', 'encoder.weights')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def computation_differences(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> now' for each field that changes the trained numbers (RESUME_SAFE_FIELDS skipped)."""
+  old, new = _flatten(saved), _flatten(current)
+  diffs = []
+  for path in sorted(set(old) | set(new)):
+    if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):
+      continue
+    if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
+      continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
+    diffs.append(f'{path}: {old.get(path, "<absent>")!r} -> {new.get(path, "<absent>")!r}')
+  return diffs

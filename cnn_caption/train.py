@@ -70,6 +70,15 @@ def train_steps(state: TrainState, batches: Batch, rng: jax.Array, *, task, num_
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)
 
 
+# No healthy weight of these models comes near this; past it the run has diverged (finite but useless).
+MAX_PARAM_ABS = 1e6
+
+
+@jax.jit
+def _max_abs(params) -> jax.Array:
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(p.astype(jnp.float32))) for p in jax.tree.leaves(params)]))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The training examples' order in one epoch: a function of (seed, epoch) only."""
   return np.random.default_rng([seed, epoch]).permutation(n)
@@ -85,6 +94,7 @@ class RunMeta:
   total_loss_count: int = 0
   best_epoch: int | None = None  # by validation task.selection_metric
   best_value: float | None = None
+  config: dict | None = None  # the run's config, to refuse a resume that would change the computation
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -158,17 +168,55 @@ class Trainer:
     state = parallel.replicate(state, self.mesh)
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    meta = RunMeta()
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      logging.info('resuming from step %d (%s)', latest, self.ckpt.directory)
-      state, saved = self.ckpt.restore(latest, state)
+    meta = RunMeta(config=config.to_dict())
+    restore_step = config.checkpoint.get('restore_step')
+    steps = self.ckpt.all_steps()
+    if steps:
+      try:  # compare configs before reading any array: a changed model fails here, in one line
+        self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
+      except checkpoint_lib.DAMAGE:
+        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
+    found = self.ckpt.restore_intact(state, restore_step)
+    if found is not None:
+      step, state, saved = found
+      self._check_resume_config(saved, step)
+      logging.info('resuming from step %d (%s)', step, self.ckpt.directory)
+      newer = [s for s in self.ckpt.all_steps() if s > step]
+      if newer:
+        logging.warning('restore_step=%d: newer steps %s moved to %s', step, newer,
+                        self.ckpt.set_aside(newer, 'superseded'))
+      best = self.best_ckpt.latest_step()
+      if best is not None and best > step:
+        self.best_ckpt.set_aside([best], 'superseded')
       meta = RunMeta.from_json(saved)
+      meta.config = config.to_dict()
     else:
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     task.save_assets(self.workdir)
     write_jsonl(self.metrics_path, meta.history)
     return state, meta, dropout_rng, num_params
+
+  def _check_resume_config(self, saved: dict, step: int) -> None:
+    """UserError listing the fields that differ from the checkpoint's config in a way that changes the numbers."""
+    if not saved.get('config'):
+      return  # written before configs were saved in checkpoints
+    diffs = config_utils.computation_differences(saved['config'], self.config.to_dict())
+    if not diffs:
+      return
+    if self.config.checkpoint.get('allow_config_change'):
+      logging.warning('resuming step %d with a changed config (allowed): %s', step, '; '.join(diffs))
+      return
+    raise UserError(f'{self.ckpt.directory}/{step} was trained with another config: {"; ".join(diffs)}; '
+                    'resume with the same values, use a fresh --workdir, or pass '
+                    '--config.checkpoint.allow_config_change=True')
+
+  def _check_saveable(self, state: TrainState, step: int) -> None:
+    """Refuses to checkpoint parameters that blew up, so a resume never starts from them."""
+    largest = float(_max_abs(state.params))
+    if not np.isfinite(largest) or largest > MAX_PARAM_ABS:
+      raise UserError(f'the parameters blew up by step {step} (largest |w| = {largest:.3g}); stopped without '
+                      f'saving, so the last good checkpoint in {self.ckpt.directory} is untouched; lower '
+                      '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm')
 
   def _compile(self, num_steps: int) -> Callable:
     if num_steps not in self._step_fns:
@@ -205,6 +253,7 @@ class Trainer:
       if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
         self._account(meta, pending)
         pending = None
+        self._check_saveable(state, step)
         self.ckpt.save(step, state, meta.to_json())
       if step // config.log_every_steps > (step - n) // config.log_every_steps:
         rate = (step - steps_at_log) / max(time.time() - t_log, 1e-9)
@@ -229,6 +278,7 @@ class Trainer:
     meta.history.append(record)
     meta.epoch_loss_sum, meta.epoch_loss_count = 0.0, 0
     value = record[f'val_{task.selection_metric}']
+    self._check_saveable(state, step)
     if meta.best_value is None or value > meta.best_value:
       meta.best_epoch, meta.best_value = epoch + 1, value
       self.best_ckpt.save(step, state, {'epoch': epoch + 1, 'value': value})

@@ -321,14 +321,13 @@ def test_caption_workdir_without_config(monkeypatch, capsys, tmp_path):
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
-  from cnn_caption import io_utils  # pylint: disable=g-import-not-at-top
+  from cnn_caption import workdir_lock  # pylint: disable=g-import-not-at-top
 
-  def full(path, *args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+  def full(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)  # the lock is the first file written
 
-  monkeypatch.setattr(io_utils, 'atomic_write', full)
-  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={tmp_path}', '--config.data.num_train=16',
-                      '--config.data.num_eval=16', '--config.eval_batch_size=16')
+  monkeypatch.setattr(workdir_lock.WorkdirLock, 'acquire', full)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={tmp_path}')
   assert_one_clear_line(code, err, 'No space left on device')
 
 
