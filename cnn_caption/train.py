@@ -162,6 +162,13 @@ class Trainer:
   def _restore(self) -> tuple[TrainState, RunMeta, jax.Array, int]:
     """The initial state, or the newest checkpoint's; also the dropout key and the parameter count."""
     config, task = self.config, self.task
+    restore_step = config.checkpoint.get('restore_step')
+    steps = self.ckpt.all_steps()
+    if steps:
+      try:  # compare configs before building anything: a changed model fails here, in one line
+        self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
+      except checkpoint_lib.DAMAGE:
+        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)
     state = create_train_state(task.model, task.example_inputs(), init_rng, tx)
@@ -169,13 +176,6 @@ class Trainer:
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     meta = RunMeta(config=config.to_dict())
-    restore_step = config.checkpoint.get('restore_step')
-    steps = self.ckpt.all_steps()
-    if steps:
-      try:  # compare configs before reading any array: a changed model fails here, in one line
-        self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
-      except checkpoint_lib.DAMAGE:
-        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
     found = self.ckpt.restore_intact(state, restore_step)
     if found is not None:
       step, state, saved = found
