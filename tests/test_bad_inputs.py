@@ -113,6 +113,13 @@ CONFIG_CASES = [
     ('synthetic_images_zero', [CAPTIONER, '--config.data.synthetic_num_images=0'], 'synthetic_num_images=0'),
     ('encoder_batch_zero', [CAPTIONER, '--config.encoder.batch_size=0'], 'encoder.batch_size=0'),
     ('vocab_size_zero', [CAPTIONER, '--config.model_inputs.vocab_size=0', '--mode=summary'], 'vocab_size=0'),
+    ('model_unknown', [CLASSIFIER, '--config.model.name=nosuch', '--mode=summary'], "model.name='nosuch'"),
+    ('restore_step_negative', [CLASSIFIER, '--config.checkpoint.restore_step=-1'], 'restore_step=-1'),
+    ('imagenet_predict_classifier', [CLASSIFIER, '--mode=imagenet_predict', '--images=x.png'],
+     'no pretrained encoder'),
+    ('train_q1_config', ['--config=configs/q1_cnn.py'], 'has no config.task'),
+    ('attention_check_classifier', [CLASSIFIER, '--mode=attention_check'], "model.name='classifier'"),
+    ('mode_unknown', [CLASSIFIER, '--mode=fly'], 'fly'),
 ]
 
 
