@@ -1,10 +1,14 @@
-"""orbax checkpoints of the TrainState with a JSON metadata item."""
+"""orbax checkpoints of the TrainState with a JSON metadata item; damaged ones are detected and set aside."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -15,6 +19,7 @@ class Checkpointer:
   """orbax CheckpointManager holding the TrainState and a JSON metadata item."""
 
   def __init__(self, directory: str, max_to_keep: int):
+    _silence_closed_loop_noise()
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -49,6 +54,73 @@ class Checkpointer:
                       'trained with') from None
     return restored['state'], restored['meta']
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON metadata item alone (cheap: no arrays are read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _saved_shapes(self, step: int) -> list[tuple]:
+    """Sorted (shape, dtype) of every saved array at step, from the checkpoint's own metadata file."""
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / 'state')
+    tree = getattr(tree, 'tree', tree)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+    return sorted((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+  def set_aside(self, steps: list[int], why: str) -> str:
+    """Moves step folders out of the manager's sight into <directory>_<why>/ (kept, not deleted)."""
+    out = f'{self.directory}_{why}'
+    os.makedirs(out, exist_ok=True)
+    for step in steps:
+      dst = os.path.join(out, str(step))
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      os.replace(os.path.join(self.directory, str(step)), dst)
+    self.manager.reload()
+    return out
+
+  def restore_intact(self, target, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest intact checkpoint, or of exactly `step`; None when there is none.
+
+    A damaged checkpoint (unreadable metadata or arrays: a truncated file, a deleted folder) gets one
+    warning line and is moved to <directory>_damaged/ once an older intact one is found, so later saves
+    of that step are not blocked. UserError when every checkpoint is damaged, when `step` is damaged or
+    missing, or when the saved arrays have other shapes than target (another model, not damage).
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    if step is not None and step not in steps:
+      raise UserError(f'config.checkpoint.restore_step={step} is not in {self.directory}; saved steps: '
+                      f'{", ".join(map(str, steps))}')
+    candidates = [step] if step is not None else steps[::-1]
+    want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(target))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    damaged = []
+    for candidate in candidates:
+      try:
+        shapes = self._saved_shapes(candidate)
+        if shapes != want:
+          raise UserError(f'checkpoint {self.directory}/{candidate} holds arrays of other shapes than this '
+                          "config's model; use the config it was trained with or a fresh --workdir")
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      except DAMAGE as e:
+        reason = _first_line(e)
+        logging.warning('checkpoint %s/%d is damaged (%s); trying an older one', self.directory, candidate,
+                        reason)
+        damaged.append((candidate, reason))
+        continue
+      if damaged:
+        where = self.set_aside([s for s, _ in damaged], 'damaged')
+        logging.warning('resuming from step %d: damaged step(s) %s moved to %s', candidate,
+                        ', '.join(str(s) for s, _ in damaged), where)
+      return candidate, restored['state'], restored['meta']
+    listed = ', '.join(str(s) for s, _ in damaged)
+    raise UserError(f'no intact checkpoint in {self.directory} (damaged: step {listed}: {damaged[0][1]}); '
+                    'delete the damaged step folders to resume from an older one, or use a fresh --workdir')
+
   def restore_params(self, step: int):
     """Only the parameters, as saved (no target needed: used to caption from a workdir alone)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -56,6 +128,42 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+# What reading a damaged checkpoint raises (tensorstore errors are ValueErrors; missing items KeyErrors).
+DAMAGE = (ValueError, KeyError, OSError)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:200]
+
+
+def _is_closed_loop_noise(exc_type, exc_value) -> bool:
+  return exc_type is RuntimeError and str(exc_value) == 'Event loop is closed'
+
+
+def _silence_closed_loop_noise() -> None:
+  """Drops tensorstore's late callbacks into orbax's closed asyncio loop after a failed read.
+
+  When a restore fails (a damaged checkpoint, another model), reads still in flight finish later and
+  each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of lines). Only that exact
+  error is dropped; every other exception is reported as before.
+  """
+  if getattr(sys.excepthook, '_drops_closed_loop', False):
+    return
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc_value, tb):
+    if not _is_closed_loop_noise(exc_type, exc_value):
+      previous_hook(exc_type, exc_value, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 class _DropLibraryInfo:

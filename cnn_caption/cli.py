@@ -23,6 +23,7 @@ from cnn_caption import layer_tables
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
+from cnn_caption import errors
 from cnn_caption.errors import UserError
 from cnn_caption.tasks import captioning
 
@@ -94,6 +95,10 @@ def run_app(main) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   """--mode=train: one run, or the learning-rate sweep when config.sweep.learning_rates is set."""
+  if 'task' not in config:
+    raise UserError(f'this config (model {config.get("model", {}).get("name")!r}) has no config.task, so it '
+                    'cannot be trained; use it with --mode=summary or --mode=attention_check, or train '
+                    'configs/classifier.py or configs/captioner.py')
   if config.get('sweep') and config.sweep.get('learning_rates'):
     sweep.run_sweep(config, workdir)
   else:
@@ -132,7 +137,7 @@ def equivariance_check(config: ml_collections.ConfigDict) -> int:
 
 
 def imagenet_predict(config: ml_collections.ConfigDict, image_paths: list[str]) -> int:
-  """--mode=imagenet_predict: top-5 classes per image; a bad image gets one line and exit code 1."""
+  """--mode=imagenet_predict: top-5 classes per image; a bad image gets one stderr line and exit code 2."""
   if not image_paths:
     raise UserError('--mode=imagenet_predict needs --images=a.jpg,b.png')
   predictor = imagenet.Predictor(config)
@@ -141,15 +146,27 @@ def imagenet_predict(config: ml_collections.ConfigDict, image_paths: list[str]) 
     try:
       top5 = predictor.top5(path)
     except UserError as e:
-      print(f'{path}: cannot predict: {e}', flush=True)
+      print(f'error: {e}', file=sys.stderr, flush=True)
       failed += 1
       continue
     print(f'{path}:')
     for rank, (index, name, prob) in enumerate(top5, start=1):
       print(f'  {rank}. {index:4d} {name:<30s} {prob:.3f}')
-  if failed:
-    print(f'{failed} of {len(image_paths)} image(s) could not be read', flush=True)
-  return 1 if failed else 0
+  return 2 if failed else 0  # a bad image is bad input: the same code as a UserError
+
+
+def _attention_map_paths(workdir: str, image_paths: list[str]) -> list[str]:
+  """workdir/captions/<name>.png per image; a name seen before in this call gets -2, -3, ... (never overwritten)."""
+  out, used = [], set()
+  for path in image_paths:
+    stem = os.path.splitext(os.path.basename(path))[0] or 'image'
+    name, n = stem, 1
+    while name in used:
+      n += 1
+      name = f'{stem}-{n}'
+    used.add(name)
+    out.append(os.path.join(workdir, 'captions', name + '.png'))
+  return out
 
 
 def caption(workdir: str, image_paths: list[str]) -> int:
@@ -158,7 +175,7 @@ def caption(workdir: str, image_paths: list[str]) -> int:
     raise UserError('--images is empty: pass --images=a.jpg,b.tif')
   captioner = captioning.Captioner(workdir)
   failures = 0
-  for path in image_paths:
+  for path, out in zip(image_paths, _attention_map_paths(workdir, image_paths)):
     try:
       words, alphas = captioner.caption(path)
     except UserError as e:
@@ -167,10 +184,9 @@ def caption(workdir: str, image_paths: list[str]) -> int:
       continue
     print(f'{path}: {" ".join(words)}', flush=True)
     if alphas is not None:
-      out = os.path.join(workdir, 'captions', os.path.splitext(os.path.basename(path))[0] + '.png')
       plots.plot_attention(path, words, alphas, out)
       print(f'  attention map: {out}', flush=True)
-  return 1 if failures else 0
+  return 2 if failures else 0  # a bad image is bad input: the same code as a UserError
 
 
 def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
@@ -199,5 +215,12 @@ def main(mode: str, config, workdir: str | None, images: list[str]) -> None:
   except UserError as e:
     logging.flush()
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    message = errors.environment_error_message(e)  # a full disk, a read-only folder: not a bug
+    if message is None:
+      raise
+    logging.flush()
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
   sys.exit(code)

@@ -57,12 +57,22 @@ def _finite_pos(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+# Positive layer sizes wherever a config has them (None = a placeholder left unset, which is allowed).
+_MODEL_SIZES = ('model.num_classes', 'model.hidden_dim', 'model.embed_dim', 'model.attention_dim',
+                'model.hidden_units', 'model.features', 'model.head_dim', 'model.num_heads',
+                'model_inputs.num_regions', 'model_inputs.feature_dim', 'model_inputs.vocab_size')
+_FASHION_MNIST_SHAPE = (28, 28, 1)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first impossible field."""
   pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
   nonneg_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
   nonneg = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
   prob = lambda v: isinstance(v, (int, float)) and 0 <= v < 1
+  int_in = lambda lo, hi: (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi)
+  pos_ints = lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(pos_int(x) for x in v)
+  _check(config, 'seed', int_in(0, 2**63), 'an integer in [0, 2**63)')
   _check(config, 'num_epochs', pos_int, 'a positive integer')
   _check(config, 'batch_size', pos_int, 'a positive integer')
   _check(config, 'eval_batch_size', pos_int, 'a positive integer')
@@ -81,6 +91,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'checkpoint.max_to_keep', pos_int, 'a positive integer')
   _check(config, 'checkpoint.every_steps', nonneg_int, 'an integer >= 0 (0 = epoch ends only)')
   _check(config, 'data.num_train', nonneg_int, 'an integer >= 0 (0 = all)')
+  _check(config, 'data.num_eval', nonneg_int, 'an integer >= 0 (0 = all)')
+  _check(config, 'data.synthetic_num_images', pos_int, 'a positive integer')
+  _check(config, 'encoder.batch_size', pos_int, 'a positive integer')
+  for field in _MODEL_SIZES:
+    _check(config, field, pos_int, 'a positive integer')
+  for field in ('model.input_shape', 'model.kernel_size', 'model.strides', 'model.pool_window',
+                'model.pool_strides'):
+    _check(config, field, pos_ints, 'a tuple of positive integers')
+  _check(config, 'model.name', lambda v: isinstance(v, str) and v != '', 'a model registry name')
+  _check(config, 'decoding.length_penalty', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+         and math.isfinite(v), 'a finite number')
+  _check(config, 'checkpoint.restore_step', nonneg_int, 'an integer >= 0 (a saved step)')
+  if _get(config, 'task') == 'classification':
+    shape = tuple(_get(config, 'model.input_shape') or _FASHION_MNIST_SHAPE)
+    if shape != _FASHION_MNIST_SHAPE:
+      raise UserError(f'config.model.input_shape={shape} does not match the Fashion-MNIST images '
+                      f'{_FASHION_MNIST_SHAPE}; set --config.model.input_shape="{_FASHION_MNIST_SHAPE}"')
   _check(config, 'data.on_error', lambda v: v in ('raise', 'skip'), "'raise' or 'skip'")
   _check(config, 'data.image_size', pos_int, 'a positive integer')
   _check(config, 'data.max_caption_len', pos_int, 'a positive integer')
@@ -99,3 +126,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if data_dir is not None and not os.path.isdir(data_dir):
     raise UserError(f'config.data.dir={data_dir!r} is not a directory; '
                     'point --config.data.dir at the folder that holds the data')
+
+
+# Fields that only change what is reported, how fast, or where files are: a resume may change them.
+RESUME_SAFE_FIELDS = (
+    'log_every_steps', 'eval_batch_size', 'steps_per_call', 'early_stopping_patience', 'checkpoint', 'decoding',
+    'sweep', 'model_inputs', 'data.dir', 'data.image_dir', 'data.synthetic_dir', 'data.on_error',
+    'encoder.cache_dir', 'encoder.batch_size', 'encoder.weights')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def computation_differences(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> now' for each field that changes the trained numbers (RESUME_SAFE_FIELDS skipped)."""
+  old, new = _flatten(saved), _flatten(current)
+  diffs = []
+  for path in sorted(set(old) | set(new)):
+    if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):
+      continue
+    if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
+      continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
+    diffs.append(f'{path}: {old.get(path, "<absent>")!r} -> {new.get(path, "<absent>")!r}')
+  return diffs

@@ -5,16 +5,37 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Callable, IO
 
 import numpy as np
 
+from cnn_caption.errors import UserError
+
+
+TMP_PREFIX = '.tmp-'
+
+
+def _umask() -> int:
+  """The process umask, read without changing it where Linux allows (other threads may be creating files)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
 
 def atomic_write(path: str, write_fn: Callable[[IO], Any], binary: bool = True) -> None:
-  """Calls write_fn on a temporary file in path's folder, then renames it to path."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-')
+  """Calls write_fn on a temporary file in path's folder, then renames it to path (mode 0666 & ~umask)."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX)
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
     with (os.fdopen(fd, 'wb') if binary else os.fdopen(fd, 'w', encoding='utf-8')) as f:
       write_fn(f)
     os.replace(tmp, path)
@@ -45,3 +66,44 @@ def write_json(path: str, obj: Any) -> None:
 def write_jsonl(path: str, records: list[dict]) -> None:
   text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
   atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def remove_stale_temporaries(directory: str, max_depth: int = 2) -> list[str]:
+  """Removes `.tmp-*` files and orbax `*.orbax-checkpoint-tmp*` folders left by a killed save; returns them."""
+  removed = []
+  if not os.path.isdir(directory):
+    return removed
+  base_depth = directory.rstrip(os.sep).count(os.sep)
+  for root, dirs, files in os.walk(directory):
+    if root.count(os.sep) - base_depth >= max_depth:
+      dirs[:] = []
+    for name in files:
+      if name.startswith(TMP_PREFIX):
+        os.remove(os.path.join(root, name))
+        removed.append(os.path.join(root, name))
+    for name in list(dirs):
+      if '.orbax-checkpoint-tmp' in name:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(os.path.join(root, name))
+        dirs.remove(name)
+  return removed
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir if needed; raises UserError if it is a file, cannot be created or cannot be written."""
+  if not workdir:
+    raise UserError('the workdir is empty; pass --workdir=<folder>')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a folder; pass a folder (it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create --workdir={workdir} ({e.strerror}); choose a location you can write to'
+                    ) from None
+  try:
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=TMP_PREFIX)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to'
+                    ) from None

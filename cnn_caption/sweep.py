@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue as queue_lib
+import signal
+import time
 
 from absl import logging
 import ml_collections
 
+from cnn_caption import config_utils
 from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import train
+from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
+
+
+POLL_S = 1.0  # how often the parent looks for members that died without reporting
+STOP_GRACE_S = 20.0  # SIGTERM -> SIGKILL for the other members once one has failed
 
 
 def run_dir(workdir: str, lr: float) -> str:
@@ -47,7 +56,8 @@ def _num_cores() -> int:
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
-  os.makedirs(workdir, exist_ok=True)
+  config_utils.validate(config)
+  io_utils.prepare_workdir(workdir)
   rates = list(config.sweep.learning_rates)
   if len(set(rates)) != len(rates):
     raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
@@ -56,27 +66,82 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for lr in rates:
     if lr not in todo:
       logging.info('sweep: lr %g already finished in %s', lr, run_dir(workdir, lr))
+  with workdir_lock.WorkdirLock(workdir):
+    _run_members(config, workdir, todo, parallel)
+    return _summarise(config, workdir, rates)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+  """How a member process ended without reporting, in words."""
+  if exitcode is not None and exitcode < 0:
+    try:
+      name = signal.Signals(-exitcode).name
+    except ValueError:
+      name = f'signal {-exitcode}'
+    return f'was killed by {name}' + (' (as the out-of-memory killer does)' if name == 'SIGKILL' else '')
+  return f'exited with code {exitcode} without reporting a result'
+
+
+def _stop(running: dict[str, multiprocessing.Process], grace_s: float = STOP_GRACE_S) -> None:
+  """SIGTERM to the members still running (they save a checkpoint and exit), SIGKILL after grace_s."""
+  for proc in running.values():
+    if proc.is_alive():
+      proc.terminate()
+  deadline = time.time() + grace_s
+  for proc in running.values():
+    proc.join(max(0.0, deadline - time.time()))
+    if proc.is_alive():
+      proc.kill()
+      proc.join()
+
+
+def _run_members(config: ml_collections.ConfigDict, workdir: str, todo: list[float], parallel: int) -> None:
+  """Runs the members side by side; a member that fails or dies stops the sweep (UserError naming it)."""
   ctx = multiprocessing.get_context('spawn')  # fresh interpreters: jax is not fork-safe
   queue = ctx.Queue()
   running: dict[str, multiprocessing.Process] = {}
   errors = []
-  while todo or running:
-    while todo and len(running) < parallel:
-      lr = todo.pop(0)
-      member_dir = run_dir(workdir, lr)
-      proc = ctx.Process(target=_child, args=(single_run_config(config, lr).to_json(), member_dir, queue))
-      proc.start()
-      running[member_dir] = proc
-      logging.info('sweep: lr %g started in %s', lr, member_dir)
-    done_dir, error = queue.get()
+
+  def handle(done_dir: str, error: str | None) -> None:
     running.pop(done_dir).join()
     if error:
       errors.append(f'{done_dir}: {error}')
       logging.error('sweep: %s failed: %s', done_dir, error)
     else:
       logging.info('sweep: %s finished', done_dir)
+
+  while (todo and not errors) or running:
+    while todo and not errors and len(running) < parallel:
+      lr = todo.pop(0)
+      member_dir = run_dir(workdir, lr)
+      proc = ctx.Process(target=_child, args=(single_run_config(config, lr).to_json(), member_dir, queue))
+      proc.start()
+      running[member_dir] = proc
+      logging.info('sweep: lr %g started in %s', lr, member_dir)
+    try:
+      handle(*queue.get(timeout=POLL_S))
+    except queue_lib.Empty:
+      # A member killed from outside (SIGKILL, the OOM killer) never reports: look for dead ones.
+      dead = [d for d, p in running.items() if not p.is_alive()]
+      while dead:
+        try:  # a member that reported just before exiting: take its report first
+          handle(*queue.get_nowait())
+        except queue_lib.Empty:
+          break
+        dead = [d for d in dead if d in running]
+      for member_dir in dead:
+        handle(member_dir, f'the member process {_exit_reason(running[member_dir].exitcode)}')
+    if errors and running:
+      logging.error('sweep: stopping the other members (they save a checkpoint first)')
+      _stop(running)
+      running.clear()
   if errors:
-    raise UserError('sweep member failed: ' + ' | '.join(e.splitlines()[0] for e in errors))
+    raise UserError('sweep member failed: ' + ' | '.join(e.splitlines()[0] for e in errors)
+                    + '; rerun the same command to resume the unfinished members')
+
+
+def _summarise(config: ml_collections.ConfigDict, workdir: str, rates: list[float]) -> dict:
+  """Best member by final validation accuracy, plots and results.json."""
 
   runs = []
   histories = {}

@@ -11,6 +11,7 @@ Resume order (what a restarted run does):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -27,9 +28,11 @@ import numpy as np
 
 from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import config_utils
+from cnn_caption import io_utils
 from cnn_caption import optim
 from cnn_caption import parallel
 from cnn_caption import tasks as tasks_lib
+from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
 from cnn_caption.io_utils import write_json, write_jsonl
 
@@ -67,6 +70,15 @@ def train_steps(state: TrainState, batches: Batch, rng: jax.Array, *, task, num_
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)
 
 
+# No healthy weight of these models comes near this; past it the run has diverged (finite but useless).
+MAX_PARAM_ABS = 1e6
+
+
+@jax.jit
+def _max_abs(params) -> jax.Array:
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(p.astype(jnp.float32))) for p in jax.tree.leaves(params)]))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The training examples' order in one epoch: a function of (seed, epoch) only."""
   return np.random.default_rng([seed, epoch]).permutation(n)
@@ -82,6 +94,7 @@ class RunMeta:
   total_loss_count: int = 0
   best_epoch: int | None = None  # by validation task.selection_metric
   best_value: float | None = None
+  config: dict | None = None  # the run's config, to refuse a resume that would change the computation
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -101,11 +114,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   if config.get('sweep') and config.sweep.get('learning_rates'):
     raise UserError('config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
                     '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)')
-  os.makedirs(workdir, exist_ok=True)
+  io_utils.prepare_workdir(workdir)
   checkpoint_lib.quiet_library_logs()
-  mesh = mesh if mesh is not None else parallel.make_mesh()
-  task = tasks_lib.get_task(config, workdir, mesh)
-  return Trainer(config, workdir, task, mesh).run()
+  # One run per workdir; process 0 holds the lock for a multi-process run.
+  with workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    if jax.process_index() == 0:
+      for path in io_utils.remove_stale_temporaries(workdir):
+        logging.warning('removed %s, left by an interrupted save', path)
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    task = tasks_lib.get_task(config, workdir, mesh)
+    return Trainer(config, workdir, task, mesh).run()
 
 
 class Trainer:
@@ -144,23 +162,61 @@ class Trainer:
   def _restore(self) -> tuple[TrainState, RunMeta, jax.Array, int]:
     """The initial state, or the newest checkpoint's; also the dropout key and the parameter count."""
     config, task = self.config, self.task
+    restore_step = config.checkpoint.get('restore_step')
+    steps = self.ckpt.all_steps()
+    if steps:
+      try:  # compare configs before building anything: a changed model fails here, in one line
+        self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
+      except checkpoint_lib.DAMAGE:
+        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)
     state = create_train_state(task.model, task.example_inputs(), init_rng, tx)
     state = parallel.replicate(state, self.mesh)
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    meta = RunMeta()
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      logging.info('resuming from step %d (%s)', latest, self.ckpt.directory)
-      state, saved = self.ckpt.restore(latest, state)
+    meta = RunMeta(config=config.to_dict())
+    found = self.ckpt.restore_intact(state, restore_step)
+    if found is not None:
+      step, state, saved = found
+      self._check_resume_config(saved, step)
+      logging.info('resuming from step %d (%s)', step, self.ckpt.directory)
+      newer = [s for s in self.ckpt.all_steps() if s > step]
+      if newer:
+        logging.warning('restore_step=%d: newer steps %s moved to %s', step, newer,
+                        self.ckpt.set_aside(newer, 'superseded'))
+      best = self.best_ckpt.latest_step()
+      if best is not None and best > step:
+        self.best_ckpt.set_aside([best], 'superseded')
       meta = RunMeta.from_json(saved)
+      meta.config = config.to_dict()
     else:
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     task.save_assets(self.workdir)
     write_jsonl(self.metrics_path, meta.history)
     return state, meta, dropout_rng, num_params
+
+  def _check_resume_config(self, saved: dict, step: int) -> None:
+    """UserError listing the fields that differ from the checkpoint's config in a way that changes the numbers."""
+    if not saved.get('config'):
+      return  # written before configs were saved in checkpoints
+    diffs = config_utils.computation_differences(saved['config'], self.config.to_dict())
+    if not diffs:
+      return
+    if self.config.checkpoint.get('allow_config_change'):
+      logging.warning('resuming step %d with a changed config (allowed): %s', step, '; '.join(diffs))
+      return
+    raise UserError(f'{self.ckpt.directory}/{step} was trained with another config: {"; ".join(diffs)}; '
+                    'resume with the same values, use a fresh --workdir, or pass '
+                    '--config.checkpoint.allow_config_change=True')
+
+  def _check_saveable(self, state: TrainState, step: int) -> None:
+    """Refuses to checkpoint parameters that blew up, so a resume never starts from them."""
+    largest = float(_max_abs(state.params))
+    if not np.isfinite(largest) or largest > MAX_PARAM_ABS:
+      raise UserError(f'the parameters blew up by step {step} (largest |w| = {largest:.3g}); stopped without '
+                      f'saving, so the last good checkpoint in {self.ckpt.directory} is untouched; lower '
+                      '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm')
 
   def _compile(self, num_steps: int) -> Callable:
     if num_steps not in self._step_fns:
@@ -197,6 +253,7 @@ class Trainer:
       if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
         self._account(meta, pending)
         pending = None
+        self._check_saveable(state, step)
         self.ckpt.save(step, state, meta.to_json())
       if step // config.log_every_steps > (step - n) // config.log_every_steps:
         rate = (step - steps_at_log) / max(time.time() - t_log, 1e-9)
@@ -221,6 +278,7 @@ class Trainer:
     meta.history.append(record)
     meta.epoch_loss_sum, meta.epoch_loss_count = 0.0, 0
     value = record[f'val_{task.selection_metric}']
+    self._check_saveable(state, step)
     if meta.best_value is None or value > meta.best_value:
       meta.best_epoch, meta.best_value = epoch + 1, value
       self.best_ckpt.save(step, state, {'epoch': epoch + 1, 'value': value})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -27,6 +28,8 @@ import numpy as np
 
 from cnn_caption.errors import UserError
 
+# No single tensor of the supported encoders comes near this; a file claiming more is refused before allocating.
+MAX_TENSOR_BYTES = 4 * 2**30
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
 
@@ -83,6 +86,15 @@ class _LazyTensor:
     size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
     if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride):
       raise pickle.UnpicklingError(f'bad tensor geometry size={size} stride={stride}')
+    if not all(isinstance(n, int) for n in size + stride):
+      raise pickle.UnpicklingError(f'bad tensor geometry size={size} stride={stride}')
+    numel = math.prod(size)
+    if numel * flat.itemsize > MAX_TENSOR_BYTES:
+      raise pickle.UnpicklingError(f'tensor of size {size} would need {numel * flat.itemsize / 2**30:.1f} GiB, '
+                                   f'over the {MAX_TENSOR_BYTES / 2**30:.0f} GiB limit')
+    if numel > flat.size:  # only stride-0 (expanded) views can claim more elements than they store
+      raise pickle.UnpicklingError(f'tensor of size {size} claims {numel} elements from a storage of '
+                                   f'{flat.size} (stride {stride})')
     if 0 in size:
       return np.zeros(size, flat.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -205,7 +217,7 @@ def _read_legacy(f, path: str):
       raise pickle.UnpicklingError(f'file ends before storage {key}')
     (numel,) = struct.unpack('<q', header)
     nbytes = numel * storage.dtype.itemsize
-    if numel < 0 or nbytes > file_size - f.tell():
+    if numel < 0 or nbytes > file_size - f.tell() or nbytes > MAX_TENSOR_BYTES:
       raise pickle.UnpicklingError(f'file ends inside storage {key}')
     raw = f.read(nbytes)
     if len(raw) != nbytes:
@@ -230,6 +242,12 @@ def _read_zip(path: str):
       record = f'{prefix}data/{key}'
       if record not in names:
         raise pickle.UnpicklingError(f'record {record} missing')
+      claimed = archive.getinfo(record).file_size
+      if storage.numel < 0 or claimed > MAX_TENSOR_BYTES:
+        raise pickle.UnpicklingError(f'record {record} claims {claimed} bytes, over the '
+                                     f'{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit')
+      if claimed < storage.numel * storage.dtype.itemsize:
+        raise pickle.UnpicklingError(f'record {record} is shorter than its storage')
       raw = archive.read(record)
       if len(raw) < storage.numel * storage.dtype.itemsize:
         raise pickle.UnpicklingError(f'record {record} is shorter than its storage')

@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
   config.checkpoint.every_steps = 0  # extra saves within an epoch; 0 = epoch ends only
+  config.checkpoint.restore_step = config_dict.placeholder(int)  # resume from this saved step; None = newest
+  config.checkpoint.allow_config_change = False  # resume even if the saved config differs in the computation
   config.log_every_steps = 1000  # progress line cadence
 
   config.sweep = config_dict.ConfigDict()

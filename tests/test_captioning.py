@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +84,16 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
   capsys.readouterr()
-  code = cli.caption(workdir, [image, str(tmp_path / 'missing.jpg')])
+  same_name = tmp_path / 'other' / '0.png'  # another image with the same file name
+  same_name.parent.mkdir()
+  shutil.copy(image, same_name)
+  code = cli.caption(workdir, [image, str(tmp_path / 'missing.jpg'), str(same_name)])
   out, err = capsys.readouterr()
-  assert code == 1  # one image failed: non-zero at the end, the other still captioned
+  assert code == 2  # one image failed (bad input): exit 2 at the end, the others still captioned
   assert out.startswith(f'{image}: ')
-  assert 'missing.jpg' in err
-  assert os.path.exists(os.path.join(workdir, 'captions', '0.png'))
+  assert err.count('\n') == 1 and 'missing.jpg' in err
+  maps = [os.path.join(workdir, 'captions', n) for n in ('0.png', '0-2.png')]
+  assert all(os.path.exists(m) for m in maps) and f'attention map: {maps[1]}' in out
 
 
 def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):

@@ -212,6 +212,6 @@ def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   probs = [float(line.split()[-1]) for line in lines[1:]]
   assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
   missing = str(tmp_path / 'missing.jpg')
-  assert cli.imagenet_predict(config, [missing, good]) == 1
-  out = capsys.readouterr().out
-  assert f'{missing}: cannot predict' in out and f'{good}:' in out
+  assert cli.imagenet_predict(config, [missing, good]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith('error: ') and missing in captured.err and f'{good}:' in captured.out

@@ -92,6 +92,9 @@ def _entry(item: Any, i: int, dataset_dir: str, image_dir: str) -> ImageEntry:
     path = os.path.join(image_dir, filename)
   if not os.path.exists(path):
     raise _BadEntry(f'{where} image file {path} not found (fix "filepath"/"filename" or image_dir)')
+  if not os.path.isfile(path):
+    raise _BadEntry(f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
+                    'not an image file (fix "filepath"/"filename")')
   return ImageEntry(name=filename, path=path, split=split, captions=captions)
 
 
@@ -121,6 +124,8 @@ def load_karpathy(dataset_dir: str, image_dir: str | None = None,
     raise UserError(f'{dataset_dir}: data directory not found; '
                     'point config.data.dir at a folder holding a Karpathy-style dataset.json')
   json_path = os.path.join(dataset_dir, 'dataset.json')
+  if os.path.isdir(json_path):
+    raise UserError(f'{json_path}: is a directory; the data directory must hold a Karpathy-style dataset.json file')
   if not os.path.isfile(json_path):
     raise UserError(f'{json_path}: not found; the data directory must hold a Karpathy-style dataset.json')
   if image_dir is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 
 from absl import logging
@@ -25,8 +26,10 @@ _INSTALL_HINT = ('install it with `apt-get install dataset-fashion-mnist` (IDX f
                  f'{SYSTEM_DIR}), or pass --config.data.dir=<folder with the four IDX files>')
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads one IDX file (optionally gzipped) into a uint8 array."""
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
+  """Reads one IDX file (optionally gzipped) into a uint8 array; ndim, if given, is the required rank."""
+  if os.path.isdir(path):
+    raise UserError(f'IDX file {path} is a directory; {_INSTALL_HINT}')
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
@@ -35,10 +38,15 @@ def read_idx(path: str) -> np.ndarray:
     raise UserError(f'cannot read IDX file {path}: {e}; re-install the data ({_INSTALL_HINT})') from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise UserError(f'{path} is not a uint8 IDX file (bad magic number); {_INSTALL_HINT}')
-  ndim = data[3]
-  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-  offset = 4 + 4 * ndim
-  expected = int(np.prod(dims))
+  file_ndim = data[3]
+  if ndim is not None and file_ndim != ndim:
+    raise UserError(f'{path} has {file_ndim} dimensions, expected {ndim} '
+                    f'({"images x rows x columns" if ndim == 3 else "one label per image"}); {_INSTALL_HINT}')
+  offset = 4 + 4 * file_ndim
+  if len(data) < offset:
+    raise UserError(f'{path} is truncated: the header ends early; {_INSTALL_HINT}')
+  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(file_ndim))
+  expected = math.prod(dims)
   if len(data) - offset != expected:
     raise UserError(f'{path} is truncated or corrupt: {len(data) - offset} bytes of data, expected '
                     f'{expected}; {_INSTALL_HINT}')
@@ -60,7 +68,26 @@ def _load_idx_dir(directory: str) -> dict[str, np.ndarray] | None:
   missing = [_FILES[k] + '.gz' for k, p in paths.items() if p is None]
   if missing:
     raise UserError(f'{directory} lacks {", ".join(missing)}; {_INSTALL_HINT}')
-  return {k: read_idx(p) for k, p in paths.items()}
+  return {k: read_idx(p, 1 if k.endswith('labels') else 3) for k, p in paths.items()}
+
+
+def check_arrays(arrays: dict[str, np.ndarray], source: str, num_classes: int = len(CLASS_NAMES)) -> None:
+  """Raises UserError when images and labels disagree: counts, 28x28 images, labels in [0, num_classes)."""
+  for split in ('train', 'test'):
+    images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+      raise UserError(f'{source}: the {split} images have shape {images.shape}, expected (N, 28, 28); '
+                      + _INSTALL_HINT)
+    if labels.shape != (images.shape[0],):
+      raise UserError(f'{source}: {labels.shape[0] if labels.ndim else 0} {split} labels for '
+                      f'{images.shape[0]} {split} images; the labels and images files must match '
+                      f'({_INSTALL_HINT})')
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size:
+      fix = (f'the labels file is corrupt; {_INSTALL_HINT}' if num_classes >= len(CLASS_NAMES) else
+             f'set --config.model.num_classes={len(CLASS_NAMES)} (Fashion-MNIST has {len(CLASS_NAMES)} classes)')
+      raise UserError(f'{source}: {bad.size} {split} labels are outside 0..{num_classes - 1} (first: '
+                      f'label {int(labels[bad[0]])} at index {int(bad[0])}); {fix}')
 
 
 def _load_tfds() -> dict[str, np.ndarray] | None:
@@ -88,8 +115,14 @@ def _load_tfds() -> dict[str, np.ndarray] | None:
   return arrays
 
 
-def load_raw(data_dir: str | None = None) -> dict[str, np.ndarray]:
-  """uint8 train/test images (N, 28, 28) and labels, from data_dir, the system dir, or TFDS."""
+def load_raw(data_dir: str | None = None, num_classes: int = len(CLASS_NAMES)) -> dict[str, np.ndarray]:
+  """uint8 train/test images (N, 28, 28) and labels, from data_dir, the system dir, or TFDS; checked."""
+  arrays, source = _load_raw(data_dir)
+  check_arrays(arrays, source, num_classes)
+  return arrays
+
+
+def _load_raw(data_dir: str | None) -> tuple[dict[str, np.ndarray], str]:
   if data_dir is not None:
     if not os.path.isdir(data_dir):
       raise UserError(f'config.data.dir={data_dir!r} does not exist; {_INSTALL_HINT}')
@@ -97,18 +130,18 @@ def load_raw(data_dir: str | None = None) -> dict[str, np.ndarray]:
     if arrays is None:
       raise UserError(f'no Fashion-MNIST IDX files in config.data.dir={data_dir!r}; {_INSTALL_HINT}')
     logging.info('Fashion-MNIST from %s', data_dir)
-    return arrays
+    return arrays, data_dir
   if os.path.isdir(SYSTEM_DIR):
     arrays = _load_idx_dir(SYSTEM_DIR)
     if arrays is not None:
       logging.info('Fashion-MNIST from %s', SYSTEM_DIR)
-      return arrays
+      return arrays, SYSTEM_DIR
   arrays = _load_tfds()
   if arrays is None:
     raise UserError(f'Fashion-MNIST not found in {SYSTEM_DIR} and tensorflow-datasets is not installed; '
                     + _INSTALL_HINT)
   logging.info('Fashion-MNIST from TFDS')
-  return arrays
+  return arrays, 'TFDS fashion_mnist'
 
 
 def split_indices(num_train_file: int = 60_000) -> tuple[np.ndarray, np.ndarray]:
@@ -122,13 +155,15 @@ def to_float(images_u8: np.ndarray) -> np.ndarray:
   return images_u8.astype(np.float32) / 256.0
 
 
-def load_splits(data_dir: str | None = None, num_train: int = 0, num_eval: int = 0
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_splits(data_dir: str | None = None, num_train: int = 0, num_eval: int = 0,
+                num_classes: int = len(CLASS_NAMES)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train', 'val', 'test'} -> (images uint8 (N, 28, 28, 1), labels int32); num_* > 0 truncates.
 
-  Pixels stay uint8 here; `to_float` scales a batch.
+  Pixels stay uint8 here; `to_float` scales a batch. Labels must lie in [0, num_classes).
   """
-  raw = load_raw(data_dir)
+  if num_train < 0 or num_eval < 0:
+    raise UserError(f'num_train={num_train} and num_eval={num_eval} must be >= 0 (0 = all)')
+  raw = load_raw(data_dir, num_classes)
   if raw['train_images'].shape[0] != 60_000:
     raise UserError(f'the Fashion-MNIST training file has {raw["train_images"].shape[0]} images, '
                     f'expected 60000; {_INSTALL_HINT}')

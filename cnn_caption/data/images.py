@@ -45,6 +45,22 @@ def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image, dtype=np.float32)
 
 
+def _check_image_path(path: str) -> None:
+  """Raises UserError saying what path is when it is not a readable regular file."""
+  if not os.path.lexists(path):
+    raise UserError(f'image {path} does not exist; check the path')
+  if not os.path.exists(path):
+    raise UserError(f'image {path} is a broken symbolic link; point it at an image file')
+  if os.path.isdir(path):
+    raise UserError(f'image {path} is a directory, not an image file; pass the image files inside it')
+  if not os.path.isfile(path):
+    raise UserError(f'image {path} is not a regular file (a device, pipe or socket); pass an image file')
+  if os.path.getsize(path) == 0:
+    raise UserError(f'image {path} is empty (0 bytes); replace or remove it')
+  if not os.access(path, os.R_OK):
+    raise UserError(f'image {path} is not readable (permission denied); fix its permissions')
+
+
 def load_image(path: str, size: int, normalization: str = 'efficientnet_lite0') -> np.ndarray:
   """Reads an image file into the encoder's input format.
 
@@ -62,8 +78,7 @@ def load_image(path: str, size: int, normalization: str = 'efficientnet_lite0') 
   if normalization not in NORMALIZATION:
     raise UserError(f'no input normalisation for encoder {normalization!r}; '
                     f'choose one of {sorted(NORMALIZATION)}')
-  if not os.path.isfile(path):
-    raise UserError(f'image {path} does not exist')
+  _check_image_path(path)
   try:
     with Image.open(path) as image:
       image.load()  # decode fully now: a truncated file fails here, not later

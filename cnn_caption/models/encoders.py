@@ -362,5 +362,8 @@ def load_encoder(name: str, weights_path: str | None) -> tuple[nn.Module, Variab
                     f'--config.encoder.weights=/path/to/{name}.pth {hint}')
   state = weights_lib.load_torch_state_dict(weights_path)
   convert = efficientnet_lite0_variables if name == 'efficientnet_lite0' else resnet18_variables
-  variables = jax.tree.map(jnp.asarray, convert(state))
+  try:
+    variables = jax.tree.map(jnp.asarray, convert(state))
+  except UserError as e:
+    raise UserError(f'{weights_path}: {e} (config.encoder.name={name!r})') from None
   return create_encoder(name), variables

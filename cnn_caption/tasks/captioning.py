@@ -210,8 +210,15 @@ def load_trained(workdir: str):
   config_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise UserError(f'{config_path} not found: --workdir must be a captioning training workdir')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict) or 'encoder' not in saved or 'model' not in saved:
+      raise ValueError('not a captioning config (no "encoder" or "model" group)')
+  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise UserError(f'{config_path} is not a readable captioning config ({str(e).splitlines()[0]}); '
+                    'it is written by --mode=train: retrain or restore the file') from None
+  config = ml_collections.ConfigDict(saved)
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, VOCAB_FILE))
   model = models.create_model(config, vocab_size=len(vocab))
   for sub in ('checkpoints_best', 'checkpoints'):

@@ -26,7 +26,8 @@ class ClassificationTask:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     del workdir
     self.config, self.mesh = config, mesh
-    self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval)
+    self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval,
+                                              config.model.num_classes)
     self.model = models.create_model(config)
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')

@@ -1,0 +1,214 @@
+"""Faults: damaged checkpoints, config changes on resume, restore_step, the workdir lock, leftovers, file modes,
+a sweep member killed. One small classifier run is shared by the module; each test works on a copy."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_caption import checkpoint
+from cnn_caption import train
+from cnn_caption.errors import UserError
+from configs import classifier as classifier_config
+from conftest import ROOT, needs_fmnist
+from test_bad_inputs import CLASSIFIER, assert_one_clear_line, run_cli, snapshot
+
+pytestmark = needs_fmnist
+SMALL = ['--config.data.num_train=64', '--config.data.num_eval=32', '--config.eval_batch_size=32']
+
+
+def small_config(**fields):
+  config = classifier_config.get_config('smoke')
+  config.data.num_train, config.data.num_eval, config.eval_batch_size = 64, 32, 32
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def params_at(workdir, step, sub='checkpoints'):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, sub), 3)
+  try:
+    return ckpt.restore_params(step)
+  finally:
+    ckpt.close()
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """A finished 2-epoch run (checkpoints at steps 8 and 16), written under umask 022."""
+  workdir = str(tmp_path_factory.mktemp('base') / 'run')
+  old = os.umask(0o022)
+  try:
+    train.train_and_evaluate(small_config(), workdir)
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['16', '8']
+  return workdir
+
+
+def copy_of(base, tmp_path):
+  out = str(tmp_path / 'run')
+  shutil.copytree(base, out)
+  return out
+
+
+def damage(workdir, step, kind):
+  state = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  if kind == 'truncated':
+    files = glob.glob(os.path.join(state, '**', 'd', '*'), recursive=True)
+    assert files
+    for f in files:
+      os.truncate(f, os.path.getsize(f) // 2)
+  elif kind == 'ocdbt_deleted':
+    for d in glob.glob(os.path.join(state, 'ocdbt.process_*')) + [os.path.join(state, 'd')]:
+      shutil.rmtree(d)
+  elif kind == 'metadata_deleted':
+    os.remove(os.path.join(state, '_METADATA'))
+
+
+def test_files_follow_the_umask(base):
+  for name in ('results.json', 'metrics.jsonl', 'plots/train_loss.png'):
+    assert stat.S_IMODE(os.stat(os.path.join(base, name)).st_mode) == 0o644, name
+  for path in glob.glob(os.path.join(base, 'checkpoints', '16', '**', '*'), recursive=True):
+    assert os.stat(path).st_mode & stat.S_IROTH, path  # another user can read the checkpoint (to caption)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path, caplog):
+  workdir = copy_of(base, tmp_path)
+  damage(workdir, 16, 'truncated')
+  # Leftovers of a killed save are removed on the next start.
+  open(os.path.join(workdir, '.tmp-abc'), 'w').close()
+  os.makedirs(os.path.join(workdir, 'checkpoints', '24.orbax-checkpoint-tmp-1'))
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(small_config(log_every_steps=3), workdir)  # a reporting-only change is fine
+  assert 'checkpoints/16 is damaged' in caplog.text
+  assert not os.path.exists(os.path.join(workdir, '.tmp-abc'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['16', '8']
+  assert os.listdir(os.path.join(workdir, 'checkpoints_damaged')) == ['16']
+  assert_same(params_at(workdir, 16), params_at(base, 16))  # retrained from step 8: the same numbers
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'ocdbt_deleted', 'metadata_deleted'])
+def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, kind):
+  workdir = copy_of(base, tmp_path)
+  for step in (8, 16):
+    damage(workdir, step, kind)
+  before = snapshot(workdir)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+  assert_one_clear_line(code, err, 'no intact checkpoint')
+  assert 'Event loop is closed' not in err
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('args, fields', [
+    (['--config.batch_size=16'], 'batch_size: 8 -> 16'),
+    (['--config.seed=1', '--config.optimizer.name=adam'], "optimizer.name: 'sgd' -> 'adam'; seed: 0 -> 1"),
+    (['--config.model.num_classes=12'], 'model.num_classes: 10 -> 12'),
+])
+def test_resume_with_another_config_lists_the_fields(base, tmp_path, monkeypatch, capsys, args, fields):
+  workdir = copy_of(base, tmp_path)
+  before = snapshot(workdir)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL, *args)
+  assert_one_clear_line(code, err, fields)
+  assert 'allow_config_change=True' in err
+  assert snapshot(workdir) == before
+
+
+def test_changed_model_allowed_still_stops_in_one_line(base, tmp_path, monkeypatch, capsys):
+  workdir = copy_of(base, tmp_path)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL,
+                      '--config.model.num_classes=12', '--config.checkpoint.allow_config_change=True')
+  assert_one_clear_line(code, err, 'holds arrays of other shapes')
+  assert 'Event loop is closed' not in err
+
+
+def test_restore_step_resumes_from_an_older_step(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  with pytest.raises(UserError, match='restore_step=5 is not in .*saved steps: 8, 16'):
+    train.train_and_evaluate(small_config(**{'checkpoint.restore_step': 5}), workdir)
+  train.train_and_evaluate(small_config(**{'checkpoint.restore_step': 8}), workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints_superseded')) == ['16']
+  assert_same(params_at(workdir, 16), params_at(base, 16))
+  assert [r['epoch'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))] == [1, 2]
+
+
+def test_blown_up_parameters_are_never_saved(base, tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError, match='blew up|loss became'):
+    train.train_and_evaluate(small_config(**{'optimizer.learning_rate': 1e4}), workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
+  for step in ckpt.all_steps():
+    largest = max(float(np.abs(np.asarray(p)).max()) for p in jax.tree.leaves(ckpt.restore_params(step)))
+    assert np.isfinite(largest) and largest <= train.MAX_PARAM_ABS, (step, largest)
+  ckpt.close()
+
+
+def _hold_lock(workdir):
+  code = ('import sys, time; from cnn_caption import workdir_lock; '
+          f'workdir_lock.WorkdirLock({workdir!r}).acquire(); print("held", flush=True); time.sleep(120)')
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  assert proc.stdout.readline().strip() == 'held'
+  return proc
+
+
+def test_second_run_on_a_live_workdir_stops_at_once(base, tmp_path, monkeypatch, capsys):
+  workdir = copy_of(base, tmp_path)
+  holder = _hold_lock(workdir)
+  try:
+    before = snapshot(workdir)
+    code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+    assert_one_clear_line(code, err, f'in use by another run (pid {holder.pid} on host')
+    assert snapshot(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)  # stale: taken over
+  assert code == 0, err[-2000:]
+
+
+def test_sweep_member_killed_is_named_and_the_parent_exits(tmp_path):
+  workdir = tmp_path / 'sweep'
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen(
+      [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke_sweep', f'--workdir={workdir}',
+       '--config.sweep.learning_rates=(0.01,0.1)', '--config.sweep.parallel=2', '--config.num_epochs=50',
+       *SMALL], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  victim_lock = workdir / 'lr_0.1' / '.lock'
+  deadline = time.time() + 240
+  pid = None
+  while time.time() < deadline and proc.poll() is None and pid is None:
+    try:
+      pid = json.loads(victim_lock.read_text())['pid']
+    except (OSError, ValueError, KeyError):
+      time.sleep(0.2)
+  assert pid is not None, 'the member never started'
+  os.kill(pid, signal.SIGKILL)
+  killed_at = time.time()
+  try:
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert time.time() - killed_at < 30
+  assert proc.returncode == 2
+  lines = [l for l in err.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'lr_0.1' in lines[0] and 'SIGKILL' in lines[0], err[-3000:]
+  assert 'Traceback' not in err

@@ -1,0 +1,226 @@
+"""Library-level reliability: readers refuse inconsistent data, bounded weights, file modes, the workdir lock."""
+
+import gzip
+import io
+import os
+import pickle
+import stat
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+
+from cnn_caption import io_utils
+from cnn_caption import weights
+from cnn_caption import workdir_lock
+from cnn_caption.data import fashion_mnist
+from cnn_caption.data import images
+from cnn_caption.errors import UserError
+
+
+def write_idx(path, array: np.ndarray, gz: bool = False, cut: int = 0) -> None:
+  """Writes a uint8 IDX file (cut bytes dropped from the end)."""
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in array.shape)
+  data = (header + np.ascontiguousarray(array, np.uint8).tobytes())[:len(header) + array.size - cut]
+  with (gzip.open if gz else open)(str(path), 'wb') as f:
+    f.write(data)
+
+
+def idx_dir(tmp_path, n_train=20, n_test=10, **replace):
+  """A small four-file IDX folder; replace={'test_labels': array, ...} swaps one file's contents."""
+  rng = np.random.default_rng(0)
+  arrays = {
+      'train_images': rng.integers(0, 256, (n_train, 28, 28)), 'train_labels': rng.integers(0, 10, n_train),
+      'test_images': rng.integers(0, 256, (n_test, 28, 28)), 'test_labels': rng.integers(0, 10, n_test)}
+  arrays.update(replace)
+  for key, array in arrays.items():
+    write_idx(tmp_path / fashion_mnist._FILES[key], np.asarray(array))
+  return str(tmp_path)
+
+
+def test_consistent_small_idx_folder_loads(tmp_path):
+  raw = fashion_mnist.load_raw(idx_dir(tmp_path))
+  assert raw['train_images'].shape == (20, 28, 28) and raw['test_labels'].shape == (10,)
+
+
+@pytest.mark.parametrize('replace, match', [
+    ({'test_labels': np.zeros(9, np.uint8)}, r'9 test labels for 10 test images'),
+    ({'train_labels': np.full(20, 10, np.uint8)}, r'20 train labels are outside 0..9 \(first: label 10 at index 0\)'),
+    ({'test_labels': np.array([0] * 9 + [255], np.uint8)}, r'label 255 at index 9'),
+    ({'test_images': np.zeros((10, 784), np.uint8)}, r't10k-images-idx3-ubyte has 2 dimensions, expected 3'),
+    ({'train_labels': np.zeros((20, 1), np.uint8)}, r'train-labels-idx1-ubyte has 2 dimensions, expected 1'),
+    ({'test_images': np.zeros((10, 28, 27), np.uint8)}, r'shape \(10, 28, 27\), expected \(N, 28, 28\)'),
+])
+def test_inconsistent_idx_data_is_named(tmp_path, replace, match):
+  with pytest.raises(UserError, match=match):
+    fashion_mnist.load_raw(idx_dir(tmp_path, **replace))
+
+
+def test_labels_beyond_a_smaller_num_classes_blame_the_config(tmp_path):
+  with pytest.raises(UserError, match='num_classes=10'):
+    fashion_mnist.load_raw(idx_dir(tmp_path, train_labels=np.full(20, 7)), num_classes=5)
+
+
+def test_truncated_header_and_truncated_gzip_are_named(tmp_path):
+  path = tmp_path / 'cut'
+  path.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+  with pytest.raises(UserError, match='header ends early'):
+    fashion_mnist.read_idx(str(path))
+  write_idx(tmp_path / 'whole.gz', np.zeros((5, 28, 28)), gz=True)
+  (tmp_path / 'cut.gz').write_bytes((tmp_path / 'whole.gz').read_bytes()[:-20])
+  with pytest.raises(UserError, match='cut.gz'):
+    fashion_mnist.read_idx(str(tmp_path / 'cut.gz'))
+
+
+def test_negative_limits_are_refused():
+  with pytest.raises(UserError, match='num_eval=-50'):
+    fashion_mnist.load_splits('/nonexistent', num_eval=-50)
+
+
+@pytest.mark.parametrize('path, match', [
+    ('/dev/null', 'not a regular file'),
+    ('/', 'is a directory'),
+    ('/nonexistent/x.png', 'does not exist'),
+])
+def test_image_path_says_what_it_is(path, match):
+  with pytest.raises(UserError, match=match):
+    images.load_image(path, 32)
+
+
+def test_empty_image_file_is_named(tmp_path):
+  (tmp_path / 'empty.png').write_bytes(b'')
+  with pytest.raises(UserError, match='empty.png is empty'):
+    images.load_image(str(tmp_path / 'empty.png'), 32)
+
+
+def _fake_torch(monkeypatch):
+  """Just enough of a `torch` module for pickle to write a state dict by name (torch is not installed)."""
+  torch = types.ModuleType('torch')
+  utils = types.ModuleType('torch._utils')
+
+  class FloatStorage:
+    pass
+
+  FloatStorage.__module__, FloatStorage.__qualname__ = 'torch', 'FloatStorage'
+
+  def _rebuild_tensor_v2(*args):
+    del args
+
+  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
+  torch.FloatStorage, torch._utils, utils._rebuild_tensor_v2 = FloatStorage, utils, _rebuild_tensor_v2
+  monkeypatch.setitem(sys.modules, 'torch', torch)
+  monkeypatch.setitem(sys.modules, 'torch._utils', utils)
+  return FloatStorage, _rebuild_tensor_v2
+
+
+def write_tensor_pth(path, monkeypatch, numel: int, size, stride, record_bytes: int | None = None) -> None:
+  """A zip .pth holding one float32 tensor {'w': ...} with the given geometry over a storage of numel."""
+  storage_cls, rebuild = _fake_torch(monkeypatch)
+
+  class Storage:
+    pass
+
+  class Tensor:
+
+    def __reduce__(self):
+      return (rebuild, (Storage(), 0, tuple(size), tuple(stride), False, None))
+
+  class Pickler(pickle.Pickler):
+
+    def persistent_id(self, obj):
+      return ('storage', storage_cls, '0', 'cpu', numel) if isinstance(obj, Storage) else None
+
+  buf = io.BytesIO()
+  Pickler(buf, protocol=2).dump({'w': Tensor()})
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('archive/data.pkl', buf.getvalue())
+    z.writestr('archive/data/0', b'\0' * (numel * 4 if record_bytes is None else record_bytes))
+
+
+def test_well_formed_fake_tensor_reads(tmp_path, monkeypatch):
+  path = tmp_path / 'ok.pth'
+  write_tensor_pth(path, monkeypatch, 6, (2, 3), (3, 1))
+  monkeypatch.delitem(sys.modules, 'torch')
+  assert weights.load_torch_state_dict(str(path))['w'].shape == (2, 3)
+
+
+@pytest.mark.parametrize('numel, size, stride, match', [
+    (1, (10**6, 10**6), (0, 0), 'GiB limit'),  # the 3.6 TiB stride-0 trick
+    (1, (1000, 1000), (0, 0), 'claims 1000000 elements from a storage of 1'),
+    (6, (2, 3), (4, 1), 'overruns its storage'),
+    (4, (2, 3), (3, 1), 'claims 6 elements from a storage of 4'),
+])
+def test_tensors_claiming_more_than_their_storage_are_refused(tmp_path, monkeypatch, numel, size, stride, match):
+  path = tmp_path / 'bomb.pth'
+  write_tensor_pth(path, monkeypatch, numel, size, stride)
+  with pytest.raises(UserError, match=match):
+    weights.load_torch_state_dict(str(path))
+
+
+def test_storage_record_shorter_than_claimed_is_refused(tmp_path, monkeypatch):
+  path = tmp_path / 'short.pth'
+  write_tensor_pth(path, monkeypatch, 6, (2, 3), (3, 1), record_bytes=8)
+  with pytest.raises(UserError, match='shorter than its storage'):
+    weights.load_torch_state_dict(str(path))
+
+
+@pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+  old = os.umask(umask)
+  try:
+    io_utils.write_json(str(tmp_path / 'a.json'), {'x': 1})
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / 'a.json').st_mode) == mode
+  assert os.listdir(tmp_path) == ['a.json']
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+  (tmp_path / '.tmp-abc').write_text('half')
+  (tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-123').mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '5').mkdir()
+  (tmp_path / 'keep.json').write_text('{}')
+  removed = io_utils.remove_stale_temporaries(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in removed) == ['.tmp-abc', '7.orbax-checkpoint-tmp-123']
+  assert sorted(os.listdir(tmp_path)) == ['checkpoints', 'keep.json']
+  assert os.listdir(tmp_path / 'checkpoints') == ['5']
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    assert workdir_lock.read_holder(str(tmp_path))['pid'] == os.getpid()
+    with pytest.raises(UserError, match=rf'in use by another run \(pid {os.getpid()} on host '):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert workdir_lock.read_holder(str(tmp_path)) == {}
+  with workdir_lock.WorkdirLock(str(tmp_path)):  # free again after release
+    pass
+
+
+def test_lock_held_by_another_live_process_is_refused(tmp_path, caplog):
+  code = ('import sys, time; from cnn_caption import workdir_lock; '
+          f'workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(60)')
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert proc.stdout.readline().strip() == 'held'
+    with pytest.raises(UserError, match=rf'pid {proc.pid} '):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    proc.kill()
+    proc.wait()
+  # The kernel dropped the dead process's flock: the lock is stale and is taken over with a warning.
+  assert workdir_lock.read_holder(str(tmp_path))['pid'] == proc.pid
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
+  with caplog.at_level('WARNING'):
+    lock.acquire()
+  assert f'taking over the stale lock of pid {proc.pid}' in caplog.text
+  assert workdir_lock.read_holder(str(tmp_path))['pid'] == os.getpid()
+  lock.release()
+
+
+def test_lock_in_an_unwritable_place_is_one_line(tmp_path):
+  with pytest.raises(UserError, match='cannot create the lock file'):
+    workdir_lock.WorkdirLock(str(tmp_path / 'missing' / 'dir')).acquire()
