@@ -37,6 +37,9 @@ def _jsonable(obj):
   return obj
 
 
+jsonable = _jsonable
+
+
 def write_json(path: str, obj: Any) -> None:
   text = json.dumps(_jsonable(obj), indent=2, sort_keys=True) + '\n'
   atomic_write(path, lambda f: f.write(text), binary=False)
@@ -45,3 +48,9 @@ def write_json(path: str, obj: Any) -> None:
 def write_jsonl(path: str, records: list[dict]) -> None:
   text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
   atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+  """Appends one row (a line written in one call; readers skip a torn last line after a kill)."""
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(json.dumps(_jsonable(record), sort_keys=True) + '\n')
