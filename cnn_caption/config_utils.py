@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from cnn_caption import profiling
 from cnn_caption.errors import UserError
 
 
@@ -154,6 +155,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'decoding.method', lambda v: v in ('greedy', 'beam'), "'greedy' or 'beam'")
   _check(config, 'decoding.beam_size', pos_int, 'a positive integer')
   _check(config, 'decoding.max_len', pos_int, 'a positive integer')
+  _check(config, 'eval_every_steps', nonneg_int, 'an integer >= 0 (0 = at epoch ends only)')
+  _check(config, 'optimizer.accumulate_steps', pos_int, 'a positive integer (1 = no accumulation)')
+  _check(config, 'ema_decay', prob, 'in [0, 1) (0 = no EMA)')
+  _check(config, 'test_params', lambda v: v in ('raw', 'ema'), "'raw' or 'ema'")
+  if _get(config, 'test_params') == 'ema' and not _get(config, 'ema_decay'):
+    raise UserError("config.test_params='ema' needs an EMA: set --config.ema_decay (e.g. 0.999) or "
+                    "--config.test_params=raw")
+  profiling.check_profile_steps(_get(config, 'profile_steps') or ())
   for i, lr in enumerate(_get(config, 'sweep.learning_rates') or ()):
     if not _finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')
