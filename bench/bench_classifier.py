@@ -25,12 +25,13 @@ def throughput(batch_size: int, steps_per_call: int, seconds: float = 8.0) -> di
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  from cnn_caption import models, tasks, train  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models, optim, train
+  from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import classifier  # pylint: disable=g-import-not-at-top
   config = classifier.get_config()
   model = models.create_model(config)
-  tx = train.make_optimizer(config.optimizer, 1000)
+  tx = optim.make_optimizer(config.optimizer, 1000)
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
   task = tasks.ClassificationTask  # loss and metrics are static: the class serves without loading data
   fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=steps_per_call), donate_argnums=0)

@@ -1,80 +1,14 @@
-"""Config checks that turn bad input into one clear line (see launch.py)."""
+"""Config checks: bad input becomes a UserError naming the field and the fix (cli.py prints it)."""
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import sys
 
-from absl import app
-from absl import flags
 import ml_collections
 
 from cnn_caption import profiling
 from cnn_caption.errors import UserError
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def _bad_override(argv: list[str], missing: str) -> str | None:
-  """Finds the --config.a.b=... argument whose path contains the missing key."""
-  for arg in argv:
-    m = re.match(r'--config\.([\w.]+)', arg)
-    if m and missing in m.group(1).split('.'):
-      return m.group(1)
-  return None
-
-
-def _load_config_file(argv: list[str]):
-  """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
-  path, _, variant = spec_arg.partition(':')
-  spec = importlib.util.spec_from_file_location('_config_for_error', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def _known_fields(argv: list[str], path: str, missing: str) -> str:
-  """'known fields of config.X: a, b, c' for the group that lacks `missing`."""
-  try:
-    node = _load_config_file(argv)
-    parents = path.split('.')[:path.split('.').index(missing)]
-    for part in parents:
-      node = node[part]
-    return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
-  except Exception:  # pylint: disable=broad-except
-    return 'check the spelling against the config file'
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports config override problems in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    detail = lines[-1] if 'Traceback' in str(e) else lines[0]
-    head = lines[0].split(':')[0] if lines[0].startswith('flag --') else ''
-    _fail(f'{head + ": " if head and head not in detail else ""}{detail}')
-  except (AttributeError, KeyError) as e:
-    missing = str(e).strip('"\'')
-    path = _bad_override(argv, missing)
-    if path is None:
-      _fail(f'config error: {e}')
-    _fail(f'--config.{path}: unknown config field {missing!r}; {_known_fields(argv, path, missing)}')
-  except (ValueError, TypeError) as e:
-    _fail(f'config override error: {e}')
-  return argv  # unreachable
-
-
-def run_app(main) -> None:
-  """app.run with one-line errors for config overrides."""
-  app.run(main, flags_parser=_parse_flags)
 
 
 def require_config(config) -> ml_collections.ConfigDict:

@@ -11,37 +11,23 @@ from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
 
 
-def predict_main(config: ml_collections.ConfigDict, image_paths: list[str]) -> int:
-  """Prints the top-5 ImageNet classes of each image; a bad image gets one line and exit code 1.
+class Predictor:
+  """Top-5 ImageNet-1k classes of the configured pretrained encoder."""
 
-  Args:
-    config: uses config.encoder.name, config.encoder.weights and config.data.image_size.
-    image_paths: image files (from --images=a.jpg,b.png).
+  def __init__(self, config: ml_collections.ConfigDict):
+    if 'encoder' not in config:
+      raise UserError('this config has no pretrained encoder (config.encoder); --mode=imagenet_predict needs '
+                      'a captioner config, e.g. --config=configs/captioner.py')
+    self.name, self.size = config.encoder.name, config.data.image_size
+    module, self.variables = encoders.load_encoder(self.name, config.encoder.weights)
+    self._apply = jax.jit(module.apply)
+    self.class_names = imagenet_class_names()
 
-  Returns:
-    0 if every image was predicted, else 1.
-  """
-  if not image_paths:
-    raise UserError('--mode=imagenet_predict needs --images=a.jpg,b.png')
-  name, size = config.encoder.name, config.data.image_size
-  module, variables = encoders.load_encoder(name, config.encoder.weights)
-  apply = jax.jit(module.apply)
-  class_names = imagenet_class_names()
-  failed = 0
-  for path in image_paths:
-    try:
-      x = images_lib.load_image(path, size, name)
-    except UserError as e:
-      print(f'{path}: cannot predict: {e}', flush=True)
-      failed += 1
-      continue
-    probs = np.asarray(jax.nn.softmax(apply(variables, x[None])[0]))
-    print(f'{path}:')
-    for rank, index in enumerate(np.argsort(-probs)[:5], start=1):
-      print(f'  {rank}. {index:4d} {class_names[index]:<30s} {probs[index]:.3f}')
-  if failed:
-    print(f'{failed} of {len(image_paths)} image(s) could not be read', flush=True)
-  return 1 if failed else 0
+  def top5(self, path: str) -> list[tuple[int, str, float]]:
+    """[(class index, class name, probability)] best first; UserError if the image cannot be read."""
+    x = images_lib.load_image(path, self.size, self.name)
+    probs = np.asarray(jax.nn.softmax(self._apply(self.variables, x[None])[0]))
+    return [(int(i), self.class_names[i], float(probs[i])) for i in np.argsort(-probs)[:5]]
 
 
 def imagenet_class_names() -> list[str]:

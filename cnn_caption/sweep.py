@@ -16,6 +16,7 @@ import ml_collections
 
 from cnn_caption import io_utils
 from cnn_caption import plots
+from cnn_caption import train
 from cnn_caption.errors import UserError
 
 
@@ -34,7 +35,6 @@ def single_run_config(config: ml_collections.ConfigDict, lr: float) -> ml_collec
 def _child(config_json: str, workdir: str, queue) -> None:
   """Runs one member in a fresh process; reports (workdir, error or None)."""
   try:
-    from cnn_caption import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(ml_collections.ConfigDict(json.loads(config_json)), workdir)
     queue.put((workdir, None))
   except Exception as e:  # pylint: disable=broad-except
@@ -47,7 +47,6 @@ def _num_cores() -> int:
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
-  from cnn_caption import train  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   rates = list(config.sweep.learning_rates)
   if len(set(rates)) != len(rates):

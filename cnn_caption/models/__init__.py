@@ -1,20 +1,58 @@
-"""Model registry: `config.model.name` -> a pure Flax (linen) module and example inputs."""
+"""Model registry: `config.model.name` -> a pure Flax (linen) module, its example inputs, shape-only fields.
+
+Each entry carries what differs between models, so no caller needs an `if name == ...`:
+  module: 'package.module:Class' (fields come from config.model, see `_model_kwargs`);
+  inputs: positional inputs of a batch for init / eval_shape / tables;
+  shape_only: fields that normally come from the data (e.g. the vocabulary size), taken from the config
+    where no data is loaded (e.g. --mode=summary).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
 
-# name -> (module path, class name). Classes take their fields from config.model (see each builder).
+from cnn_caption.errors import UserError
+
+
+def _image_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple:
+  return (jnp.zeros((batch_size, *config.model.input_shape), jnp.float32),)
+
+
+def _caption_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple:
+  """Region features B x N x C and input tokens B x (max_caption_len + 1)."""
+  num_regions, channels = config.model_inputs.num_regions, config.model_inputs.feature_dim
+  feats = jnp.zeros((batch_size, num_regions, channels), jnp.float32)
+  tokens = jnp.zeros((batch_size, config.data.max_caption_len + 1), jnp.int32)
+  return (feats, tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  module: str
+  inputs: Callable[[ml_collections.ConfigDict, int], tuple] = _image_inputs
+  shape_only: Callable[[ml_collections.ConfigDict], dict] = lambda config: {}
+
+
 _REGISTRY = {
-    'classifier': ('cnn_caption.models.classifier', 'FashionCNN'),
-    'q1_cnn': ('cnn_caption.models.q1', 'Q1CNN'),
-    'q1_mlp': ('cnn_caption.models.q1', 'Q1MLP'),
-    'self_attention': ('cnn_caption.models.attention', 'MultiHeadSelfAttention'),
-    'captioner': ('cnn_caption.models.decoders', 'CaptionDecoder'),
+    'classifier': Entry('cnn_caption.models.classifier:FashionCNN'),
+    'q1_cnn': Entry('cnn_caption.models.q1:Q1CNN'),
+    'q1_mlp': Entry('cnn_caption.models.q1:Q1MLP'),
+    'self_attention': Entry('cnn_caption.models.attention:MultiHeadSelfAttention'),
+    'captioner': Entry('cnn_caption.models.decoders:CaptionDecoder', _caption_inputs,
+                       lambda config: {'vocab_size': config.model_inputs.vocab_size}),
 }
+
+
+def _entry(config: ml_collections.ConfigDict) -> Entry:
+  name = config.model.name
+  if name not in _REGISTRY:
+    raise UserError(f'config.model.name={name!r} is unknown; choose one of {sorted(_REGISTRY)}')
+  return _REGISTRY[name]
 
 
 def _model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
@@ -24,11 +62,8 @@ def _model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
 
 
 def create_model(config: ml_collections.ConfigDict, **overrides):
-  """Builds the module named by config.model.name with fields from config.model."""
-  name = config.model.name
-  if name not in _REGISTRY:
-    raise ValueError(f'config.model.name={name!r} is unknown; choose one of {sorted(_REGISTRY)}')
-  module_path, cls_name = _REGISTRY[name]
+  """Builds the module named by config.model.name with fields from config.model (and overrides)."""
+  module_path, cls_name = _entry(config).module.split(':')
   cls = getattr(importlib.import_module(module_path), cls_name)
   kwargs = _model_kwargs(config.model)
   kwargs.update(overrides)
@@ -37,10 +72,9 @@ def create_model(config: ml_collections.ConfigDict, **overrides):
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple:
   """Positional inputs of the right shape and dtype for init / eval_shape / tabulate."""
-  name = config.model.name
-  if name == 'captioner':
-    num_regions, channels = config.model_inputs.num_regions, config.model_inputs.feature_dim
-    feats = jnp.zeros((batch_size, num_regions, channels), jnp.float32)
-    tokens = jnp.zeros((batch_size, config.data.max_caption_len + 1), jnp.int32)
-    return (feats, tokens)
-  return (jnp.zeros((batch_size, *config.model.input_shape), jnp.float32),)
+  return _entry(config).inputs(config, batch_size)
+
+
+def shape_only_fields(config: ml_collections.ConfigDict) -> dict:
+  """Module fields that come from data in training, taken from the config when no data is loaded."""
+  return _entry(config).shape_only(config)

@@ -1,4 +1,4 @@
-"""Image captioning task (homework question 3) and the `--mode=caption` command.
+"""Image captioning task (homework question 3), and captioning new images from a trained workdir.
 
 The encoder is frozen, so its region features are computed once (cnn_caption.features caches them)
 and training only ever sees features: a batch is {'feats': BxNxC, 'tokens': Bx(T+2)}.
@@ -9,26 +9,29 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
 
+from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import features as features_lib
+from cnn_caption import io_utils
 from cnn_caption import metrics as metrics_lib
 from cnn_caption import models
-from cnn_caption import io_utils
+from cnn_caption import parallel
 from cnn_caption import plots
-from cnn_caption import train as train_lib
 from cnn_caption.data import captions as captions_lib
+from cnn_caption.data import images as images_lib
 from cnn_caption.data import synthetic
 from cnn_caption.data import vocab as vocab_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
+from cnn_caption.models import encoders
 
 VOCAB_FILE = 'vocab.json'
 CONFIG_FILE = 'config.json'
@@ -61,15 +64,15 @@ def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochasti
 
 
 class CaptioningTask:
-  """Frozen-encoder features -> LSTM decoder (plain or attention), scored by BLEU-4."""
+  """Implements tasks.base.Task: frozen-encoder features -> LSTM decoder (plain or attention), BLEU-4."""
 
   selection_metric = 'bleu4'
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     self.config = config
     self.workdir = workdir
-    self.mesh = train_lib.make_mesh()
-    train_lib.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+    self.mesh = mesh
+    parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     data_dir = dataset_dir(config, workdir)
     self.synthetic = config.data.dir is None
     splits = captions_lib.load_karpathy(data_dir, config.data.image_dir, config.data.on_error)
@@ -142,14 +145,11 @@ class CaptioningTask:
   def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
     """Captions (word lists) for every image of a split."""
     fn = self._decode_fn(method)
-    feats, b = self.feats[split], self.config.eval_batch_size
+    feats = self.feats[split]
+    fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
     out = []
-    for start in range(0, len(feats), b):
-      chunk = feats[start:start + b].astype(np.float32)
-      n = len(chunk)
-      if n < b:
-        chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.float32)])
-      tokens = np.asarray(fn(params, train_lib.shard_batch({'f': chunk}, self.mesh)['f']))[:n]
+    for batch, n in parallel.padded_batches(len(feats), self.config.eval_batch_size, fetch):
+      tokens = np.asarray(fn(params, parallel.shard_batch({'feats': batch['feats']}, self.mesh)['feats']))[:n]
       out.extend(self.vocab.decode(row.tolist()) for row in tokens)
     return out
 
@@ -196,7 +196,7 @@ class CaptioningTask:
                       'validation BLEU-4 (greedy)', os.path.join(plot_dir, 'val_bleu4.png'))
 
 
-def _load_trained(workdir: str):
+def load_trained(workdir: str):
   """(config, vocab, model, params) from a training workdir alone."""
   config_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(config_path):
@@ -208,7 +208,7 @@ def _load_trained(workdir: str):
   for sub in ('checkpoints_best', 'checkpoints'):
     directory = os.path.join(workdir, sub)
     if os.path.isdir(directory):
-      ckpt = train_lib.Checkpointer(directory, config.checkpoint.max_to_keep)
+      ckpt = checkpoint_lib.Checkpointer(directory, config.checkpoint.max_to_keep)
       step = ckpt.latest_step()
       if step is not None:
         params = ckpt.restore_params(step)
@@ -219,31 +219,20 @@ def _load_trained(workdir: str):
   raise UserError(f'no checkpoint in {workdir}: train first with --mode=train --workdir={workdir}')
 
 
-def caption_main(workdir: str, image_paths: list[str]) -> int:
-  """Prints `path: caption` per image; attention models also write workdir/captions/<name>.png."""
-  from cnn_caption.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
-  if not image_paths:
-    raise UserError('--images is empty: pass --images=a.jpg,b.tif')
-  config, vocab, model, params = _load_trained(workdir)
-  encoder, variables = encoders.load_encoder(config.encoder.name, config.encoder.weights)
-  encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True))
-  decode = jax.jit(lambda p, f: decoders.greedy_decode(model, p, f, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                                                       max_len=config.decoding.max_len))
-  failures = 0
-  for path in image_paths:
-    try:
-      pixels = images_lib.load_image(path, config.data.image_size, config.encoder.name)
-    except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      failures += 1
-      continue
-    feats = encode(pixels[None])
-    tokens, alphas = decode(params, feats.astype(jnp.float32))
-    words = vocab.decode(np.asarray(tokens[0]).tolist())
-    print(f'{path}: {" ".join(words)}', flush=True)
-    if alphas is not None:
-      out = os.path.join(workdir, 'captions', os.path.splitext(os.path.basename(path))[0] + '.png')
-      plots.plot_attention(path, words, np.asarray(alphas[0]), out)
-      print(f'  attention map: {out}', flush=True)
-  return 1 if failures else 0
+class Captioner:
+  """Captions new image files with a trained workdir's best parameters (greedy decoding)."""
+
+  def __init__(self, workdir: str):
+    self.config, self.vocab, model, self.params = load_trained(workdir)
+    encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
+    self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True))
+    self._decode = jax.jit(lambda p, f: decoders.greedy_decode(
+        model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len))
+
+  def caption(self, path: str) -> tuple[list[str], np.ndarray | None]:
+    """(words, attention TxN or None) for one image file; UserError if it cannot be read."""
+    pixels = images_lib.load_image(path, self.config.data.image_size, self.config.encoder.name)
+    feats = self._encode(pixels[None])
+    tokens, alphas = self._decode(self.params, feats.astype(jnp.float32))
+    words = self.vocab.decode(np.asarray(tokens[0]).tolist())
+    return words, None if alphas is None else np.asarray(alphas[0])

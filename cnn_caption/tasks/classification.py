@@ -1,35 +1,34 @@
-"""Tasks: loss, metrics, data and evaluation per problem. The only model-specific part of training."""
+"""Fashion-MNIST classification: NLL of log-probabilities, accuracy."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
 
 from cnn_caption import models
+from cnn_caption import parallel
 from cnn_caption import plots
-from cnn_caption import train as train_lib
 from cnn_caption.data import fashion_mnist
-from cnn_caption.errors import UserError
 
 
 class ClassificationTask:
-  """Fashion-MNIST classification: NLL of log-probabilities, accuracy."""
+  """Implements tasks.base.Task for image classification."""
 
   selection_metric = 'accuracy'
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
+    del workdir
+    self.config, self.mesh = config, mesh
     self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval)
     self.model = models.create_model(config)
     self.num_train = len(self.splits['train'][1])
-    self.mesh = train_lib.make_mesh()
-    train_lib.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+    parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     self._eval_fn = jax.jit(self._eval_counts)
 
   def example_inputs(self) -> tuple:
@@ -50,28 +49,22 @@ class ClassificationTask:
     del aux
     return {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
-  def _eval_counts(self, params, images, labels, mask):
-    logp = self.model.apply({'params': params}, images, train=False)
+  def _eval_counts(self, params, batch):
+    logp = self.model.apply({'params': params}, batch['image'], train=False)
+    labels, mask = batch['label'], batch['mask']
     correct = (jnp.argmax(logp, -1) == labels) & mask
     nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
     return correct.sum(), jnp.where(mask, nll, 0.0).sum()
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     images, labels = self.splits[split]
-    b, n = self.config.eval_batch_size, len(labels)
+    fetch = lambda rows: {'image': fashion_mnist.to_float(images[rows]), 'label': labels[rows]}
     correct, nll = 0, 0.0
-    for start in range(0, n, b):
-      x, y = fashion_mnist.to_float(images[start:start + b]), labels[start:start + b]
-      pad = b - len(y)
-      mask = np.arange(b) < len(y)
-      if pad:
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
-      batch = train_lib.shard_batch({'x': x, 'y': y, 'm': mask}, self.mesh)
-      c, l = self._eval_fn(params, batch['x'], batch['y'], batch['m'])
+    for batch, _ in parallel.padded_batches(len(labels), self.config.eval_batch_size, fetch):
+      c, l = self._eval_fn(params, parallel.shard_batch(batch, self.mesh))
       correct += int(c)
       nll += float(l)
-    return {'accuracy': correct / n, 'loss': nll / n}
+    return {'accuracy': correct / len(labels), 'loss': nll / len(labels)}
 
   def save_assets(self, workdir: str) -> None:
     del workdir
@@ -95,15 +88,3 @@ class ClassificationTask:
       if layer in params:
         plots.plot_filters(np.asarray(params[layer]['kernel']), os.path.join(plot_dir, f'filters_{layer}.png'),
                            f'{layer} kernels (rows: output channels, cols: input channels)')
-
-
-_TASKS = {'classification': ClassificationTask}
-
-
-def get_task(config: ml_collections.ConfigDict, workdir: str):
-  if config.task == 'captioning':
-    from cnn_caption import captioning  # pylint: disable=g-import-not-at-top
-    return captioning.CaptioningTask(config, workdir)
-  if config.task not in _TASKS:
-    raise UserError(f'config.task={config.task!r} is unknown; use one of {sorted(_TASKS) + ["captioning"]}')
-  return _TASKS[config.task](config, workdir)

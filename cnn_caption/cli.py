@@ -1,0 +1,189 @@
+"""The command line: flag parsing with one-line errors, and the modes that print.
+
+This is the only module that prints or exits; everything it calls returns data or raises UserError,
+which `main` turns into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from cnn_caption import attention_check as check_lib
+from cnn_caption import config_utils
+from cnn_caption import imagenet
+from cnn_caption import layer_tables
+from cnn_caption import plots
+from cnn_caption import sweep
+from cnn_caption import train as train_lib
+from cnn_caption.errors import UserError
+from cnn_caption.tasks import captioning
+
+MODES = ('train', 'summary', 'attention_check', 'imagenet_predict', 'caption')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _bad_override(argv: list[str], missing: str) -> str | None:
+  """Finds the --config.a.b=... argument whose path contains the missing key."""
+  for arg in argv:
+    m = re.match(r'--config\.([\w.]+)', arg)
+    if m and missing in m.group(1).split('.'):
+      return m.group(1)
+  return None
+
+
+def _load_config_file(argv: list[str]):
+  """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
+  path, _, variant = spec_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_for_error', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _known_fields(argv: list[str], path: str, missing: str) -> str:
+  """'known fields of config.X: a, b, c' for the group that lacks `missing`."""
+  try:
+    node = _load_config_file(argv)
+    parents = path.split('.')[:path.split('.').index(missing)]
+    for part in parents:
+      node = node[part]
+    return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
+  except Exception:  # pylint: disable=broad-except
+    return 'check the spelling against the config file'
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports config override problems in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    detail = lines[-1] if 'Traceback' in str(e) else lines[0]
+    head = lines[0].split(':')[0] if lines[0].startswith('flag --') else ''
+    _fail(f'{head + ": " if head and head not in detail else ""}{detail}')
+  except (AttributeError, KeyError) as e:
+    missing = str(e).strip('"\'')
+    path = _bad_override(argv, missing)
+    if path is None:
+      _fail(f'config error: {e}')
+    _fail(f'--config.{path}: unknown config field {missing!r}; {_known_fields(argv, path, missing)}')
+  except (ValueError, TypeError) as e:
+    _fail(f'config override error: {e}')
+  return argv  # unreachable
+
+
+def run_app(main) -> None:
+  """app.run with one-line errors for config overrides."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """--mode=train: one run, or the learning-rate sweep when config.sweep.learning_rates is set."""
+  if config.get('sweep') and config.sweep.get('learning_rates'):
+    sweep.run_sweep(config, workdir)
+  else:
+    train_lib.train_and_evaluate(config, workdir)
+  return 0
+
+
+def summary(config: ml_collections.ConfigDict) -> int:
+  """--mode=summary: the per-layer tables of the configured model (and its encoder)."""
+  for i, (title, rows) in enumerate(layer_tables.model_tables(config)):
+    print(('\n' if i else '') + title)
+    print(layer_tables.format_table(rows))
+  return 0
+
+
+def attention_check(config: ml_collections.ConfigDict) -> int:
+  """--mode=attention_check: PASS/FAIL per identity; exit 0 only if all pass."""
+  print(check_lib.describe(config))
+  checks = check_lib.attention_checks(config)
+  for c in checks:
+    print(f'  [{"PASS" if c.passed else "FAIL"}] {c.name}: {c.detail}')
+  failed = sum(not c.passed for c in checks)
+  print(f'{len(checks) - failed} of {len(checks)} checks passed.')
+  return 1 if failed else 0
+
+
+def imagenet_predict(config: ml_collections.ConfigDict, image_paths: list[str]) -> int:
+  """--mode=imagenet_predict: top-5 classes per image; a bad image gets one line and exit code 1."""
+  if not image_paths:
+    raise UserError('--mode=imagenet_predict needs --images=a.jpg,b.png')
+  predictor = imagenet.Predictor(config)
+  failed = 0
+  for path in image_paths:
+    try:
+      top5 = predictor.top5(path)
+    except UserError as e:
+      print(f'{path}: cannot predict: {e}', flush=True)
+      failed += 1
+      continue
+    print(f'{path}:')
+    for rank, (index, name, prob) in enumerate(top5, start=1):
+      print(f'  {rank}. {index:4d} {name:<30s} {prob:.3f}')
+  if failed:
+    print(f'{failed} of {len(image_paths)} image(s) could not be read', flush=True)
+  return 1 if failed else 0
+
+
+def caption(workdir: str, image_paths: list[str]) -> int:
+  """--mode=caption: `path: caption` per image; attention models also write workdir/captions/<name>.png."""
+  if not image_paths:
+    raise UserError('--images is empty: pass --images=a.jpg,b.tif')
+  captioner = captioning.Captioner(workdir)
+  failures = 0
+  for path in image_paths:
+    try:
+      words, alphas = captioner.caption(path)
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      failures += 1
+      continue
+    print(f'{path}: {" ".join(words)}', flush=True)
+    if alphas is not None:
+      out = os.path.join(workdir, 'captions', os.path.splitext(os.path.basename(path))[0] + '.png')
+      plots.plot_attention(path, words, alphas, out)
+      print(f'  attention map: {out}', flush=True)
+  return 1 if failures else 0
+
+
+def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
+  """Dispatches one mode; returns the exit code (UserError propagates)."""
+  if mode == 'caption':
+    return caption(config_utils.require_workdir(workdir, mode), images)
+  config = config_utils.require_config(config)
+  config_utils.validate(config)
+  if mode == 'train':
+    return train(config, config_utils.require_workdir(workdir, mode))
+  if mode == 'summary':
+    return summary(config)
+  if mode == 'attention_check':
+    return attention_check(config)
+  if mode == 'imagenet_predict':
+    return imagenet_predict(config, images)
+  raise app.UsageError(f'--mode={mode} is not handled')
+
+
+def main(mode: str, config, workdir: str | None, images: list[str]) -> None:
+  """Runs a mode and exits: its code, or 2 with one line for a UserError."""
+  try:
+    code = run(mode, config, workdir, images)
+  except UserError as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  sys.exit(code)
