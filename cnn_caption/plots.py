@@ -94,13 +94,13 @@ def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
     return np.asarray(im.convert('RGB').resize((size, size)))
 
 
-def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray):
-  """The image, then one panel per generated word with its attention over the region grid overlaid."""
+def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray, max_panels: int | None = None):
+  """The image, then one panel per generated word (at most max_panels) with its attention overlaid."""
   import textwrap  # pylint: disable=g-import-not-at-top
   size = rgb.shape[0]
   side = int(round(np.sqrt(alphas_LxN.shape[1])))
   words = list(words) + ['<eos>']
-  panels = min(len(words), alphas_LxN.shape[0])
+  panels = min(len(words), alphas_LxN.shape[0], max_panels or len(words))
   cols = min(panels + 1, 6)
   rows = -(-(panels + 1) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.2), squeeze=False)
@@ -122,8 +122,8 @@ def plot_attention(image_path: str, words: list[str], alphas_LxN: np.ndarray, pa
   _save(attention_figure(load_rgb(image_path), words, alphas_LxN), path)
 
 
-def attention_image(image_path: str, words: list[str], alphas_LxN: np.ndarray) -> np.ndarray:
-  """plot_attention's figure as an RGB uint8 array (for TensorBoard)."""
-  fig = attention_figure(load_rgb(image_path), words, alphas_LxN)
+def attention_image(image_path: str, words: list[str], alphas_LxN: np.ndarray, max_words: int = 11) -> np.ndarray:
+  """plot_attention's figure (panels for the first max_words words) as an RGB uint8 array (for TensorBoard)."""
+  fig = attention_figure(load_rgb(image_path, 112), words, alphas_LxN, max_panels=max_words)
   fig.set_dpi(60)
   return figure_to_array(fig)
