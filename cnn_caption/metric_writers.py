@@ -7,9 +7,9 @@ continues without duplicate steps after a kill. Only process 0 writes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
-from typing import Mapping
 
 from absl import logging
 import jax

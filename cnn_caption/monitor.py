@@ -8,9 +8,11 @@ and at the end (`close`). Per-step metrics arrive with a leading step axis; a ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from absl import logging
 import ml_collections

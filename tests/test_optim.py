@@ -12,6 +12,7 @@ from cnn_caption import train
 from cnn_caption.tasks.classification import ClassificationTask
 from configs import classifier as classifier_config
 
+
 class TinyClassifier(nn.Module):
   """A small stand-in with the classifier's interface (log-probabilities; no dropout): compiles fast."""
 

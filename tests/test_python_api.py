@@ -4,8 +4,8 @@ import json
 import os
 import re
 
-from conftest import ROOT
 from conftest import needs_fmnist
+from conftest import ROOT
 
 BEGIN, END = '<!-- python-session -->', '<!-- /python-session -->'
 

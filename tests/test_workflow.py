@@ -136,7 +136,7 @@ def test_captioner_attention_images_and_token_weighted_loss(captioner_run):
   # metrics.jsonl weights them by tokens (a mean of batch means would differ).
   losses = [e.value for e in acc.Scalars('train/loss')]
   tokens = [e.value for e in acc.Scalars('train/num_tokens')]
-  weighted = sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
+  weighted = sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens)
   history = read_jsonl(workdir / 'metrics.jsonl')
   assert history[0]['train_loss'] == pytest.approx(weighted, rel=1e-5)
   assert len(set(tokens)) > 1 and history[0]['train_loss'] != pytest.approx(sum(losses) / len(losses), rel=1e-6)
