@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
@@ -45,7 +46,10 @@ class RunMonitor:
     self.learning_rate_fn = learning_rate_fn
     self.writer = metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR), start_step)
     self.eval_log = metric_writers.EvalLog(os.path.join(workdir, EVAL_LOG), start_step)
-    self.profiler = profiling.StepProfiler(config.get('profile_steps', ()), os.path.join(workdir, PROFILE_DIR))
+    profile_dir = os.path.join(workdir, PROFILE_DIR)
+    if jax.process_count() > 1:  # processes on one host would write the same <host>.xplane.pb
+      profile_dir = os.path.join(profile_dir, f'process_{jax.process_index()}')
+    self.profiler = profiling.StepProfiler(config.get('profile_steps', ()), profile_dir)
     config_md = '\n'.join('    ' + line for line in run_record.config_text(config).splitlines())
     self.writer.write_texts(start_step, {'config': config_md})
     self._reset_interval(start_step)

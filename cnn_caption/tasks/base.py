@@ -29,8 +29,11 @@ class Task(Protocol):
     """(scalar loss, aux) for one batch; traced inside the jitted train step."""
 
   def metrics(self, loss: jax.Array, aux: dict, grads: Params) -> dict[str, jax.Array]:
-    """Per-step scalars, all logged (must include 'loss'; an optional 'loss_weight', e.g. the number of
-    target tokens, weights the loss in epoch and interval means); traced inside the jitted train step."""
+    """Per-step scalars, all logged; traced inside the jitted train step.
+
+    Must include 'loss'; an optional 'loss_weight' (e.g. the number of target tokens) weights the loss in
+    the epoch and log-interval means.
+    """
 
   def evaluate(self, params: Params, split: str) -> dict[str, float]:
     """Metrics of `params` on 'val' or 'test' (must include selection_metric)."""
