@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from cnn_caption import metrics
+from cnn_caption import profiling
 from cnn_caption.errors import UserError
 
 
@@ -119,6 +120,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'data.augment_pad', nonneg_int, 'an integer >= 0 (0 = no random crops)')
   _check(config, 'selection_metric', lambda v: v in metrics.VALIDATION_METRICS,
          f'one of {", ".join(metrics.VALIDATION_METRICS)} (METEOR is computed at test only)')
+  _check(config, 'eval_every_steps', nonneg_int, 'an integer >= 0 (0 = at epoch ends only)')
+  _check(config, 'optimizer.accumulate_steps', pos_int, 'a positive integer (1 = no accumulation)')
+  _check(config, 'ema_decay', prob, 'in [0, 1) (0 = no EMA)')
+  _check(config, 'test_params', lambda v: v in ('raw', 'ema'), "'raw' or 'ema'")
+  if _get(config, 'test_params') == 'ema' and not _get(config, 'ema_decay'):
+    raise UserError("config.test_params='ema' needs an EMA: set --config.ema_decay (e.g. 0.999) or "
+                    "--config.test_params=raw")
+  profiling.check_profile_steps(_get(config, 'profile_steps') or ())
   for i, lr in enumerate(_get(config, 'sweep.learning_rates') or ()):
     if not _finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')

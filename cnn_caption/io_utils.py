@@ -58,6 +58,9 @@ def _jsonable(obj):
   return obj
 
 
+jsonable = _jsonable
+
+
 def write_json(path: str, obj: Any) -> None:
   text = json.dumps(_jsonable(obj), indent=2, sort_keys=True) + '\n'
   atomic_write(path, lambda f: f.write(text), binary=False)
@@ -107,3 +110,7 @@ def prepare_workdir(workdir: str) -> None:
   except OSError as e:
     raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to'
                     ) from None
+def append_jsonl(path: str, record: dict) -> None:
+  """Appends one row (a line written in one call; readers skip a torn last line after a kill)."""
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(json.dumps(_jsonable(record), sort_keys=True) + '\n')

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_collections
 import optax
 
 from cnn_caption.errors import UserError
 
 
+def accumulate_steps(opt: ml_collections.ConfigDict) -> int:
+  """Micro-batches per optimizer update (config.optimizer.accumulate_steps; 1 = no accumulation)."""
+  return int(opt.get('accumulate_steps', 1) or 1)
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.ScalarOrSchedule:
-  """The learning rate as a constant or an optax schedule of the step."""
+  """The learning rate as a constant or an optax schedule of the update count (steps / accumulate_steps)."""
   lr = opt.learning_rate
+  updates = max(total_steps // accumulate_steps(opt), 1)
   if opt.schedule == 'cosine':
-    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    return optax.cosine_decay_schedule(lr, updates)
   if opt.schedule == 'warmup_cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, max(updates, opt.warmup_steps + 1))
   return lr
 
 
+def learning_rate_at(opt: ml_collections.ConfigDict, total_steps: int) -> Callable[[int], float]:
+  """Train step -> the learning rate in force there (host side, for logging)."""
+  schedule, k = learning_rate_schedule(opt, total_steps), accumulate_steps(opt)
+  return lambda step: float(schedule(step // k) if callable(schedule) else schedule)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """optax optimizer from config.optimizer (sgd/adam/adamw, schedule, weight decay, clipping)."""
+  """optax optimizer from config.optimizer (sgd/adam/adamw, schedule, weight decay, clipping, accumulation)."""
   lr = learning_rate_schedule(opt, total_steps)
   parts = []
   if opt.grad_clip_norm:
@@ -34,4 +48,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     parts.append(optax.adamw(lr, weight_decay=opt.weight_decay))
   else:
     raise UserError(f"config.optimizer.name={opt.name!r} is unknown; use 'sgd', 'adam' or 'adamw'")
-  return optax.chain(*parts) if len(parts) > 1 else parts[0]
+  tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+  k = accumulate_steps(opt)
+  # Averages the gradients of k micro-batches, then applies one update (zero updates in between).
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx

@@ -34,8 +34,11 @@ def plot_curves(series: dict[str, list[float]], ylabel: str, path: str, title: s
   _save(fig, path)
 
 
-def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None:
-  """The learned kernels as one mosaic: a row per output channel, a column per input channel."""
+def filter_mosaic(kernel_HxWxIxO: np.ndarray) -> tuple[np.ndarray, int]:
+  """The kernels as one 2-D mosaic (NaN between tiles): a row per output channel, a column per input channel.
+
+  Returns the mosaic and the number of input channels shown per row (1: output channels wrap in rows of 8).
+  """
   kernel = np.asarray(kernel_HxWxIxO, np.float32)
   kh, kw, cin, cout = kernel.shape
   if cin == 1:  # single input channel: wrap the output channels into rows of 8
@@ -49,7 +52,22 @@ def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None
     grid = kernel.transpose(3, 2, 0, 1)  # (O, I, kh, kw)
   pad = np.full((rows, cols, kh + 1, kw + 1), np.nan, np.float32)
   pad[:, :, :kh, :kw] = grid
-  mosaic = pad.transpose(0, 2, 1, 3).reshape(rows * (kh + 1), cols * (kw + 1))
+  return pad.transpose(0, 2, 1, 3).reshape(rows * (kh + 1), cols * (kw + 1)), cin
+
+
+def filter_image(kernel_HxWxIxO: np.ndarray, scale: int = 4) -> np.ndarray:
+  """The kernel mosaic as an RGB uint8 image (blue negative, white 0, red positive; grey between tiles)."""
+  mosaic, _ = filter_mosaic(kernel_HxWxIxO)
+  vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
+  rgb = (plt.get_cmap('bwr')((np.nan_to_num(mosaic) / vmax + 1) / 2)[..., :3] * 255).astype(np.uint8)
+  rgb[np.isnan(mosaic)] = 128
+  return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+
+
+def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None:
+  """The learned kernels as one mosaic: a row per output channel, a column per input channel."""
+  mosaic, cin = filter_mosaic(kernel_HxWxIxO)
+  rows, cols = mosaic.shape[0] // (kernel_HxWxIxO.shape[0] + 1), mosaic.shape[1] // (kernel_HxWxIxO.shape[1] + 1)
   vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
   fig, ax = plt.subplots(figsize=(min(2 + cols * 0.35, 14), min(1.5 + rows * 0.35, 14)))
   ax.imshow(mosaic, cmap='bwr', vmin=-vmax, vmax=vmax, interpolation='nearest')
@@ -62,26 +80,50 @@ def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None
   _save(fig, path)
 
 
-def plot_attention(image_path: str, words: list[str], alphas_LxN: np.ndarray, path: str) -> None:
-  """The image, then one panel per generated word with its attention over the region grid overlaid."""
+def figure_to_array(fig) -> np.ndarray:
+  """An RGB uint8 array of a matplotlib figure (closes it)."""
+  fig.canvas.draw()
+  rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return rgb
+
+
+def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(image_path) as im:
-    rgb = np.asarray(im.convert('RGB').resize((224, 224)))
+    return np.asarray(im.convert('RGB').resize((size, size)))
+
+
+def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray, max_panels: int | None = None):
+  """The image, then one panel per generated word (at most max_panels) with its attention overlaid."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+  size = rgb.shape[0]
   side = int(round(np.sqrt(alphas_LxN.shape[1])))
   words = list(words) + ['<eos>']
-  panels = min(len(words), alphas_LxN.shape[0])
+  panels = min(len(words), alphas_LxN.shape[0], max_panels or len(words))
   cols = min(panels + 1, 6)
   rows = -(-(panels + 1) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.2), squeeze=False)
   for ax in axes.ravel():
     ax.axis('off')
   axes[0, 0].imshow(rgb)
-  import textwrap  # pylint: disable=g-import-not-at-top
   axes[0, 0].set_title(textwrap.fill(' '.join(words[:-1]), 30), fontsize=7)
   for t in range(panels):
     ax = axes[(t + 1) // cols, (t + 1) % cols]
     grid = alphas_LxN[t].reshape(side, side)
     ax.imshow(rgb)
-    ax.imshow(grid, cmap='inferno', alpha=0.6, extent=(0, 224, 224, 0), interpolation='bilinear')
+    ax.imshow(grid, cmap='inferno', alpha=0.6, extent=(0, size, size, 0), interpolation='bilinear')
     ax.set_title(words[t], fontsize=9)
-  _save(fig, path)
+  return fig
+
+
+def plot_attention(image_path: str, words: list[str], alphas_LxN: np.ndarray, path: str) -> None:
+  """The image, then one panel per generated word with its attention over the region grid overlaid."""
+  _save(attention_figure(load_rgb(image_path), words, alphas_LxN), path)
+
+
+def attention_image(image_path: str, words: list[str], alphas_LxN: np.ndarray, max_words: int = 11) -> np.ndarray:
+  """plot_attention's figure (panels for the first max_words words) as an RGB uint8 array (for TensorBoard)."""
+  fig = attention_figure(load_rgb(image_path, 112), words, alphas_LxN, max_panels=max_words)
+  fig.set_dpi(60)
+  return figure_to_array(fig)

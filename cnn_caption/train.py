@@ -19,7 +19,6 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -29,21 +28,26 @@ import numpy as np
 from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import config_utils
 from cnn_caption import io_utils
+from cnn_caption import ema
+from cnn_caption import monitor as monitor_lib
 from cnn_caption import optim
 from cnn_caption import parallel
+from cnn_caption import run_record
 from cnn_caption import tasks as tasks_lib
 from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
 from cnn_caption.io_utils import write_json, write_jsonl
 
 Batch = dict[str, jax.Array]
-TrainState = train_state.TrainState
+TrainState = ema.TrainState  # flax's, plus an optional moving average of the parameters
 
 
-def create_train_state(model, example_inputs: tuple, rng: jax.Array, tx) -> TrainState:
-  """Initialises parameters from example inputs (batch of 1)."""
+def create_train_state(model, example_inputs: tuple, rng: jax.Array, tx, ema_decay: float = 0.0,
+                       ema_every: int = 1) -> TrainState:
+  """Initialises parameters from example inputs (batch of 1); ema_decay > 0 adds their moving average."""
   variables = jax.jit(functools.partial(model.init, train=False))(rng, *example_inputs)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx, ema_decay=ema_decay,
+                           ema_every=ema_every)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task) -> tuple[TrainState, dict]:
@@ -88,10 +92,10 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 class RunMeta:
   """What a checkpoint carries besides the TrainState (saved as JSON)."""
   history: list[dict] = dataclasses.field(default_factory=list)  # one record per finished epoch
-  epoch_loss_sum: float = 0.0  # over the steps of the current epoch so far
-  epoch_loss_count: int = 0
-  total_loss_sum: float = 0.0  # over every step so far (the homework's running loss)
-  total_loss_count: int = 0
+  epoch_loss_sum: float = 0.0  # sum of loss * weight over the steps of the current epoch so far
+  epoch_loss_count: float = 0  # sum of the weights (steps, or the task's loss_weight such as tokens)
+  total_loss_sum: float = 0.0  # the same over every step so far (the homework's running loss)
+  total_loss_count: float = 0
   best_epoch: int | None = None  # by validation task.selection_metric
   best_value: float | None = None
   config: dict | None = None  # the run's config, to refuse a resume that would change the computation
@@ -141,6 +145,8 @@ class Trainer:
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.max_to_keep)
     self.best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints_best'), 1)
     self._step_fns: dict[int, Callable] = {}
+    self.monitor: monitor_lib.RunMonitor | None = None
+    self._eval_seconds = 0.0  # spent in validation within the current epoch
 
   def run(self) -> dict:
     """Restore, train the remaining epochs, then test and write results."""
@@ -156,6 +162,8 @@ class Trainer:
                      self.task.selection_metric, self.config.early_stopping_patience)
       return self._finish(state, meta, num_params)
     finally:
+      if self.monitor is not None:
+        self.monitor.close()
       self.ckpt.close()
       self.best_ckpt.close()
 
@@ -169,9 +177,11 @@ class Trainer:
         self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
       except checkpoint_lib.DAMAGE:
         pass  # a damaged newest checkpoint: restore_intact reports it and falls back
+    run_record.record_config(config, self.workdir)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)
-    state = create_train_state(task.model, task.example_inputs(), init_rng, tx)
+    state = create_train_state(task.model, task.example_inputs(), init_rng, tx, config.get('ema_decay', 0.0),
+                               optim.accumulate_steps(config.optimizer))
     state = parallel.replicate(state, self.mesh)
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -194,6 +204,10 @@ class Trainer:
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     task.save_assets(self.workdir)
     write_jsonl(self.metrics_path, meta.history)
+    self.monitor = monitor_lib.RunMonitor(
+        config, self.workdir, start_step=int(state.step), total_steps=self.total_steps,
+        steps_per_epoch=self.steps_per_epoch, learning_rate_fn=optim.learning_rate_at(config.optimizer,
+                                                                                      self.total_steps))
     return state, meta, dropout_rng, num_params
 
   def _check_resume_config(self, saved: dict, step: int) -> None:
@@ -237,13 +251,15 @@ class Trainer:
     order = epoch_order(config.seed, epoch, self.task.num_train)
     step = int(state.step)
     pos = step - epoch * self.steps_per_epoch
-    t_epoch = t_log = time.time()
-    steps_at_log = step
+    t_epoch = time.time()
+    self._eval_seconds = 0.0
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
       n = min(config.steps_per_call, self.steps_per_epoch - pos)
       batch = parallel.shard_batch(self._host_batches(order, pos, n, step), self.mesh, batch_axis=1)
+      self.monitor.before_call(step)
       state, metrics = self._compile(n)(state, batch, dropout_rng)
+      self.monitor.after_call(step + n, state)
       if pending is not None:
         self._account(meta, pending)
       pending = (metrics, step)
@@ -255,30 +271,29 @@ class Trainer:
         pending = None
         self._check_saveable(state, step)
         self.ckpt.save(step, state, meta.to_json())
-      if step // config.log_every_steps > (step - n) // config.log_every_steps:
-        rate = (step - steps_at_log) / max(time.time() - t_log, 1e-9)
-        logging.info('epoch %d step %d/%d  loss(running) %.4f  %.1f steps/s  %.0f samples/s',
-                     epoch + 1, step, self.total_steps, meta.total_loss_sum / max(meta.total_loss_count, 1),
-                     rate, rate * config.batch_size)
-        t_log, steps_at_log = time.time(), step
+      every = config.get('eval_every_steps', 0)
+      if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
+        self._validate(state)  # the epoch's end validates anyway
     if pending is not None:
       self._account(meta, pending)
-    return state, time.time() - t_epoch
+    return state, time.time() - t_epoch - self._eval_seconds
 
   def _end_of_epoch(self, state: TrainState, meta: RunMeta, epoch: int, train_seconds: float) -> None:
     """Validation, the epoch's record, the best-epoch checkpoint, the epoch checkpoint."""
     task, step = self.task, int(state.step)
     t_eval = time.time()
-    val = task.evaluate(state.params, 'val')
+    val = self._validate(state)
     record = {'epoch': epoch + 1, 'step': step,
               'train_loss': meta.epoch_loss_sum / max(meta.epoch_loss_count, 1),
               'train_loss_running': meta.total_loss_sum / max(meta.total_loss_count, 1),
               'seconds': train_seconds, 'eval_seconds': time.time() - t_eval}
-    record.update({f'val_{name}': value for name, value in val.items()})
+    for prefix, metrics in val.items():  # val_* and, with an EMA, val_ema_*
+      record.update({f'{prefix}_{name}': value for name, value in metrics.items()})
     meta.history.append(record)
     meta.epoch_loss_sum, meta.epoch_loss_count = 0.0, 0
-    value = record[f'val_{task.selection_metric}']
     self._check_saveable(state, step)
+    self.monitor.images(step, task.tensorboard_images(state.params))
+    value = record[self._selection_key]
     if meta.best_value is None or value > meta.best_value:
       meta.best_epoch, meta.best_value = epoch + 1, value
       self.best_ckpt.save(step, state, {'epoch': epoch + 1, 'value': value})
@@ -286,6 +301,25 @@ class Trainer:
                  '  '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float)))
     self.ckpt.save(step, state, meta.to_json())
     write_jsonl(self.metrics_path, meta.history)
+
+  @property
+  def _test_ema(self) -> bool:
+    """config.test_params == 'ema': the EMA picks the best epoch and is tested."""
+    return self.config.get('test_params', 'raw') == 'ema'
+
+  @property
+  def _selection_key(self) -> str:
+    return f"val_{'ema_' if self._test_ema else ''}{self.task.selection_metric}"
+
+  def _validate(self, state: TrainState) -> dict[str, dict[str, float]]:
+    """Validation of the parameters (and of their EMA), reported to TensorBoard and eval.jsonl."""
+    t_eval, step = time.time(), int(state.step)
+    results = {'val': self.task.evaluate(state.params, 'val')}
+    if state.ema_params is not None:
+      results['val_ema'] = self.task.evaluate(state.ema_params, 'val')
+    self.monitor.evaluation(step, step / self.steps_per_epoch, results)
+    self._eval_seconds += time.time() - t_eval
+    return results
 
   def _should_stop(self, meta: RunMeta) -> bool:
     """Early stopping (also on resume): `early_stopping_patience` epochs without a val gain."""
@@ -295,6 +329,7 @@ class Trainer:
   def _account(self, meta: RunMeta, pending) -> None:
     """Adds one call's losses to the running sums; stops at the first NaN/inf."""
     metrics, first_step = pending
+    metrics = jax.tree.map(np.asarray, metrics)
     losses = np.asarray(metrics['loss'], np.float64)
     bad = ~np.isfinite(losses)
     if bad.any():
@@ -302,10 +337,12 @@ class Trainer:
       raise UserError(f'training loss became {losses[bad][0]} at step {at}; stopped without saving, so '
                       f'the last good checkpoint in {self.workdir}/checkpoints is untouched; lower '
                       '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm')
-    meta.epoch_loss_sum += float(losses.sum())
-    meta.epoch_loss_count += losses.size
-    meta.total_loss_sum += float(losses.sum())
-    meta.total_loss_count += losses.size
+    loss_sum, weight_sum = monitor_lib.weighted_loss_sums(metrics)  # weighted by the task's loss_weight
+    meta.epoch_loss_sum += loss_sum
+    meta.epoch_loss_count += weight_sum
+    meta.total_loss_sum += loss_sum
+    meta.total_loss_count += weight_sum
+    self.monitor.train_metrics(first_step, metrics)
 
   def _finish(self, state: TrainState, meta: RunMeta, num_params: int) -> dict:
     """Test figures of the last and best epochs, plots, results.json."""
@@ -319,13 +356,18 @@ class Trainer:
         'epochs_trained': len(history),
         'best_epoch': meta.best_epoch,
         f'best_val_{metric}': meta.best_value,
-        f'val_{metric}': history[-1][f'val_{metric}'] if history else None,
+        f'val_{metric}': history[-1][self._selection_key] if history else None,
+        'test_params': 'ema' if self._test_ema else 'raw',
         'train_loss': history[-1]['train_loss'] if history else None,
         'train_seconds': float(sum(r['seconds'] for r in history)),
         'devices': jax.device_count(),
         'config': config.to_dict(),
+        'environment': run_record.environment(),
     }
-    results.update(task.final_results(state.params, best_state.params, self.workdir))
+    if self._test_ema:
+      results.update(task.final_results(state.ema_params, best_state.ema_params, self.workdir))
+    else:
+      results.update(task.final_results(state.params, best_state.params, self.workdir))
     task.make_plots(history, state.params, self.workdir)
     write_json(os.path.join(self.workdir, 'results.json'), results)
     logging.info('results: %s', {k: v for k, v in results.items() if k != 'config'})

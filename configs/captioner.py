@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.optimizer.schedule = 'constant'  # constant | cosine | warmup_cosine
   config.optimizer.warmup_steps = 0  # warmup_cosine only
   config.optimizer.grad_clip_norm = 5.0  # global-norm clipping; 0 = off
+  config.optimizer.accumulate_steps = 1  # micro-batches of batch_size averaged per update; 1 = off
 
   config.batch_size = 8  # captions per step (global, split over devices)
   config.eval_batch_size = 64  # images per decoding call
@@ -77,6 +78,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.checkpoint.restore_step = config_dict.placeholder(int)  # resume from this saved step; None = newest
   config.checkpoint.allow_config_change = False  # resume even if the saved config differs in the computation
   config.log_every_steps = 200  # progress line cadence
+  config.eval_every_steps = 0  # extra validation every N steps (eval.jsonl, TensorBoard); 0 = epoch ends only
+  config.ema_decay = 0.0  # EMA of the parameters, evaluated and checkpointed beside them; 0 = off
+  config.test_params = 'raw'  # parameters scored on test and picked by val: 'raw' or 'ema' (needs ema_decay)
+  config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
 
   if arg == 'smoke':
     config.data.synthetic_num_images = 48

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.optimizer.schedule = 'constant'  # constant | cosine | warmup_cosine
   config.optimizer.warmup_steps = 0  # warmup_cosine only
   config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+  config.optimizer.accumulate_steps = 1  # micro-batches of batch_size averaged per update; 1 = off
 
   config.batch_size = 8  # examples per optimizer step (global, split over devices)
   config.eval_batch_size = 1000  # examples per evaluation call
@@ -51,6 +52,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.checkpoint.restore_step = config_dict.placeholder(int)  # resume from this saved step; None = newest
   config.checkpoint.allow_config_change = False  # resume even if the saved config differs in the computation
   config.log_every_steps = 1000  # progress line cadence
+  config.eval_every_steps = 0  # extra validation every N steps (eval.jsonl, TensorBoard); 0 = epoch ends only
+  config.ema_decay = 0.0  # EMA of the parameters, evaluated and checkpointed beside them; 0 = off
+  config.test_params = 'raw'  # parameters scored on test and picked by val: 'raw' or 'ema' (needs ema_decay)
+  config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
 
   config.sweep = config_dict.ConfigDict()
   config.sweep.learning_rates = ()  # non-empty -> train one run per lr, pick the best by val accuracy

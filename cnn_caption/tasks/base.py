@@ -33,7 +33,11 @@ class Task(Protocol):
     """(scalar loss, aux) for one batch; traced inside the jitted train step."""
 
   def metrics(self, loss: jax.Array, aux: dict, grads: Params) -> dict[str, jax.Array]:
-    """Per-step scalars (must include 'loss'); traced inside the jitted train step."""
+    """Per-step scalars, all logged; traced inside the jitted train step.
+
+    Must include 'loss'; an optional 'loss_weight' (e.g. the number of target tokens) weights the loss in
+    the epoch and log-interval means.
+    """
 
   def evaluate(self, params: Params, split: str) -> dict[str, float]:
     """Metrics of `params` on 'val' or 'test' (must include selection_metric)."""
@@ -43,6 +47,9 @@ class Task(Protocol):
 
   def final_results(self, params: Params, best_params: Params, workdir: str) -> dict[str, Any]:
     """Test figures (and task-specific outputs) for results.json."""
+
+  def tensorboard_images(self, params: Params) -> dict[str, np.ndarray]:
+    """Images (HxWxC uint8) for TensorBoard at each epoch end, by tag; {} for none."""
 
   def make_plots(self, history: list[dict], params: Params, workdir: str) -> None:
     """Plots under workdir/plots from the per-epoch history and the final parameters."""

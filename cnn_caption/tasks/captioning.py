@@ -25,6 +25,7 @@ from cnn_caption import metrics as metrics_lib
 from cnn_caption import models
 from cnn_caption import parallel
 from cnn_caption import plots
+from cnn_caption import run_record
 from cnn_caption.data import captions as captions_lib
 from cnn_caption.data import images as images_lib
 from cnn_caption.data import synthetic
@@ -34,7 +35,7 @@ from cnn_caption.models import decoders
 from cnn_caption.models import encoders
 
 VOCAB_FILE = 'vocab.json'
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = run_record.CONFIG_FILE
 
 
 def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -130,7 +131,8 @@ class CaptioningTask:
 
   @staticmethod
   def metrics(loss, aux, grads) -> dict:
-    return {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'num_tokens': aux['num_tokens']}
+    return {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'num_tokens': aux['num_tokens'],
+            'loss_weight': aux['num_tokens']}  # the epoch loss is a mean over tokens, not over batches
 
   def _decode_fn(self, method: str):
     if method not in self._decoders:
@@ -167,8 +169,7 @@ class CaptioningTask:
     return self._scores(split, self.decode(params, split, 'greedy'))
 
   def save_assets(self, workdir: str) -> None:
-    self.vocab.save(os.path.join(workdir, VOCAB_FILE))
-    io_utils.write_json(os.path.join(workdir, CONFIG_FILE), self.config.to_dict())
+    self.vocab.save(os.path.join(workdir, VOCAB_FILE))  # config.json: written by the trainer for every task
 
   def final_results(self, params, best_params, workdir: str) -> dict:
     """Test metrics (METEOR too) of the best epoch's parameters with config.decoding.method (and greedy)."""
@@ -192,6 +193,22 @@ class CaptioningTask:
                 for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])]
     io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
+
+  def tensorboard_images(self, params, num_images: int = 3) -> dict[str, np.ndarray]:
+    """Greedy captions with their attention maps for the first validation images (attention decoders)."""
+    if self.config.model.attention_dim is None:
+      return {}
+    if 'attention' not in self._decoders:
+      d = self.config.decoding
+      self._decoders['attention'] = jax.jit(lambda p, f: decoders.greedy_decode(
+          self.model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len))
+    entries = self.entries['val'][:num_images]
+    tokens, alphas = self._decoders['attention'](params, self.feats['val'][:len(entries)].astype(np.float32))
+    images = {}
+    for entry, row, alphas_LxN in zip(entries, np.asarray(tokens), np.asarray(alphas)):
+      words = self.vocab.decode(row.tolist())
+      images[f'attention/{entry.name}'] = plots.attention_image(entry.path, words, alphas_LxN)
+    return images
 
   def make_plots(self, history: list[dict], params, workdir: str) -> None:
     del params

@@ -88,6 +88,11 @@ class ClassificationTask:
             'num_train': self.num_train, 'num_val': len(self.splits['val'][1]),
             'num_test': len(self.splits['test'][1])}
 
+  def tensorboard_images(self, params) -> dict[str, np.ndarray]:
+    """The learned convolution kernels as RGB mosaics."""
+    return {f'filters/{layer}': plots.filter_image(np.asarray(params[layer]['kernel']))
+            for layer in ('conv1', 'conv2') if layer in params}
+
   def make_plots(self, history: list[dict], params, workdir: str) -> None:
     plot_dir = os.path.join(workdir, 'plots')
     plots.plot_curves({'train': [r['train_loss'] for r in history]}, 'training loss (epoch mean)',
