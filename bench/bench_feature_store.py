@@ -13,7 +13,6 @@ here (same layer layout, random weights, channels-last, one thread) gives images
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,29 +24,6 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = common.ROOT
 
-_TORCH_LITE0 = r'''
-import json, sys, time, torch, torch.nn as nn
-torch.set_num_threads(1)
-size, batch, reps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def cbr(i, o, k, s, g=1):
-  return [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o, eps=1e-3), nn.ReLU6()]
-layers, c = cbr(3, 32, 3, 2), 32
-for e, k, s, o, n in [(1,3,1,16,1),(6,3,2,24,2),(6,5,2,40,2),(6,3,2,80,3),(6,5,1,112,3),(6,5,2,192,4),(6,3,1,320,1)]:
-  for j in range(n):
-    h = c * e
-    block = (cbr(c, h, 1, 1) if e != 1 else []) + cbr(h, h, k, s if j == 0 else 1, h)
-    block += [nn.Conv2d(h, o, 1, bias=False), nn.BatchNorm2d(o, eps=1e-3)]
-    layers.append(nn.Sequential(*block)); c = o
-layers += cbr(c, 1280, 1, 1)
-net = nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
-x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-with torch.inference_mode():
-  for _ in range(2): net(x)
-  t0 = time.perf_counter()
-  for _ in range(reps): net(x)
-  dt = time.perf_counter() - t0
-print(json.dumps({'images_per_s': batch * reps / dt}))
-'''
 
 
 def child(args) -> None:
@@ -131,13 +107,11 @@ def main():
     for line in lines:
       print(line, flush=True)
   if args.peer_python:
-    cmd = ['taskset', '-c', str(args.core), args.peer_python, '-c', _TORCH_LITE0, str(args.image_size), '32', '10']
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+    rate = common.torch_lite0(args, args.image_size)
     common.emit({'bench': 'feature_store', 'what': 'torch_lite0_forward', 'image_size': args.image_size,
-                 'images_per_s_per_core': round(lines[0]['images_per_s'], 1) if lines else None,
-                 'note': 'forward only, random weights; the project figure above includes image decoding and '
-                         'the store write' if lines else out.stderr[-500:]})
+                 'images_per_s_per_core': None if rate is None else round(rate, 1),
+                 'note': 'forward only, random weights; the project figure above also decodes images, writes '
+                         'the cache and compiles; bench_features.py compares the forwards alone'})
 
 
 if __name__ == '__main__':

@@ -126,3 +126,38 @@ def compare(bench: str, path: str, unit: str, project: list[float], peers: dict[
       record['best_peer_peak_fraction'] = round(best * flops_per_unit / 1e9 / peak_gflops, 3)
   record.update(extra)
   return record
+
+
+# A PyTorch EfficientNet-Lite0 forward (features only: stem, 16 blocks, 1x1 head to 1280; ReLU6, BatchNorm
+# eps 1e-3, no squeeze-excitation), random weights, channels-last, one thread. Arguments: size batch reps.
+TORCH_LITE0 = r'''
+import json, sys, time, torch, torch.nn as nn
+torch.set_num_threads(1)
+size, batch, reps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def cbr(i, o, k, s, g=1):
+  return [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o, eps=1e-3), nn.ReLU6()]
+layers, c = cbr(3, 32, 3, 2), 32
+for e, k, s, o, n in [(1,3,1,16,1),(6,3,2,24,2),(6,5,2,40,2),(6,3,2,80,3),(6,5,1,112,3),(6,5,2,192,4),(6,3,1,320,1)]:
+  for j in range(n):
+    h = c * e
+    block = (cbr(c, h, 1, 1) if e != 1 else []) + cbr(h, h, k, s if j == 0 else 1, h)
+    block += [nn.Conv2d(h, o, 1, bias=False), nn.BatchNorm2d(o, eps=1e-3)]
+    layers.append(nn.Sequential(*block)); c = o
+layers += cbr(c, 1280, 1, 1)
+net = nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
+x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+with torch.inference_mode():
+  for _ in range(2): net(x)
+  t0 = time.perf_counter()
+  for _ in range(reps): net(x)
+  dt = time.perf_counter() - t0
+print(json.dumps({'images_per_s': batch * reps / dt}))
+'''
+
+
+def torch_lite0(args, image_size: int, batch: int = 32, reps: int = 10) -> float | None:
+  """Images/s of the PyTorch Lite0 forward above, pinned to the same core; None when it fails."""
+  cmd = [*_taskset(args.core), args.peer_python, '-c', TORCH_LITE0, str(image_size), str(batch), str(reps)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+  return lines[0]['images_per_s'] if lines else None
