@@ -100,7 +100,8 @@ def _tree_rss_mb(pid: int) -> float:
 def sweep(extra: list[str], workdir: str | None = None) -> dict:
   """Wall time and peak memory (process tree) of the homework sweep on all cores."""
   workdir = workdir or tempfile.mkdtemp(prefix='bench_sweep_')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
+         '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
          f'--workdir={workdir}', *extra]
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

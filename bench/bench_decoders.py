@@ -77,7 +77,8 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
       loss=functools.partial(captioning.caption_loss, doubly_stochastic=config.loss.doubly_stochastic),
       metrics=captioning.CaptioningTask.metrics)
   fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=config.steps_per_call), donate_argnums=0)
-  batches = {'feats': feats[None].repeat(config.steps_per_call, 0), 'tokens': tokens[None].repeat(config.steps_per_call, 0)}
+  batches = {'feats': feats[None].repeat(config.steps_per_call, 0),
+             'tokens': tokens[None].repeat(config.steps_per_call, 0)}
   key = jax.random.key(1)
   holder = {'state': state}
   holder['state'], m = fn(holder['state'], batches, key)
@@ -96,7 +97,8 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
   # (the real one needs a dataset); eos_id = VOCAB is never emitted, so all LEN steps run.
   stand_in = types.SimpleNamespace(config=config, model=model, _decoders={},
                                    vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB))
-  decode = {method: captioning.CaptioningTask._decode_fn(stand_in, method) for method in ('greedy', 'beam')}  # pylint: disable=protected-access
+  decode_fn = captioning.CaptioningTask._decode_fn  # pylint: disable=protected-access
+  decode = {method: decode_fn(stand_in, method) for method in ('greedy', 'beam')}
   feats_dev = jnp.asarray(feats)
   for f in decode.values():
     jax.block_until_ready(f(params, feats_dev))
