@@ -1,11 +1,14 @@
-"""Classifier throughput and sweep cost. Prints JSON lines.
+"""Classifier training throughput next to the PyTorch peer, one pinned core, interleaved. Prints JSON lines.
 
-  python bench/bench_classifier.py            # samples/s at batch 8 and 64, pinned to core 0
-  python bench/bench_classifier.py --sweep    # also the full homework sweep: wall time, peak memory
+  python bench/bench_classifier.py --peer_python=/work/peer-venv/bin/python      # batch 8 and 64, 3 reps
+  python bench/bench_classifier.py --batch_sizes=64 --reps=5 --no_compile
+  python bench/bench_classifier.py --sweep                                         # + the homework sweep (2 cores)
 
-Throughput uses the real training path (Trainer's jitted `train_steps`, unrolled steps_per_call) on
-random data of Fashion-MNIST's shape. Compare with the PyTorch 2.13 eager figures in ECOSYSTEM.md
-(about 1,300 samples/s at batch 8 and 2,800 at batch 64 on one core).
+The project side is the trainer's own call: `jax.jit(train.train_steps, donate_argnums=0)` with the
+classification task's loss, config.steps_per_call steps per call, on random data of Fashion-MNIST's shape
+(the batches are prepared before timing, as the trainer's host prefetch does). The peer is
+/work/shared/peers/torch_cnn.py (eager, --channels-last and, unless --no_compile, --compile), each
+repetition a fresh pinned process whose warm-up is not timed. The ratio is to the fastest peer setup.
 """
 
 import argparse
@@ -18,40 +21,59 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = common.ROOT
 
 
-def throughput(batch_size: int, steps_per_call: int, seconds: float = 8.0) -> dict:
+def forward_flops_per_sample() -> float:
+  """Multiply-adds x 2 of one forward pass of the homework CNN (conv16-pool-conv32-pool-600-120-10)."""
+  conv1 = 28 * 28 * 16 * 9 * 1
+  conv2 = 12 * 12 * 32 * 9 * 16
+  dense = 1152 * 600 + 600 * 120 + 120 * 10
+  return 2.0 * (conv1 + conv2 + dense)
+
+
+def make_project(batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False):
+  """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation)."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  from cnn_caption import models, optim, train
-  from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models, optim, train  # pylint: disable=g-import-not-at-top
+  from cnn_caption.tasks import classification  # pylint: disable=g-import-not-at-top
+  task = classification.ClassificationTask  # loss and metrics are static: no data needed
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import classifier  # pylint: disable=g-import-not-at-top
   config = classifier.get_config()
-  model = models.create_model(config)
+  overrides = {'dtype': jnp.bfloat16} if half_precision else {}
+  model = models.create_model(config, **overrides)
   tx = optim.make_optimizer(config.optimizer, 1000)
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
-  task = tasks.ClassificationTask  # loss and metrics are static: the class serves without loading data
   fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=steps_per_call), donate_argnums=0)
   rng = np.random.default_rng(0)
   batches = [{'image': rng.random((steps_per_call, batch_size, 28, 28, 1), np.float32),
               'label': rng.integers(0, 10, (steps_per_call, batch_size)).astype(np.int32)} for _ in range(4)]
   key = jax.random.key(1)
-  t0 = time.perf_counter()
-  state, m = fn(state, batches[0], key)
+  holder = {'state': state}
+  holder['state'], m = fn(holder['state'], batches[0], key)
   jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  calls, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    state, m = fn(state, batches[calls % 4], key)
-    calls += 1
-  jax.block_until_ready(m)
-  dt = time.perf_counter() - t0
-  return {'bench': 'classifier_train', 'batch_size': batch_size, 'steps_per_call': steps_per_call,
-          'samples_per_s': round(calls * steps_per_call * batch_size / dt, 1), 'compile_s': round(compile_s, 2),
-          'cores': sorted(os.sched_getaffinity(0))}
+
+  def run() -> float:
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      holder['state'], m = fn(holder['state'], batches[calls % 4], key)
+      calls += 1
+    jax.block_until_ready(m)
+    return calls * steps_per_call * batch_size / (time.perf_counter() - t0)
+  return run
+
+
+def make_peer(args, batch_size: int, setup: str, steps: int):
+  flags = ['--batch-size', str(batch_size), '--threads', '1', '--steps', str(steps)]
+  flags += {'eager': [], 'channels_last': ['--channels-last'], 'compile': ['--compile', '--channels-last']}[setup]
+  return lambda: common.run_peer(args, 'torch_cnn.py', flags)[0]['samples_per_s']
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -72,8 +94,10 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def sweep(extra: list[str], workdir: str | None = None) -> dict:
+  """Wall time and peak memory (process tree) of the homework sweep on all cores."""
   workdir = workdir or tempfile.mkdtemp(prefix='bench_sweep_')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
+         '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
          f'--workdir={workdir}', *extra]
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,9 +110,8 @@ def sweep(extra: list[str], workdir: str | None = None) -> dict:
 
   threading.Thread(target=sample, daemon=True).start()
   rc = proc.wait()
-  wall = time.time() - t0
-  out = {'bench': 'classifier_sweep', 'rc': rc, 'wall_s': round(wall, 1), 'peak_rss_mb': round(peak[0], 1),
-         'workdir': workdir, 'cores': sorted(os.sched_getaffinity(0))}
+  out = {'bench': 'classifier_sweep', 'rc': rc, 'wall_s': round(time.time() - t0, 1),
+         'peak_rss_mb': round(peak[0], 1), 'workdir': workdir, 'cores': sorted(os.sched_getaffinity(0))}
   if rc == 0:
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
@@ -98,20 +121,41 @@ def sweep(extra: list[str], workdir: str | None = None) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  common.add_common_flags(parser)
+  parser.add_argument('--batch_sizes', default='8,64')
+  parser.add_argument('--steps_per_call', type=int, default=8, help="the classifier config's default")
+  parser.add_argument('--seconds', type=float, default=4.0, help='project seconds per repetition')
+  parser.add_argument('--peer_steps', type=int, default=300, help='peer timed steps per repetition')
+  parser.add_argument('--no_compile', action='store_true', help='skip the torch.compile peer (20 s compile each)')
+  parser.add_argument('--half_precision', action='store_true', help='also time bfloat16 compute (reported apart)')
   parser.add_argument('--sweep', action='store_true', help='also time the full sweep on all cores')
   parser.add_argument('--sweep_args', default='', help='extra launch.py flags for the sweep, space separated')
   parser.add_argument('--sweep_workdir', default=None, help='where the sweep writes (default: a temp dir)')
-  parser.add_argument('--core', type=int, default=0)
-  parser.add_argument('--seconds', type=float, default=8.0)
   args = parser.parse_args()
   cores = os.sched_getaffinity(0)
-  os.sched_setaffinity(0, {args.core})  # one core for the throughput figures, as `taskset -c 0`
-  for batch_size, k in ((8, 1), (8, 8), (64, 1)):
-    print(json.dumps(throughput(batch_size, k, args.seconds)), flush=True)
+  common.pin(args.core)
+  common.emit(common.header(args, 'classifier_train'))
+  peak = common.cpu_peak(args)
+  flops = 3 * forward_flops_per_sample()  # forward + two backward products
+  for batch_size in (int(b) for b in args.batch_sizes.split(',')):
+    sides = {'project': make_project(batch_size, args.steps_per_call, args.seconds)}
+    if args.half_precision:
+      sides['project_bf16'] = make_project(batch_size, args.steps_per_call, args.seconds, half_precision=True)
+    if args.peer_python:
+      setups = ['eager', 'channels_last'] + ([] if args.no_compile else ['compile'])
+      for setup in setups:
+        sides[setup] = make_peer(args, batch_size, setup, args.peer_steps)
+    results = common.interleave(args.reps, sides)
+    peers = {k: v for k, v in results.items() if not k.startswith('project')}
+    extra = {'batch_size': batch_size, 'steps_per_call': args.steps_per_call}
+    if args.half_precision:
+      extra['project_bf16'] = common.spread(results['project_bf16'])
+    common.emit(common.compare('classifier_train', f'train_b{batch_size}', 'samples/s', results['project'],
+                               peers, flops, peak, **extra))
   os.sched_setaffinity(0, cores)
   if args.sweep:
-    print(json.dumps(sweep(args.sweep_args.split(), args.sweep_workdir)), flush=True)
+    common.emit(sweep(args.sweep_args.split(), args.sweep_workdir))
 
 
 if __name__ == '__main__':

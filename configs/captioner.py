@@ -11,6 +11,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.task = 'captioning'  # which task in cnn_caption/tasks.py trains this config
   config.seed = 0  # the one seed: init, shuffling, dropout (folded with the step)
+  config.half_precision = False  # bfloat16 compute, float32 params and optimizer state (models' dtype); off by default
 
   config.data = config_dict.ConfigDict()
   config.data.dir = config_dict.placeholder(str)  # Karpathy dataset.json folder; None -> synthetic

@@ -166,3 +166,29 @@ def test_bad_images_raise_or_are_skipped(tmp_path, images_dir):
     features.extract_features('efficientnet_lite0', None, paths, 32, cache, on_error='ignore')
   with pytest.raises(UserError, match='resnet18.pth'):
     features.extract_features('resnet18', None, paths, 32, cache)
+
+
+def test_feature_store_reads_rows_from_disk_like_an_array(tmp_path):
+  rows = np.random.default_rng(0).normal(size=(7, 3, 4)).astype(np.float16)
+  path = str(tmp_path / 'store.npy')
+  features._write_store(path, rows.shape, iter(rows))
+  np.testing.assert_array_equal(np.load(path), rows)  # a plain .npy file
+  store = features.FeatureStore(path)
+  assert store.shape == (7, 3, 4) and store.dtype == np.float16 and len(store) == 7 and store.ndim == 3
+  mask = np.array([True, False, True, True, False, True, True])
+  view = store[1:][mask[1:]]  # what the captioning task does with a split's rows and ok mask: stays lazy
+  assert isinstance(view, features.FeatureStore) and view.shape == (4, 3, 4)
+  np.testing.assert_array_equal(np.asarray(view), rows[1:][mask[1:]])
+  np.testing.assert_array_equal(view[np.array([3, 0, 3])].astype(np.float32), rows[1:][mask[1:]][[3, 0, 3]])
+  np.testing.assert_array_equal(view[2], rows[5])
+  np.testing.assert_array_equal(store[2:5, 1], rows[2:5, 1])
+
+
+def test_extract_features_reuses_its_store_file(tmp_path, images_dir):
+  cache = str(tmp_path / 'cache')
+  feats, _ = features.extract_features('efficientnet_lite0', None, images_dir[:3], 32, cache, 2)
+  again, _ = features.extract_features('efficientnet_lite0', None, images_dir[:3], 32, cache, 2)
+  assert again.path == feats.path and os.path.basename(feats.path).startswith('store-')
+  other, _ = features.extract_features('efficientnet_lite0', None, images_dir[1:3], 32, cache, 2)
+  assert other.path != feats.path  # another image list, another store
+  np.testing.assert_array_equal(np.asarray(other), np.asarray(feats)[1:])

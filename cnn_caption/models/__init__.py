@@ -67,6 +67,11 @@ def create_model(config: ml_collections.ConfigDict, **overrides):
   module_path, cls_name = _entry(config).module.split(':')
   cls = getattr(importlib.import_module(module_path), cls_name)
   kwargs = _model_kwargs(config.model)
+  if config.get('half_precision'):  # bfloat16 compute; parameters and optimizer state stay float32
+    if 'dtype' not in {f.name for f in dataclasses.fields(cls)}:
+      raise UserError(f'config.half_precision=True: model {config.model.name!r} has no bfloat16 mode; '
+                      'set --config.half_precision=False')
+    kwargs['dtype'] = jnp.bfloat16
   kwargs.update(overrides)
   return cls(**kwargs)
 

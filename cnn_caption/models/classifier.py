@@ -1,5 +1,7 @@
 """The homework's Fashion-MNIST CNN (question 2)."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,17 +31,18 @@ class FashionCNN(nn.Module):
   conv2_channels: int = 32
   hidden1: int = 600
   hidden2: int = 120
+  dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); parameters stay float32
 
   @nn.compact
   def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', name='conv1')(x_BxHxWx1)
+    x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv1')(x_BxHxWx1)
     x = MaxPool2x2(name='pool1')(nn.relu(x))
-    x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', name='conv2')(x)
+    x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', dtype=self.dtype, name='conv2')(x)
     x = MaxPool2x2(name='pool2')(nn.relu(x))
     # Flatten in (C, H, W) order as torch's x.view(B, -1) did, so a ported torch fc1 would line up.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.hidden1, name='fc1')(x))
+    x = nn.relu(nn.Dense(self.hidden1, dtype=self.dtype, name='fc1')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.hidden2, name='fc2')(x))
-    logits = nn.Dense(self.num_classes, name='fc3')(x)
-    return nn.log_softmax(logits)
+    x = nn.relu(nn.Dense(self.hidden2, dtype=self.dtype, name='fc2')(x))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
+    return nn.log_softmax(logits.astype(jnp.float32))

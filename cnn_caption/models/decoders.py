@@ -38,16 +38,17 @@ class _LSTMStep(nn.Module):
   hidden_dim: int
   attention_dim: int | None
   attention_act: str
+  dtype: Any = jnp.float32
 
   def setup(self):
     gates = 4 * self.hidden_dim
     if self.attention_dim is None:
-      self.h_gates = nn.Dense(gates, use_bias=False, kernel_init=nn.initializers.orthogonal())
+      self.h_gates = nn.Dense(gates, use_bias=False, kernel_init=nn.initializers.orthogonal(), dtype=self.dtype)
     else:
       # One matmul for everything h_{t-1} feeds: the recurrent gates and the attention query W1 h.
-      self.h_gates_query = nn.Dense(gates + self.attention_dim, use_bias=False)
-      self.score = nn.DenseGeneral(1, use_bias=False)  # v
-      self.ctx_gates = nn.Dense(gates, use_bias=False)
+      self.h_gates_query = nn.Dense(gates + self.attention_dim, use_bias=False, dtype=self.dtype)
+      self.score = nn.DenseGeneral(1, use_bias=False, dtype=self.dtype)  # v
+      self.ctx_gates = nn.Dense(gates, use_bias=False, dtype=self.dtype)
 
   def project_regions(self, feats_GxNxC: jax.Array) -> jax.Array:
     """The context half of the gates for every region (softmax weights commute with it): GxNx4H."""
@@ -67,11 +68,12 @@ class _LSTMStep(nn.Module):
       batch, images = h_BxH.shape[0], keys_GxNxA.shape[0]
       query_GxKxA = query_BxA.reshape(images, batch // images, self.attention_dim)
       pre_GxKxNxA = _ACTIVATIONS[self.attention_act](keys_GxNxA[:, None] + query_GxKxA[:, :, None])
-      alpha_GxKxN = jax.nn.softmax(self.score(pre_GxKxNxA)[..., 0], axis=-1)
+      # Softmax in float32 whatever the compute dtype (alphas are outputs and feed the coverage loss).
+      alpha_GxKxN = jax.nn.softmax(self.score(pre_GxKxNxA)[..., 0].astype(jnp.float32), axis=-1)
       if 'feat_gates' in regions:
-        ctx_gates = jnp.einsum('gkn,gnh->gkh', alpha_GxKxN, regions['feat_gates'])
+        ctx_gates = jnp.einsum('gkn,gnh->gkh', alpha_GxKxN.astype(self.dtype), regions['feat_gates'])
       else:
-        ctx_gates = self.ctx_gates(jnp.einsum('gkn,gnc->gkc', alpha_GxKxN, regions['feats']))
+        ctx_gates = self.ctx_gates(jnp.einsum('gkn,gnc->gkc', alpha_GxKxN.astype(self.dtype), regions['feats']))
       gates_Bx4H = xgates_Bx4H + hgates_Bx4H + ctx_gates.reshape(batch, -1)
       alpha_BxN = alpha_GxKxN.reshape(batch, -1)
     i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
@@ -97,6 +99,7 @@ class CaptionDecoder(nn.Module):
   dropout: float = 0.5
   attention_dim: int | None = None
   attention_act: str = 'relu'
+  dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); params and the LSTM state stay float32
 
   def setup(self):
     if self.attention_act not in _ACTIVATIONS:
@@ -107,16 +110,16 @@ class CaptionDecoder(nn.Module):
     if self.attention_dim is not None and self.attention_dim <= 0:
       raise UserError(f'config.model.attention_dim={self.attention_dim} must be positive, or None '
                       'for the plain decoder')
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim)
-    self.init_h = nn.Dense(self.hidden_dim)
-    self.init_c = nn.Dense(self.hidden_dim)
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+    self.init_h = nn.Dense(self.hidden_dim, dtype=self.dtype)
+    self.init_c = nn.Dense(self.hidden_dim, dtype=self.dtype)
     # Embedding half of the LSTM input projection; carries the LSTM gate bias.
-    self.x_gates = nn.Dense(4 * self.hidden_dim)
+    self.x_gates = nn.Dense(4 * self.hidden_dim, dtype=self.dtype)
     if self.attention_dim is not None:
-      self.keys = nn.Dense(self.attention_dim)  # W2 s_j (+ the additive attention bias)
-    self.cell = _LSTMStep(self.hidden_dim, self.attention_dim, self.attention_act)
+      self.keys = nn.Dense(self.attention_dim, dtype=self.dtype)  # W2 s_j (+ the additive attention bias)
+    self.cell = _LSTMStep(self.hidden_dim, self.attention_dim, self.attention_act, self.dtype)
     self.drop = nn.Dropout(self.dropout)
-    self.out = nn.Dense(self.vocab_size)
+    self.out = nn.Dense(self.vocab_size, dtype=self.dtype)
 
   def __call__(self, feats_BxNxC: jax.Array, tokens_BxT: jax.Array, *,
                train: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -152,13 +155,14 @@ class CaptionDecoder(nn.Module):
       raise UserError(f'caption decoder features have shape {feats_BxNxC.shape}; expected '
                       '(batch, regions, channels): flatten the encoder map to regions first')
     mean_BxC = feats_BxNxC.mean(axis=1)
-    carry = {'h': self.init_h(mean_BxC), 'c': self.init_c(mean_BxC)}
+    # The LSTM state is float32 in every compute dtype: c sums over the whole caption.
+    carry = {'h': self.init_h(mean_BxC).astype(jnp.float32), 'c': self.init_c(mean_BxC).astype(jnp.float32)}
     keys_BxNxA = self.keys(feats_BxNxC) if self.attention_dim is not None else None
     return carry, keys_BxNxA
 
   def _run(self, feats_BxNxC, xgates_BxTx4H, train):
     carry, keys_BxNxA = self._start(feats_BxNxC)
-    regions = None if self.attention_dim is None else {'feats': feats_BxNxC, 'keys': keys_BxNxA}
+    regions = None if self.attention_dim is None else {'feats': feats_BxNxC.astype(self.dtype), 'keys': keys_BxNxA}
     _, (h_TxBxH, alphas_TxBxN) = _scan_steps(
         self.cell, carry, jnp.swapaxes(xgates_BxTx4H, 0, 1), regions)
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
@@ -187,7 +191,7 @@ class CaptionDecoder(nn.Module):
         # (beam 3 x 30 steps vs 49 regions: about a third of the beam's FLOPs).
         cache['feat_gates'] = self.cell.project_regions(feats_BxNxC)
       else:
-        cache['feats'] = feats_BxNxC
+        cache['feats'] = feats_BxNxC.astype(self.dtype)
     return cache, carry
 
   def step(self, cache: Cache, carry: Carry,
