@@ -43,8 +43,9 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data.dir
   out = config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
   logging.info('no --config.data.dir: using the SYNTHETIC captioned-scenes set in %s', out)
-  return synthetic.make_synthetic_dataset(out, config.data.synthetic_num_images,
-                                          image_size=config.data.image_size, seed=config.seed)
+  # Process 0 writes it; the others then find it complete.
+  return parallel.main_first(lambda: synthetic.make_synthetic_dataset(
+      out, config.data.synthetic_num_images, image_size=config.data.image_size, seed=config.seed))
 
 
 def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
@@ -139,7 +140,8 @@ class CaptioningTask:
       else:
         fn = lambda params, feats: decoders.beam_search(self.model, params, feats, beam_size=d.beam_size,
                                                         length_penalty=d.length_penalty, **kwargs)
-      self._decoders[method] = jax.jit(fn)
+      # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
+      self._decoders[method] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
     return self._decoders[method]
 
   def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
@@ -183,7 +185,8 @@ class CaptioningTask:
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
     captions = [{'image_name': e.name, 'caption': h} for e, h in zip(self.entries['test'], hyps)]
-    io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+    if parallel.is_main_process():
+      io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
 
   def make_plots(self, history: list[dict], params, workdir: str) -> None:
