@@ -38,6 +38,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+_STARTED: list['Run'] = []
+
+
+@pytest.fixture(scope='module', autouse=True)
+def kill_leftovers():
+  """A failed test may leave processes running (they ignore SIGTERM once distributed): SIGKILL them."""
+  yield
+  for r in _STARTED:
+    r.kill()
+
+
 class Run:
   """N launch.py processes of one run (N=1: a plain single-process run); logs go to files."""
 
@@ -49,6 +60,7 @@ class Run:
     port = free_port()
     self.procs, self.logs, self.spies = [], [], []
     self.start = time.time()
+    _STARTED.append(self)
     for i in range(num_processes):
       spy = os.path.join(self.log_dir, f'writes_{i}.txt')
       cmd = [sys.executable, os.path.join(ROOT, 'tests', 'write_spy.py'), spy, 'launch.py', *args,
