@@ -199,7 +199,7 @@ def check_shared_workdir(workdir: str) -> None:
   """Every process must see one workdir (orbax deadlocks otherwise): process 0 writes a token, the rest read it."""
   if jax.process_count() == 1:
     return
-  token = int(multihost_utils.broadcast_one_to_all(np.int64(np.random.default_rng().integers(1, 2**62))))
+  token = int(from_process_0(np.int32(np.random.default_rng().integers(1, 2**31 - 1))))
   path = os.path.join(workdir, f'.shared_check_{token}')
   if is_main_process():
     with open(path, 'w') as f:
