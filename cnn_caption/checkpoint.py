@@ -122,8 +122,17 @@ class Checkpointer:
                     'delete the damaged step folders to resume from an older one, or use a fresh --workdir')
 
   def restore_params(self, step: int):
-    """Only the parameters, as saved (no target needed: used to caption from a workdir alone)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """Only the parameters, onto this process's first device, whatever devices and processes saved them.
+
+    No target needed: used to caption from a workdir alone and by tests.
+    """
+    with ocp.CheckpointManager(self.directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                                              'meta': ocp.JsonCheckpointHandler()}) as reader:
+      saved = reader.item_metadata(step)['state']
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              getattr(saved, 'tree', saved))
+      restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored['state']['params']
 
   def close(self) -> None:

@@ -6,6 +6,7 @@ which `main` turns into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -13,6 +14,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 
 from cnn_caption import attention_check as check_lib
@@ -20,6 +22,7 @@ from cnn_caption import config_utils
 from cnn_caption import equivariance
 from cnn_caption import imagenet
 from cnn_caption import layer_tables
+from cnn_caption import parallel
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
@@ -28,6 +31,35 @@ from cnn_caption.errors import UserError
 from cnn_caption.tasks import captioning
 
 MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption')
+ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
+ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
+
+
+@dataclasses.dataclass
+class Distributed:
+  """How this process joins a multi-process run (flags; None falls back to the environment)."""
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  auto: bool = False
+  timeout_s: int = 300
+
+  def resolved(self) -> Distributed:
+    """Unset fields from the CNN_CAPTION_* environment variables; UserError if one is not a number."""
+    def env_int(name: str) -> int | None:
+      value = os.environ.get(name)
+      if value is None or value == '':
+        return None
+      try:
+        return int(value)
+      except ValueError:
+        raise UserError(f'${name}={value!r} is not an integer') from None
+    return Distributed(
+        self.coordinator_address or os.environ.get(ENV_COORDINATOR) or None,
+        self.num_processes if self.num_processes is not None else env_int(ENV_NUM_PROCESSES),
+        self.process_id if self.process_id is not None else env_int(ENV_PROCESS_ID),
+        self.auto, self.timeout_s)
 
 
 def _fail(message: str) -> None:
@@ -100,6 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
                     'cannot be trained; use it with --mode=summary or --mode=attention_check, or train '
                     'configs/classifier.py or configs/captioner.py')
   if config.get('sweep') and config.sweep.get('learning_rates'):
+    if jax.process_count() > 1:
+      raise UserError('the learning-rate sweep (config.sweep.learning_rates) runs its members as child processes '
+                      'and cannot span several processes; run it as one process, or train each rate as its own '
+                      'multi-process run: --config.sweep.learning_rates=() --config.optimizer.learning_rate=R')
     sweep.run_sweep(config, workdir)
   else:
     train_lib.train_and_evaluate(config, workdir)
@@ -191,10 +227,12 @@ def caption(workdir: str, image_paths: list[str]) -> int:
 
 def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
+  if mode != 'train' and jax.process_count() > 1:
+    raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
   if mode == 'caption':
     return caption(config_utils.require_workdir(workdir, mode), images)
   config = config_utils.require_config(config)
-  config_utils.validate(config)
+  parallel.same_verdict(lambda: config_utils.validate(config))
   if mode == 'train':
     return train(config, config_utils.require_workdir(workdir, mode))
   if mode == 'summary':
@@ -208,19 +246,49 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   raise app.UsageError(f'--mode={mode} is not handled')
 
 
-def main(mode: str, config, workdir: str | None, images: list[str]) -> None:
-  """Runs a mode and exits: its code, or 2 with one line for a UserError."""
+def _exit(code: int, line: str) -> None:
+  logging.flush()
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def main(mode: str, config, workdir: str | None, images: list[str],
+         distributed: Distributed | None = None) -> None:
+  """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
+
+  Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after
+  Ctrl-C; 1 when another process of the run died.
+  """
+  distributed = distributed or Distributed()
+  if distributed.process_id:
+    logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others only warn
+  try:
+    d = distributed.resolved()
+    parallel.initialize(d.coordinator_address, d.num_processes, d.process_id, d.auto, d.timeout_s)  # first
+  except UserError as e:
+    _exit(2, f'error: {e}')
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
   try:
     code = run(mode, config, workdir, images)
   except UserError as e:
-    logging.flush()
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2, f'error: {e}')
+  except parallel.Preempted as e:
+    if e.signal_name == 'SIGINT':
+      _exit(130, f'interrupted at step {e.step}; checkpoint saved; restart the same command to resume')
+    _exit(0, f'preempted at step {e.step}; restart the same command to resume')
+  except KeyboardInterrupt:
+    _exit(130, 'interrupted (Ctrl-C); nothing saved since the last checkpoint; restart the same command to resume')
   except OSError as e:
     message = errors.environment_error_message(e)  # a full disk, a read-only folder: not a bug
     if message is None:
       raise
+    _exit(2, f'error: {message}')
+  except Exception as e:  # pylint: disable=broad-except
+    line = parallel.peer_failure(e)
+    if line is None:
+      raise
     logging.flush()
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+    print(f'error: process {jax.process_index()}: {line}', file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access  # skips the exit barrier that the dead peer never reaches
   sys.exit(code)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_caption import io_utils
+from cnn_caption import parallel
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
@@ -186,7 +187,7 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
   folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir)
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, 'key.json')
-  if not os.path.exists(meta_path):
+  if parallel.is_main_process() and not os.path.exists(meta_path):
     io_utils.atomic_write(meta_path, lambda f: f.write(json.dumps(key, indent=1).encode()))
 
   module = encoders.create_encoder(encoder_name)
@@ -214,17 +215,39 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
       todo.append(i)
   logging.info('features: %d/%d images cached in %s (read in %.1fs); computing %d',
                num - len(todo) - len(failures), num, folder, time.time() - start, len(todo))
+  if jax.process_count() > 1:
+    # Every process takes process 0's view of the cache, so that the shares below add up exactly.
+    todo = [int(i) for i in np.flatnonzero(parallel.from_process_0(np.isin(np.arange(num), todo)))]
   if todo:
-    failures += _compute(encoder_name, weights_path, image_paths, todo, entries, image_size,
-                         min(batch_size, len(todo)), on_error, ok_mask)
+    # Each process encodes a contiguous share of whole batches (the batches one process alone would run,
+    # so every entry is computed exactly as it would be alone), then all wait for the others.
+    batch_size = min(batch_size, len(todo))
+    num_batches = -(-len(todo) // batch_size)
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = todo[pid * num_batches // nproc * batch_size:(pid + 1) * num_batches // nproc * batch_size]
+    if nproc > 1:
+      logging.info('features: this process encodes %d of the %d images', len(mine), len(todo))
+    failures += parallel.same_verdict(lambda: _compute(encoder_name, weights_path, image_paths, mine, entries,
+                                                       image_size, batch_size, on_error, ok_mask))
+    by_others = set(todo) - set(mine)
+    cached_late = {i for i in range(num) if entries[i] and not ok_mask[i]} - set(todo)  # after this one looked
+    for i in sorted(by_others | cached_late):
+      if _read_entry(entries[i], tuple(regions_shape)) is None:
+        failures.append(f'image {image_paths[i]} could not be encoded (see the other processes\' warnings)')
+      else:
+        ok_mask[i] = True
   if failures:
     logging.warning('features: skipped %d unreadable image(s), e.g. %s', len(failures),
                     failures[:3])
   store = os.path.join(folder, f'store-{_digest([e if ok else None for e, ok in zip(entries, ok_mask)])[:32]}.npy')
-  if not os.path.exists(store):
-    zeros = np.zeros(regions_shape, FEATURE_DTYPE)
-    _write_store(store, (num, *regions_shape),
-                 (_read_entry(e, tuple(regions_shape)) if ok else zeros for e, ok in zip(entries, ok_mask)))
+
+  def write_store():
+    if not os.path.exists(store):
+      zeros = np.zeros(regions_shape, FEATURE_DTYPE)
+      _write_store(store, (num, *regions_shape),
+                   (_read_entry(e, tuple(regions_shape)) if ok else zeros for e, ok in zip(entries, ok_mask)))
+
+  parallel.main_first(write_store)  # one writer; the other processes then read it
   return FeatureStore(store), ok_mask
 
 

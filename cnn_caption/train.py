@@ -99,6 +99,8 @@ class RunMeta:
   best_epoch: int | None = None  # by validation task.selection_metric
   best_value: float | None = None
   config: dict | None = None  # the run's config, to refuse a resume that would change the computation
+  devices: int | None = None  # jax.device_count() of the run that saved it (None: saved before this field)
+  processes: int | None = None  # jax.process_count() of that run
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -114,20 +116,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
 
   Validates config exactly as the command line does. Returns the results dict (also in results.json).
   """
-  config_utils.validate(config)
+  parallel.same_verdict(lambda: config_utils.validate(config))
   if config.get('sweep') and config.sweep.get('learning_rates'):
     raise UserError('config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
                     '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)')
   io_utils.prepare_workdir(workdir)
+  # Every check below gives one verdict on every process, so none goes on alone into a collective.
+  parallel.check_shared_workdir(workdir)
   checkpoint_lib.quiet_library_logs()
   # One run per workdir; process 0 holds the lock for a multi-process run.
-  with workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    if jax.process_index() == 0:
+  with workdir_lock.WorkdirLock(workdir) if parallel.is_main_process() else contextlib.nullcontext():
+    if parallel.is_main_process():
       for path in io_utils.remove_stale_temporaries(workdir):
         logging.warning('removed %s, left by an interrupted save', path)
     mesh = mesh if mesh is not None else parallel.make_mesh()
-    task = tasks_lib.get_task(config, workdir, mesh)
-    return Trainer(config, workdir, task, mesh).run()
+    task = parallel.same_verdict(lambda: tasks_lib.get_task(config, workdir, mesh))
+    return parallel.same_verdict(lambda: Trainer(config, workdir, task, mesh)).run()
 
 
 class Trainer:
@@ -153,10 +157,13 @@ class Trainer:
     try:
       state, meta, dropout_rng, num_params = self._restore()
       epoch = int(state.step) // self.steps_per_epoch
-      while epoch < self.config.num_epochs and not self._should_stop(meta):
-        state, seconds = self._train_epoch(state, meta, dropout_rng, epoch)
-        self._end_of_epoch(state, meta, epoch, seconds)
-        epoch += 1
+      with parallel.StopRequest() as stop:
+        while epoch < self.config.num_epochs and not self._should_stop(meta):
+          state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
+          self._end_of_epoch(state, meta, epoch, seconds)
+          if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
+            raise parallel.Preempted(int(state.step), stop.signal_name)
+          epoch += 1
       if self._should_stop(meta):
         logging.info('early stopping after epoch %d: no val %s gain for %d epochs', len(meta.history),
                      self.task.selection_metric, self.config.early_stopping_patience)
@@ -190,7 +197,10 @@ class Trainer:
     if found is not None:
       step, state, saved = found
       self._check_resume_config(saved, step)
-      logging.info('resuming from step %d (%s)', step, self.ckpt.directory)
+      meta = RunMeta.from_json(saved)
+      saved_on = meta.devices or jax.device_count()
+      logging.info('resuming from step %d, saved on %d device%s, now %d (%s)', step, saved_on,
+                   '' if saved_on == 1 else 's', jax.device_count(), self.ckpt.directory)
       newer = [s for s in self.ckpt.all_steps() if s > step]
       if newer:
         logging.warning('restore_step=%d: newer steps %s moved to %s', step, newer,
@@ -198,12 +208,13 @@ class Trainer:
       best = self.best_ckpt.latest_step()
       if best is not None and best > step:
         self.best_ckpt.set_aside([best], 'superseded')
-      meta = RunMeta.from_json(saved)
       meta.config = config.to_dict()
     else:
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
-    task.save_assets(self.workdir)
-    write_jsonl(self.metrics_path, meta.history)
+    meta.devices, meta.processes = jax.device_count(), jax.process_count()
+    if parallel.is_main_process():
+      task.save_assets(self.workdir)
+      write_jsonl(self.metrics_path, meta.history)
     self.monitor = monitor_lib.RunMonitor(
         config, self.workdir, start_step=int(state.step), total_steps=self.total_steps,
         steps_per_epoch=self.steps_per_epoch, learning_rate_fn=optim.learning_rate_at(config.optimizer,
@@ -239,14 +250,19 @@ class Trainer:
     return self._step_fns[num_steps]
 
   def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the next num_steps global batches: it reads and preprocesses only those."""
     b = self.config.batch_size
-    idx = order[start * b:(start + num_steps) * b]
-    batch = self.task.train_batch(idx, step)
-    return {k: v.reshape(num_steps, b, *v.shape[1:]) for k, v in batch.items()}
+    idx_SxB = order[start * b:(start + num_steps) * b].reshape(num_steps, b)[:, parallel.local_rows(self.mesh, b)]
+    batch = self.task.train_batch(idx_SxB.reshape(-1), step)
+    return {k: v.reshape(*idx_SxB.shape, *v.shape[1:]) for k, v in batch.items()}
 
-  def _train_epoch(self, state: TrainState, meta: RunMeta, dropout_rng: jax.Array,
-                   epoch: int) -> tuple[TrainState, float]:
-    """Trains from the state's step to the end of `epoch`; returns the state and the seconds taken."""
+  def _train_epoch(self, state: TrainState, meta: RunMeta, dropout_rng: jax.Array, epoch: int,
+                   stop: parallel.StopRequest) -> tuple[TrainState, float]:
+    """Trains from the state's step to the end of `epoch`; returns the state and the seconds taken.
+
+    On SIGTERM / SIGINT (agreed by every process: stop.reached) it saves a checkpoint at the current step
+    and raises parallel.Preempted; at the epoch's last step the epoch ends (and saves) first.
+    """
     config = self.config
     order = epoch_order(config.seed, epoch, self.task.num_train)
     step = int(state.step)
@@ -256,7 +272,7 @@ class Trainer:
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
       n = min(config.steps_per_call, self.steps_per_epoch - pos)
-      batch = parallel.shard_batch(self._host_batches(order, pos, n, step), self.mesh, batch_axis=1)
+      batch = parallel.shard_local_batch(self._host_batches(order, pos, n, step), self.mesh, config.batch_size, 1)
       self.monitor.before_call(step)
       state, metrics = self._compile(n)(state, batch, dropout_rng)
       self.monitor.after_call(step + n, state)
@@ -265,6 +281,11 @@ class Trainer:
       pending = (metrics, step)
       pos += n
       step += n
+      if stop.reached(step) and pos < self.steps_per_epoch:
+        self._account(meta, pending)
+        self._check_saveable(state, step)
+        self.ckpt.save(step, state, meta.to_json())
+        raise parallel.Preempted(step, stop.signal_name)
       every = config.checkpoint.every_steps
       if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
         self._account(meta, pending)
@@ -300,7 +321,8 @@ class Trainer:
     logging.info('epoch %d: %s', epoch + 1,
                  '  '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float)))
     self.ckpt.save(step, state, meta.to_json())
-    write_jsonl(self.metrics_path, meta.history)
+    if parallel.is_main_process():
+      write_jsonl(self.metrics_path, meta.history)
 
   @property
   def _test_ema(self) -> bool:
@@ -368,7 +390,8 @@ class Trainer:
       results.update(task.final_results(state.ema_params, best_state.ema_params, self.workdir))
     else:
       results.update(task.final_results(state.params, best_state.params, self.workdir))
-    task.make_plots(history, state.params, self.workdir)
-    write_json(os.path.join(self.workdir, 'results.json'), results)
+    if parallel.is_main_process():
+      task.make_plots(history, state.params, self.workdir)
+      write_json(os.path.join(self.workdir, 'results.json'), results)
     logging.info('results: %s', {k: v for k, v in results.items() if k != 'config'})
     return results

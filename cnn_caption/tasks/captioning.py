@@ -44,8 +44,9 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data.dir
   out = config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
   logging.info('no --config.data.dir: using the SYNTHETIC captioned-scenes set in %s', out)
-  return synthetic.make_synthetic_dataset(out, config.data.synthetic_num_images,
-                                          image_size=config.data.image_size, seed=config.seed)
+  # Process 0 writes it; the others then find it complete.
+  return parallel.main_first(lambda: synthetic.make_synthetic_dataset(
+      out, config.data.synthetic_num_images, image_size=config.data.image_size, seed=config.seed))
 
 
 def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
@@ -143,7 +144,8 @@ class CaptioningTask:
       else:
         fn = lambda params, feats: decoders.beam_search(self.model, params, feats, beam_size=d.beam_size,
                                                         length_penalty=d.length_penalty, **kwargs)
-      self._decoders[method] = jax.jit(fn)
+      # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
+      self._decoders[method] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
     return self._decoders[method]
 
   def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
@@ -191,7 +193,8 @@ class CaptioningTask:
     # Per-image CIDEr-D and ROUGE-L: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci).
     captions = [{'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
                 for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])]
-    io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+    if parallel.is_main_process():
+      io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
 
   def tensorboard_images(self, params, num_images: int = 3) -> dict[str, np.ndarray]:

@@ -1,0 +1,305 @@
+"""Several processes on localhost (jax.distributed over gloo): equal to one process, failures, signals, topology.
+
+Every run is a real `launch.py` subprocess; runs are shared between tests through module fixtures. The
+reference for every 2-way run is one process with 2 devices: 2 processes x 1 device give bit-identical
+parameters and metrics (same global batch, same reduction order over the 2 devices).
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_caption import checkpoint
+from conftest import ROOT, needs_fmnist, read_jsonl, strip_timing
+
+# 1600 examples at batch 8: 200 steps an epoch, long enough (seconds) that a signal lands mid-epoch.
+CLASSIFIER = ['--config=configs/classifier.py:smoke', '--config.data.num_train=1600', '--config.data.num_eval=100',
+              '--config.steps_per_call=1', '--config.checkpoint.every_steps=40', '--config.log_every_steps=50']
+ATTENTION = ['--config=configs/captioner_attention.py:smoke', '--config.data.synthetic_num_images=24',
+             '--config.num_epochs=1', '--config.eval_batch_size=8']
+DEADLINE_S = 900  # a hang guard only: on a loaded 2-core machine one run can take minutes
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+_STARTED: list['Run'] = []
+
+
+@pytest.fixture(scope='module', autouse=True)
+def kill_leftovers():
+  """A failed test may leave processes running (they ignore SIGTERM once distributed): SIGKILL them."""
+  yield
+  for r in _STARTED:
+    r.kill()
+
+
+class Run:
+  """N launch.py processes of one run (N=1: a plain single-process run); logs go to files."""
+
+  def __init__(self, args, workdir, num_processes=1, devices=1, log_dir=None, workdirs=None):
+    self.log_dir = str(log_dir or workdir) + '_logs'
+    os.makedirs(self.log_dir, exist_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '')
+    port = free_port()
+    self.procs, self.logs, self.spies = [], [], []
+    self.start = time.time()
+    _STARTED.append(self)
+    for i in range(num_processes):
+      spy = os.path.join(self.log_dir, f'writes_{i}.txt')
+      cmd = [sys.executable, os.path.join(ROOT, 'tests', 'write_spy.py'), spy, 'launch.py', *args,
+             f'--workdir={workdirs[i] if workdirs else workdir}']
+      if num_processes > 1:
+        cmd += [f'--coordinator_address=localhost:{port}', f'--num_processes={num_processes}', f'--process_id={i}']
+      log = os.path.join(self.log_dir, f'process_{i}.log')
+      with open(log, 'w') as f:
+        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+      self.logs.append(log)
+      self.spies.append(spy)
+
+  def wait(self, timeout=DEADLINE_S) -> list[int]:
+    """Exit codes; kills every process still alive after `timeout` seconds and fails."""
+    deadline = self.start + timeout
+    codes = []
+    try:
+      for p in self.procs:
+        codes.append(p.wait(timeout=max(deadline - time.time(), 0.1)))
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f'processes still running after {timeout} s; logs in {self.log_dir}')
+    return codes
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def writes(self, i: int) -> list[str]:
+    if not os.path.exists(self.spies[i]):
+      return []
+    with open(self.spies[i]) as f:
+      return f.read().split()
+
+
+def run(args, workdir, **kwargs) -> Run:
+  r = Run(args, workdir, **kwargs)
+  codes = r.wait()
+  assert codes == [0] * len(codes), f'exit codes {codes}:\n' + r.output(0)[-3000:]
+  return r
+
+
+def wait_for_checkpoint(workdir, min_step: int, procs, timeout=600) -> int:
+  directory = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    if steps and max(steps) >= min_step:
+      return max(steps)
+    assert all(p.poll() is None for p in procs), 'a process ended before the checkpoint'
+    time.sleep(0.05)
+  pytest.fail(f'no checkpoint >= {min_step} in {directory} after {timeout} s')
+
+
+def final_params(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
+  step = ckpt.latest_step()
+  params = ckpt.restore_params(step)
+  ckpt.close()
+  return step, params
+
+
+def results(workdir) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    out = json.load(f)
+  return {k: v for k, v in out.items() if 'seconds' not in k}
+
+
+def assert_same_run(a, b) -> None:
+  """Parameters, metrics history and results of two workdirs are identical (timings aside)."""
+  step_a, params_a = final_params(a)
+  step_b, params_b = final_params(b)
+  assert step_a == step_b
+  leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert strip_timing(read_jsonl(os.path.join(a, 'metrics.jsonl'))) == strip_timing(
+      read_jsonl(os.path.join(b, 'metrics.jsonl')))
+  assert results(a) == results(b)
+
+
+@pytest.fixture(scope='module')
+def runs_dir():
+  """A folder of our own: other pytest sessions on this machine prune pytest's shared tmp folders."""
+  path = tempfile.mkdtemp(prefix='cnn_caption_mp_')
+  yield pathlib.Path(path)
+  shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def classifier_reference(runs_dir):
+  """1 process x 2 devices, uninterrupted: what every 2-way classifier run must equal."""
+  if not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'):
+    pytest.skip('Fashion-MNIST not installed')
+  workdir = str(runs_dir / 'cls_1x2')
+  run(CLASSIFIER, workdir, devices=2)
+  return workdir
+
+
+@needs_fmnist
+def test_two_processes_equal_one_process_two_devices_and_only_process_0_writes(classifier_reference, runs_dir):
+  workdir = str(runs_dir / 'cls_2x1')
+  r = run(CLASSIFIER, workdir, num_processes=2)
+  assert_same_run(workdir, classifier_reference)
+  assert results(workdir)['devices'] == 2
+  # Process 0 wrote the files; process 1 wrote nothing in the workdir but its checkpoint shards.
+  written_0 = [p for p in r.writes(0) if p.startswith(workdir)]
+  assert any(p.endswith('results.json') for p in written_0)
+  assert any(p.endswith('metrics.jsonl') for p in written_0)
+  written_1 = [p for p in r.writes(1) if p.startswith(workdir) and '/checkpoints' not in p]
+  assert written_1 == []
+  # Process 1 logs warnings only.
+  assert ' epoch 1: ' in r.output(0)
+  assert not [l for l in r.output(1).splitlines() if l.startswith('I')]
+
+
+def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
+  one, two = str(runs_dir / 'att_1x2'), str(runs_dir / 'att_2x1')
+  args = ATTENTION + [f'--config.data.synthetic_dir={runs_dir / "synthetic"}']  # same images: same cache keys
+  run(args, one, devices=2)
+  r = run(args, two, num_processes=2)
+  assert_same_run(one, two)
+  # The feature cache was split over the processes and ends identical to the one-process cache.
+  (folder_one,), (folder_two,) = [[os.path.join(w, 'features', d) for d in os.listdir(os.path.join(w, 'features'))]
+                                  for w in (one, two)]
+  names = sorted(os.listdir(folder_one))
+  assert sorted(os.listdir(folder_two)) == names and len([n for n in names if n.endswith('.npy')]) == 24
+  for name in names:
+    if name.endswith('.npy'):
+      np.testing.assert_array_equal(np.load(os.path.join(folder_two, name)), np.load(os.path.join(folder_one, name)))
+  npy_0 = {p for p in r.writes(0) if p.endswith('.npy')}
+  npy_1 = {p for p in r.writes(1) if p.endswith('.npy')}
+  assert npy_0 and npy_1 and not npy_0 & npy_1  # each process encoded its own share
+  for name in ('test_captions.json', 'vocab.json', 'config.json', 'results.json', 'key.json', '.png'):
+    assert not [p for p in r.writes(1) if p.endswith(name)]
+  assert os.path.exists(os.path.join(two, 'test_captions.json'))
+
+
+@needs_fmnist
+def test_two_processes_with_two_devices_each(runs_dir):
+  workdir = str(runs_dir / 'cls_2x2')
+  args = [a for a in CLASSIFIER if 'num_train' not in a] + ['--config.data.num_train=160']
+  r = run(args, workdir, num_processes=2, devices=2)
+  assert results(workdir)['devices'] == 4
+  assert 'resuming' not in r.output(0)
+  assert all(np.isfinite(rec['train_loss']) for rec in read_jsonl(os.path.join(workdir, 'metrics.jsonl')))
+
+
+@needs_fmnist
+def test_workdir_not_shared_stops_every_process_within_30s(runs_dir):
+  r = Run(CLASSIFIER, str(runs_dir / 'unshared'), num_processes=2,
+          workdirs=[str(runs_dir / 'unshared_a'), str(runs_dir / 'unshared_b')])
+  codes = r.wait(timeout=DEADLINE_S)
+  ended = time.time()
+  assert codes == [2, 2]
+  # Within 30 s of process 0 starting to join (its first log line; interpreter start-up is not counted).
+  joined = re.search(r'^I\d{4} (\d\d):(\d\d):(\d\d)\.\d+ .*Connecting to JAX distributed', r.output(0), re.M)
+  h, m, sec = map(int, joined.groups())
+  now = time.gmtime(ended)
+  assert (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec - (h * 3600 + m * 60 + sec)) % 86400 < 30
+  for i in range(2):
+    errors = [l for l in r.output(i).splitlines() if l.startswith('error:')]
+    assert len(errors) == 1 and 'is not shared' in errors[0], r.output(i)[-2000:]
+    assert 'Traceback' not in r.output(i)
+
+
+@needs_fmnist
+def test_kill_one_of_two_ends_the_other_then_resume_equals_uninterrupted(classifier_reference, runs_dir):
+  workdir = str(runs_dir / 'cls_kill')
+  r = Run(CLASSIFIER, workdir, num_processes=2)
+  wait_for_checkpoint(workdir, 40, r.procs)
+  r.procs[1].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  try:
+    code = r.procs[0].wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    r.kill()
+    pytest.fail('process 0 still running 60 s after its peer was killed')
+  assert time.time() - killed_at < 60
+  assert code not in (0, None)
+  errors = [l for l in r.output(0).splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'process' in errors[0], r.output(0)[-3000:]
+  run(CLASSIFIER, workdir, num_processes=2)
+  assert_same_run(workdir, classifier_reference)
+
+
+def _signal_then_resume(args, workdir, signum, expected_code, num_processes=1, devices=1, min_step=40,
+                        target=0) -> tuple[Run, int]:
+  """Starts a run, sends signum to process `target` after a checkpoint at >= min_step, waits; returns the stop step."""
+  r = Run(args, workdir, num_processes=num_processes, devices=devices)
+  wait_for_checkpoint(workdir, min_step, r.procs)
+  r.procs[target].send_signal(signum)
+  codes = r.wait(timeout=DEADLINE_S)
+  assert codes == [expected_code] * num_processes, r.output(0)[-3000:]
+  lines = [l for l in r.output(0).splitlines() if 'preempted at step' in l or 'interrupted at step' in l]
+  assert len(lines) == 1, r.output(0)[-3000:]
+  assert 'Traceback' not in r.output(0)
+  step = int(lines[0].split(' at step ')[1].split(';')[0])
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert saved[-1] == step
+  return r, step
+
+
+@needs_fmnist
+def test_sigterm_one_of_two_processes_then_resume_equals_uninterrupted(classifier_reference, runs_dir):
+  workdir = str(runs_dir / 'cls_term2')
+  r, step = _signal_then_resume(CLASSIFIER, workdir, signal.SIGTERM, 0, num_processes=2, target=1)
+  assert 'restart the same command to resume' in r.output(0)
+  assert step % 200  # mid-epoch
+  run(CLASSIFIER, workdir, num_processes=2)
+  assert_same_run(workdir, classifier_reference)
+
+
+@needs_fmnist
+def test_ctrl_c_then_sigterm_in_one_process_then_resume_equals_uninterrupted(classifier_reference, runs_dir):
+  workdir = str(runs_dir / 'cls_signals')
+  _, first = _signal_then_resume(CLASSIFIER, workdir, signal.SIGINT, 130, devices=2)
+  shutil.copytree(workdir, str(runs_dir / 'cls_topology'))  # saved on 2 devices: the topology test's start
+  _, second = _signal_then_resume(CLASSIFIER, workdir, signal.SIGTERM, 0, devices=2, min_step=first + 40)
+  assert second > first
+  run(CLASSIFIER, workdir, devices=2)
+  assert_same_run(workdir, classifier_reference)
+
+
+@needs_fmnist
+def test_checkpoint_on_two_devices_resumes_on_one_and_back(runs_dir):
+  workdir = str(runs_dir / 'cls_topology')
+  if not os.path.isdir(workdir):
+    pytest.skip('needs the checkpoint of test_ctrl_c_then_sigterm_in_one_process...')
+  saved = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  r, step = _signal_then_resume(CLASSIFIER, workdir, signal.SIGTERM, 0, devices=1, min_step=saved + 40)
+  assert f'resuming from step {saved}, saved on 2 devices, now 1' in r.output(0)
+  r = run(CLASSIFIER, workdir, devices=2)
+  assert f'resuming from step {step}, saved on 1 device, now 2' in r.output(0)
+  assert results(workdir)['epochs_trained'] == 2
