@@ -1,10 +1,10 @@
 """Entry point: flags only, then the command line module.
 
-  python launch.py --config=configs/classifier.py --workdir=runs/fmnist
-  python launch.py --config=configs/q1_cnn.py --mode=summary
-  python launch.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
-  python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distributed finds the processes
-  python launch.py ... --jax_platforms=cpu       # any --jax_* option
+python launch.py --config=configs/classifier.py --workdir=runs/fmnist
+python launch.py --config=configs/q1_cnn.py --mode=summary
+python launch.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
+python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distributed finds the processes
+python launch.py ... --jax_platforms=cpu       # any --jax_* option
 """
 
 from absl import app
@@ -19,23 +19,35 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _MODE = flags.DEFINE_enum('mode', 'train', list(cli.MODES), 'What to do with the config.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image paths for --mode=imagenet_predict / caption.')
 # Several processes (jax.distributed): these three, or the same from the environment, or --distributed_auto.
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, the same for every '
-                                   f'process (default: ${cli.ENV_COORDINATOR}).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      f'Processes in the run (default: ${cli.ENV_NUM_PROCESSES}, else 1).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   f'This process, in [0, num_processes) (default: ${cli.ENV_PROCESS_ID}).')
-_DISTRIBUTED_AUTO = flags.DEFINE_bool('distributed_auto', False, 'Let jax.distributed.initialize() detect the '
-                                      'cluster (SLURM, TPU pods, ...) instead of the three flags above.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, f'host:port of process 0, the same for every process (default: ${cli.ENV_COORDINATOR}).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, f'Processes in the run (default: ${cli.ENV_NUM_PROCESSES}, else 1).'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, f'This process, in [0, num_processes) (default: ${cli.ENV_PROCESS_ID}).'
+)
+_DISTRIBUTED_AUTO = flags.DEFINE_bool(
+  'distributed_auto',
+  False,
+  'Let jax.distributed.initialize() detect the cluster (SLURM, TPU pods, ...) instead of the three flags above.',
+)
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.main(_MODE.value, _CONFIG.value, _WORKDIR.value, _IMAGES.value,
-           cli.Distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value,
-                           _DISTRIBUTED_TIMEOUT.value))
+  cli.main(
+    _MODE.value,
+    _CONFIG.value,
+    _WORKDIR.value,
+    _IMAGES.value,
+    cli.Distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value, _DISTRIBUTED_TIMEOUT.value
+    ),
+  )
 
 
 if __name__ == '__main__':

@@ -13,5 +13,5 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,lint]'
 echo "setup done: use .venv/bin/python"

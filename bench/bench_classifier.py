@@ -40,12 +40,17 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, ROOT)
-  from cnn_caption import models, optim, train  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models  # pylint: disable=g-import-not-at-top
+  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import classification  # pylint: disable=g-import-not-at-top
+
   task = classification.ClassificationTask  # loss and metrics are static: no data needed
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import classifier  # pylint: disable=g-import-not-at-top
+
   config = classifier.get_config()
   overrides = {'dtype': jnp.bfloat16} if half_precision else {}
   model = models.create_model(config, **overrides)
@@ -53,8 +58,13 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
   fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=steps_per_call), donate_argnums=0)
   rng = np.random.default_rng(0)
-  batches = [{'image': rng.random((steps_per_call, batch_size, 28, 28, 1), np.float32),
-              'label': rng.integers(0, 10, (steps_per_call, batch_size)).astype(np.int32)} for _ in range(4)]
+  batches = [
+    {
+      'image': rng.random((steps_per_call, batch_size, 28, 28, 1), np.float32),
+      'label': rng.integers(0, 10, (steps_per_call, batch_size)).astype(np.int32),
+    }
+    for _ in range(4)
+  ]
   key = jax.random.key(1)
   holder = {'state': state}
   holder['state'], m = fn(holder['state'], batches[0], key)
@@ -67,6 +77,7 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
       calls += 1
     jax.block_until_ready(m)
     return calls * steps_per_call * batch_size / (time.perf_counter() - t0)
+
   return run
 
 
@@ -96,9 +107,13 @@ def _tree_rss_mb(pid: int) -> float:
 def sweep(extra: list[str], workdir: str | None = None) -> dict:
   """Wall time and peak memory (process tree) of the homework sweep on all cores."""
   workdir = workdir or tempfile.mkdtemp(prefix='bench_sweep_')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
-         '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
-         f'--workdir={workdir}', *extra]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config=' + os.path.join(ROOT, 'configs/classifier.py:sweep'),
+    f'--workdir={workdir}',
+    *extra,
+  ]
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   peak = [0.0]
@@ -110,8 +125,14 @@ def sweep(extra: list[str], workdir: str | None = None) -> dict:
 
   threading.Thread(target=sample, daemon=True).start()
   rc = proc.wait()
-  out = {'bench': 'classifier_sweep', 'rc': rc, 'wall_s': round(time.time() - t0, 1),
-         'peak_rss_mb': round(peak[0], 1), 'workdir': workdir, 'cores': sorted(os.sched_getaffinity(0))}
+  out = {
+    'bench': 'classifier_sweep',
+    'rc': rc,
+    'wall_s': round(time.time() - t0, 1),
+    'peak_rss_mb': round(peak[0], 1),
+    'workdir': workdir,
+    'cores': sorted(os.sched_getaffinity(0)),
+  }
   if rc == 0:
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
@@ -151,8 +172,11 @@ def main():
     extra = {'batch_size': batch_size, 'steps_per_call': args.steps_per_call}
     if args.half_precision:
       extra['project_bf16'] = common.spread(results['project_bf16'])
-    common.emit(common.compare('classifier_train', f'train_b{batch_size}', 'samples/s', results['project'],
-                               peers, flops, peak, **extra))
+    common.emit(
+      common.compare(
+        'classifier_train', f'train_b{batch_size}', 'samples/s', results['project'], peers, flops, peak, **extra
+      )
+    )
   os.sched_setaffinity(0, cores)
   if args.sweep:
     common.emit(sweep(args.sweep_args.split(), args.sweep_workdir))

@@ -45,11 +45,16 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, ROOT)
-  from cnn_caption import models, optim, train  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models  # pylint: disable=g-import-not-at-top
+  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import captioner  # pylint: disable=g-import-not-at-top
+
   config = captioner.get_config()
   config.model.embed_dim, config.model.hidden_dim = EMBED, HIDDEN
   config.model.attention_dim = ATTN if variant == 'attention' else None
@@ -63,14 +68,16 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
   lengths = rng.integers(7, LEN, (BATCH, 1))
   tokens = np.where(np.arange(LEN)[None] <= lengths, rng.integers(3, VOCAB, (BATCH, LEN)), 0).astype(np.int32)
   tokens[:, 0] = 1
-  state = train.create_train_state(model, (jnp.asarray(feats[:1]), jnp.asarray(tokens[:1, :-1])),
-                                   jax.random.key(0), tx)
+  state = train.create_train_state(model, (jnp.asarray(feats[:1]), jnp.asarray(tokens[:1, :-1])), jax.random.key(0), tx)
   task = types.SimpleNamespace(
-      loss=functools.partial(captioning.caption_loss, doubly_stochastic=config.loss.doubly_stochastic),
-      metrics=captioning.CaptioningTask.metrics)
+    loss=functools.partial(captioning.caption_loss, doubly_stochastic=config.loss.doubly_stochastic),
+    metrics=captioning.CaptioningTask.metrics,
+  )
   fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=config.steps_per_call), donate_argnums=0)
-  batches = {'feats': feats[None].repeat(config.steps_per_call, 0),
-             'tokens': tokens[None].repeat(config.steps_per_call, 0)}
+  batches = {
+    'feats': feats[None].repeat(config.steps_per_call, 0),
+    'tokens': tokens[None].repeat(config.steps_per_call, 0),
+  }
   key = jax.random.key(1)
   holder = {'state': state}
   holder['state'], m = fn(holder['state'], batches, key)
@@ -87,8 +94,9 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
 
   # The task's own decoding closures, jitted as CaptioningTask._decode_fn does, on a stand-in task object
   # (the real one needs a dataset); eos_id = VOCAB is never emitted, so all LEN steps run.
-  stand_in = types.SimpleNamespace(config=config, model=model, _decoders={},
-                                   vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB))
+  stand_in = types.SimpleNamespace(
+    config=config, model=model, _decoders={}, vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB)
+  )
   decode_fn = captioning.CaptioningTask._decode_fn  # pylint: disable=protected-access
   decode = {method: decode_fn(stand_in, method) for method in ('greedy', 'beam')}
   feats_dev = jnp.asarray(feats)
@@ -103,8 +111,12 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
     jax.block_until_ready(out)
     return calls * BATCH / (time.perf_counter() - t0)
 
-  return {'train': train_rate, 'greedy': lambda: decode_rate('greedy'), 'beam': lambda: decode_rate('beam'),
-          'beam_size': config.decoding.beam_size}
+  return {
+    'train': train_rate,
+    'greedy': lambda: decode_rate('greedy'),
+    'beam': lambda: decode_rate('beam'),
+    'beam_size': config.decoding.beam_size,
+  }
 
 
 def main():
@@ -127,8 +139,22 @@ def main():
     for phase in ('train', 'greedy', 'beam'):
       sides[f'{name}/{phase}'] = paths[phase]
   if args.peer_python:
-    flags = ['--batch-size', str(BATCH), '--threads', '1', '--decoders', ','.join(variants), '--train-steps', '10',
-             '--decode-batches', '10', '--max-seconds', '10', '--decode-steps', str(LEN)]
+    flags = [
+      '--batch-size',
+      str(BATCH),
+      '--threads',
+      '1',
+      '--decoders',
+      ','.join(variants),
+      '--train-steps',
+      '10',
+      '--decode-batches',
+      '10',
+      '--max-seconds',
+      '10',
+      '--decode-steps',
+      str(LEN),
+    ]
     sides['peer'] = lambda: common.run_peer(args, 'torch_captioner.py', flags)
   results = common.interleave(args.reps, sides)
   for variant in variants:
@@ -141,12 +167,22 @@ def main():
       extra = {'batch_size': BATCH}
       if args.half_precision:
         extra['project_bf16'] = common.spread(results[f'{variant}_bf16/{phase}'])
-      common.emit(common.compare('decoders', f'{variant}_{phase}', 'samples/s' if phase == 'train' else 'captions/s',
-                                 results[f'{variant}/{phase}'], {'eager': peer}, peer_flops(variant, phase), peak,
-                                 **extra))
+      common.emit(
+        common.compare(
+          'decoders',
+          f'{variant}_{phase}',
+          'samples/s' if phase == 'train' else 'captions/s',
+          results[f'{variant}/{phase}'],
+          {'eager': peer},
+          peer_flops(variant, phase),
+          peak,
+          **extra,
+        )
+      )
     greedy, beam = results[f'{variant}/greedy'], results[f'{variant}/beam']
-    record = common.compare('decoders', f'{variant}_beam{project[variant]["beam_size"]}', 'captions/s', beam, {},
-                            None, None, batch_size=BATCH)
+    record = common.compare(
+      'decoders', f'{variant}_beam{project[variant]["beam_size"]}', 'captions/s', beam, {}, None, None, batch_size=BATCH
+    )
     record['cost_vs_greedy'] = round(sorted(greedy)[len(greedy) // 2] / sorted(beam)[len(beam) // 2], 2)
     common.emit(record)
 

@@ -25,19 +25,24 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = common.ROOT
 
 
-
 def child(args) -> None:
   """One size: build data, construct the task (extraction), then train and report peak RSS."""
   common.pin(args.core)
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, ROOT)
-  from cnn_caption import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption import parallel  # pylint: disable=g-import-not-at-top
+  from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.data import synthetic  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import captioner  # pylint: disable=g-import-not-at-top
+
   config = captioner.get_config()
   config.data.image_size = args.image_size
   config.data.synthetic_num_images = args.size
@@ -57,25 +62,41 @@ def child(args) -> None:
   with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')  # resets VmHWM: the peak below is training's, not extraction's
   key = jax.random.key(1)
-  state, m = step(state, task.train_batch(order[:config.batch_size], 0), key)
+  state, m = step(state, task.train_batch(order[: config.batch_size], 0), key)
   jax.block_until_ready(m)
   t0 = time.time()
   for i in range(1, args.steps + 1):
-    idx = order[(i * config.batch_size) % (task.num_train - config.batch_size):][:config.batch_size]
+    idx = order[(i * config.batch_size) % (task.num_train - config.batch_size) :][: config.batch_size]
     state, m = step(state, task.train_batch(idx, i), key)
   jax.block_until_ready(m)
   steps_s = args.steps / (time.time() - t0)
   status = dict(line.split(':', 1) for line in open('/proc/self/status') if ':' in line)
-  common.emit({'bench': 'feature_store', 'images': args.size, 'image_size': args.image_size,
-               'feats_shape': list(task.feats['train'].shape), 'feats_type': type(task.feats['train']).__name__,
-               'store_mb': round(sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in
-                                     os.walk(config.encoder.cache_dir) for n in ns if n.startswith('store-'))
-                                 / 2**20, 1),
-               'data_s': round(data_s, 1), 'extract_and_task_s': round(extract_s, 1),
-               'extract_images_per_s_per_core': round(args.size / extract_s, 1),
-               'train_peak_rss_mb': round(int(status['VmHWM'].split()[0]) / 1024, 1),
-               'train_steps_per_s': round(steps_s, 2), 'batch_size': config.batch_size,
-               'cores': sorted(os.sched_getaffinity(0))})
+  common.emit(
+    {
+      'bench': 'feature_store',
+      'images': args.size,
+      'image_size': args.image_size,
+      'feats_shape': list(task.feats['train'].shape),
+      'feats_type': type(task.feats['train']).__name__,
+      'store_mb': round(
+        sum(
+          os.path.getsize(os.path.join(r, n))
+          for r, _, ns in os.walk(config.encoder.cache_dir)
+          for n in ns
+          if n.startswith('store-')
+        )
+        / 2**20,
+        1,
+      ),
+      'data_s': round(data_s, 1),
+      'extract_and_task_s': round(extract_s, 1),
+      'extract_images_per_s_per_core': round(args.size / extract_s, 1),
+      'train_peak_rss_mb': round(int(status['VmHWM'].split()[0]) / 1024, 1),
+      'train_steps_per_s': round(steps_s, 2),
+      'batch_size': config.batch_size,
+      'cores': sorted(os.sched_getaffinity(0)),
+    }
+  )
 
 
 def main():
@@ -95,8 +116,16 @@ def main():
   common.pin(args.core)
   common.emit(common.header(args, 'feature_store'))
   for size in (int(s) for s in args.sizes.split(',')):
-    cmd = [sys.executable, __file__, f'--size={size}', f'--core={args.core}', f'--image_size={args.image_size}',
-           f'--steps={args.steps}', f'--batch_size={args.batch_size}', f'--workdir={workdir}']
+    cmd = [
+      sys.executable,
+      __file__,
+      f'--size={size}',
+      f'--core={args.core}',
+      f'--image_size={args.image_size}',
+      f'--steps={args.steps}',
+      f'--batch_size={args.batch_size}',
+      f'--workdir={workdir}',
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith('{')]
     if out.returncode or not lines:
@@ -105,10 +134,16 @@ def main():
       print(line, flush=True)
   if args.peer_python:
     rate = common.torch_lite0(args, args.image_size)
-    common.emit({'bench': 'feature_store', 'what': 'torch_lite0_forward', 'image_size': args.image_size,
-                 'images_per_s_per_core': None if rate is None else round(rate, 1),
-                 'note': 'forward only, random weights; the project figure above also decodes images, writes '
-                         'the cache and compiles; bench_features.py compares the forwards alone'})
+    common.emit(
+      {
+        'bench': 'feature_store',
+        'what': 'torch_lite0_forward',
+        'image_size': args.image_size,
+        'images_per_s_per_core': None if rate is None else round(rate, 1),
+        'note': 'forward only, random weights; the project figure above also decodes images, writes '
+        'the cache and compiles; bench_features.py compares the forwards alone',
+      }
+    )
 
 
 if __name__ == '__main__':

@@ -31,9 +31,11 @@ def make_forward(encoder: str, weights, image_size: int, batch: int, seconds: fl
   """The extraction's jitted encoder call on random images; returns a function -> images/s."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, ROOT)
   from cnn_caption import features  # pylint: disable=g-import-not-at-top
   from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
+
   module, variables = encoders.load_encoder(encoder, weights)
   forward = jax.jit(features._encode, static_argnums=0)  # pylint: disable=protected-access
   x = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
@@ -46,13 +48,13 @@ def make_forward(encoder: str, weights, image_size: int, batch: int, seconds: fl
       calls += 1
     jax.block_until_ready(out)
     return calls * batch / (time.perf_counter() - t0)
+
   return run
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  default_ucm = os.environ.get('CNN_CAPTION_UCM_DIR') or os.path.join(ROOT, '..', 'shared', 'data',
-                                                                      'ucm_captions')
+  default_ucm = os.environ.get('CNN_CAPTION_UCM_DIR') or os.path.join(ROOT, '..', 'shared', 'data', 'ucm_captions')
   parser.add_argument('--ucm_dir', default=default_ucm)
   parser.add_argument('--encoder', default='efficientnet_lite0')
   parser.add_argument('--weights', default=None)
@@ -69,35 +71,67 @@ def main() -> int:
   if args.peer_python and args.encoder == 'efficientnet_lite0':
     sides['torch'] = lambda: common.torch_lite0(args, args.image_size, args.encoder_batch)
   results = common.interleave(args.reps, sides)
-  common.emit(common.compare('features', f'{args.encoder}_forward_{args.image_size}px', 'images/s',
-                             results['project'], {'torch_channels_last': results.get('torch', [])}, None, None,
-                             batch_size=args.encoder_batch, cores=sorted(os.sched_getaffinity(0))))
+  common.emit(
+    common.compare(
+      'features',
+      f'{args.encoder}_forward_{args.image_size}px',
+      'images/s',
+      results['project'],
+      {'torch_channels_last': results.get('torch', [])},
+      None,
+      None,
+      batch_size=args.encoder_batch,
+      cores=sorted(os.sched_getaffinity(0)),
+    )
+  )
 
-  paths = sorted(glob.glob(os.path.join(args.ucm_dir, 'images', '*.jpg')),
-                 key=lambda p: int(os.path.splitext(os.path.basename(p))[0]))
+  paths = sorted(
+    glob.glob(os.path.join(args.ucm_dir, 'images', '*.jpg')),
+    key=lambda p: int(os.path.splitext(os.path.basename(p))[0]),
+  )
   if not paths:
-    common.emit({'bench': 'features', 'what': 'extraction', 'note': f'no images under {args.ucm_dir}/images; '
-                 'extraction skipped (pass --ucm_dir)'})
+    common.emit(
+      {
+        'bench': 'features',
+        'what': 'extraction',
+        'note': f'no images under {args.ucm_dir}/images; extraction skipped (pass --ucm_dir)',
+      }
+    )
     return 0
   if args.limit:
-    paths = paths[:args.limit]
+    paths = paths[: args.limit]
   sys.path.insert(0, ROOT)
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   from cnn_caption import features  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.INFO)
   cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='bench_features_')
   try:
     for run in ('first', 'cached'):
       start = time.time()
-      feats, ok = features.extract_features(args.encoder, args.weights, paths, args.image_size,
-                                            cache_dir, batch_size=args.encoder_batch)
+      feats, ok = features.extract_features(
+        args.encoder, args.weights, paths, args.image_size, cache_dir, batch_size=args.encoder_batch
+      )
       seconds = time.time() - start
-      print(json.dumps({
-          'run': run, 'encoder': args.encoder, 'images': len(paths), 'ok': int(ok.sum()),
-          'image_size': args.image_size, 'encoder_batch': args.encoder_batch,
-          'feats_shape': list(feats.shape), 'dtype': str(feats.dtype),
-          'seconds': round(seconds, 2), 'images_per_s': round(len(paths) / seconds, 1),
-          'cpus': len(os.sched_getaffinity(0))}), flush=True)
+      print(
+        json.dumps(
+          {
+            'run': run,
+            'encoder': args.encoder,
+            'images': len(paths),
+            'ok': int(ok.sum()),
+            'image_size': args.image_size,
+            'encoder_batch': args.encoder_batch,
+            'feats_shape': list(feats.shape),
+            'dtype': str(feats.dtype),
+            'seconds': round(seconds, 2),
+            'images_per_s': round(len(paths) / seconds, 1),
+            'cpus': len(os.sched_getaffinity(0)),
+          }
+        ),
+        flush=True,
+      )
   finally:
     if args.cache_dir is None:
       shutil.rmtree(cache_dir, ignore_errors=True)

@@ -27,13 +27,25 @@ RATE = re.compile(r'epoch \d+ step \d+/\d+ .* ([\d.]+) samples/s')
 
 def model_args(name: str, shared: str) -> list[str]:
   if name == 'classifier':
-    return ['--config=configs/classifier.py', '--config.batch_size=64', '--config.data.num_train=12800',
-            '--config.data.num_eval=1000', '--config.num_epochs=1', '--config.log_every_steps=20',
-            '--config.steps_per_call=1']
-  return ['--config=configs/captioner_attention.py', '--config.batch_size=32', '--config.num_epochs=1',
-          '--config.data.synthetic_num_images=150', f'--config.data.synthetic_dir={shared}/synthetic',
-          f'--config.encoder.cache_dir={shared}/features', '--config.log_every_steps=4',
-          '--config.eval_batch_size=16']
+    return [
+      '--config=configs/classifier.py',
+      '--config.batch_size=64',
+      '--config.data.num_train=12800',
+      '--config.data.num_eval=1000',
+      '--config.num_epochs=1',
+      '--config.log_every_steps=20',
+      '--config.steps_per_call=1',
+    ]
+  return [
+    '--config=configs/captioner_attention.py',
+    '--config.batch_size=32',
+    '--config.num_epochs=1',
+    '--config.data.synthetic_num_images=150',
+    f'--config.data.synthetic_dir={shared}/synthetic',
+    f'--config.encoder.cache_dir={shared}/features',
+    '--config.log_every_steps=4',
+    '--config.eval_batch_size=16',
+  ]
 
 
 def free_port() -> int:
@@ -44,16 +56,27 @@ def free_port() -> int:
 
 def run_layout(args: list[str], processes: int, devices: int, workdir: str) -> list[float]:
   """Samples/s intervals logged by process 0 of one run."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '',
+  )
   port = free_port()
   procs = []
   for i in range(processes):
     cmd = [sys.executable, 'launch.py', *args, f'--workdir={workdir}']
     if processes > 1:
       cmd += [f'--coordinator_address=localhost:{port}', f'--num_processes={processes}', f'--process_id={i}']
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE if i == 0 else subprocess.DEVNULL, text=True))
+    procs.append(
+      subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+        text=True,
+      )
+    )
   err = procs[0].communicate(timeout=1200)[1]
   for p in procs[1:]:
     p.wait(timeout=120)
@@ -76,11 +99,24 @@ def main() -> None:
           t0 = time.time()
           rates = run_layout(args, processes, devices, os.path.join(tmp, f'{model}_{name}_{rep}'))
           steady = rates[1:] or rates
-          print(json.dumps({'bench': 'scaling', 'model': model, 'layout': name, 'processes': processes,
-                            'devices_per_process': devices, 'batch_size': 64 if model == 'classifier' else 32,
-                            'samples_per_s': round(statistics.median(steady), 1), 'intervals': len(steady),
-                            'wall_s': round(time.time() - t0, 1), 'cores': len(os.sched_getaffinity(0)),
-                            'load_avg_1m': round(os.getloadavg()[0], 2)}), flush=True)
+          print(
+            json.dumps(
+              {
+                'bench': 'scaling',
+                'model': model,
+                'layout': name,
+                'processes': processes,
+                'devices_per_process': devices,
+                'batch_size': 64 if model == 'classifier' else 32,
+                'samples_per_s': round(statistics.median(steady), 1),
+                'intervals': len(steady),
+                'wall_s': round(time.time() - t0, 1),
+                'cores': len(os.sched_getaffinity(0)),
+                'load_avg_1m': round(os.getloadavg()[0], 2),
+              }
+            ),
+            flush=True,
+          )
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ float32 matmul ceiling (the peers' `cpu_peak.py`, one thread, measured in the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 import platform
@@ -15,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = os.path.join(ROOT, '..', 'shared', 'peers')
@@ -24,8 +24,11 @@ DEFAULT_PEERS = os.path.join(ROOT, '..', 'shared', 'peers')
 def add_common_flags(parser) -> None:
   parser.add_argument('--core', type=int, default=0, help='core to pin to (project and peer); -1 leaves affinity')
   parser.add_argument('--reps', type=int, default=3, help='interleaved repetitions per side (>= 3 for a spread)')
-  parser.add_argument('--peer_python', default=None,
-                      help='python of the PyTorch peer venv (e.g. /work/peer-venv/bin/python); none -> no peer')
+  parser.add_argument(
+    '--peer_python',
+    default=None,
+    help='python of the PyTorch peer venv (e.g. /work/peer-venv/bin/python); none -> no peer',
+  )
   parser.add_argument('--peers_dir', default=DEFAULT_PEERS, help='folder with torch_cnn.py, torch_captioner.py')
 
 
@@ -53,10 +56,20 @@ def cpu_model() -> str:
 def header(args, bench: str) -> dict:
   """The run's context line: machine, date, versions, pinning, load."""
   import jax  # pylint: disable=g-import-not-at-top
-  record = {'bench': bench, 'what': 'context', 'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
-            'cpu': cpu_model(), 'cores_online': os.cpu_count(), 'affinity': sorted(os.sched_getaffinity(0)),
-            'loadavg': os.getloadavg(), 'jax': jax.__version__, 'reps': args.reps,
-            'peer_python': args.peer_python, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+  record = {
+    'bench': bench,
+    'what': 'context',
+    'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
+    'cpu': cpu_model(),
+    'cores_online': os.cpu_count(),
+    'affinity': sorted(os.sched_getaffinity(0)),
+    'loadavg': os.getloadavg(),
+    'jax': jax.__version__,
+    'reps': args.reps,
+    'peer_python': args.peer_python,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
   if not args.peer_python:
     record['note'] = 'no --peer_python: PyTorch peers skipped, no ratios'
   return record
@@ -90,8 +103,12 @@ def cpu_peak(args) -> float | None:
 
 
 def spread(values: list[float]) -> dict:
-  return {'median': round(statistics.median(values), 1), 'min': round(min(values), 1),
-          'max': round(max(values), 1), 'runs': [round(v, 1) for v in values]}
+  return {
+    'median': round(statistics.median(values), 1),
+    'min': round(min(values), 1),
+    'max': round(max(values), 1),
+    'runs': [round(v, 1) for v in values],
+  }
 
 
 def interleave(reps: int, sides: dict[str, Callable[[], float | dict | None]]) -> dict[str, list]:
@@ -105,8 +122,16 @@ def interleave(reps: int, sides: dict[str, Callable[[], float | dict | None]]) -
   return results
 
 
-def compare(bench: str, path: str, unit: str, project: list[float], peers: dict[str, list[float]],
-            flops_per_unit: float | None, peak_gflops: float | None, **extra) -> dict:
+def compare(
+  bench: str,
+  path: str,
+  unit: str,
+  project: list[float],
+  peers: dict[str, list[float]],
+  flops_per_unit: float | None,
+  peak_gflops: float | None,
+  **extra,
+) -> dict:
   """One JSON record: project and every peer setup (median, spread), ratio to the best peer, fraction of peak."""
   record = {'bench': bench, 'path': path, 'unit': unit, 'project': spread(project)}
   best_name, best = None, None
@@ -130,7 +155,7 @@ def compare(bench: str, path: str, unit: str, project: list[float], peers: dict[
 
 # A PyTorch EfficientNet-Lite0 forward (features only: stem, 16 blocks, 1x1 head to 1280; ReLU6, BatchNorm
 # eps 1e-3, no squeeze-excitation), random weights, channels-last, one thread. Arguments: size batch reps.
-TORCH_LITE0 = r'''
+TORCH_LITE0 = r"""
 import json, sys, time, torch, torch.nn as nn
 torch.set_num_threads(1)
 size, batch, reps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -152,7 +177,7 @@ with torch.inference_mode():
   for _ in range(reps): net(x)
   dt = time.perf_counter() - t0
 print(json.dumps({'images_per_s': batch * reps / dt}))
-'''
+"""
 
 
 def torch_lite0(args, image_size: int, batch: int = 32, reps: int = 10) -> float | None:

@@ -19,14 +19,17 @@ sys.path.insert(0, os.path.join(ROOT, 'configs'))
 
 def _peak_bytes() -> int | None:
   import jax  # pylint: disable=g-import-not-at-top
+
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
 
 
 def _run(name: str, config, workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.errors import UserError  # pylint: disable=g-import-not-at-top
+
   t0 = time.time()
   try:
     results = train.train_and_evaluate(config, os.path.join(workdir, name))
@@ -34,12 +37,18 @@ def _run(name: str, config, workdir: str) -> None:
     print(json.dumps({'check': name, 'error': str(e)}), flush=True)
     return
   samples = results.get('num_train', 0) * results['epochs_trained']
-  record = {'check': name, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
-            'half_precision': bool(config.get('half_precision')), 'seconds': round(time.time() - t0, 1),
-            'train_seconds': round(results['train_seconds'], 2),
-            'peak_device_bytes': _peak_bytes(),
-            'figures': {k: v for k, v in results.items() if k.startswith(('test_', 'best_val_'))
-                        and isinstance(v, (int, float))}}
+  record = {
+    'check': name,
+    'device': jax.devices()[0].device_kind,
+    'devices': jax.device_count(),
+    'half_precision': bool(config.get('half_precision')),
+    'seconds': round(time.time() - t0, 1),
+    'train_seconds': round(results['train_seconds'], 2),
+    'peak_device_bytes': _peak_bytes(),
+    'figures': {
+      k: v for k, v in results.items() if k.startswith(('test_', 'best_val_')) and isinstance(v, (int, float))
+    },
+  }
   if samples and results['train_seconds']:
     record['train_samples_per_s'] = round(samples / results['train_seconds'], 1)
   print(json.dumps(record), flush=True)
@@ -51,13 +60,23 @@ def main():
   parser.add_argument('--fmnist_dir', default=None, help='Fashion-MNIST IDX folder (default: the Debian path)')
   parser.add_argument('--ucm_dir', default=None, help='UCM-captions folder for a real-data captioning run')
   args = parser.parse_args()
-  import jax  # pylint: disable=g-import-not-at-top
   import captioner  # pylint: disable=g-import-not-at-top
   import captioner_attention  # pylint: disable=g-import-not-at-top
   import classifier  # pylint: disable=g-import-not-at-top
-  print(json.dumps({'check': 'device', 'platform': jax.devices()[0].platform,
-                    'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
-                    'jax': jax.__version__}), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  print(
+    json.dumps(
+      {
+        'check': 'device',
+        'platform': jax.devices()[0].platform,
+        'device': jax.devices()[0].device_kind,
+        'devices': jax.device_count(),
+        'jax': jax.__version__,
+      }
+    ),
+    flush=True,
+  )
   for half in (False, True):
     suffix = '_bf16' if half else ''
     config = classifier.get_config('smoke')

@@ -25,8 +25,10 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, common.ROOT)
   from cnn_caption.models import classifier  # pylint: disable=g-import-not-at-top
+
   model = classifier.FashionCNN()
   x = jnp.asarray(np.random.default_rng(0).random((args.batch_size, 28, 28, 1), np.float32))
   y = jnp.asarray(np.random.default_rng(1).integers(0, 10, args.batch_size))
@@ -35,7 +37,7 @@ def main():
   def conv1_slices(p, x_BxHxWx1):
     xp = jnp.pad(x_BxHxWx1[..., 0], ((0, 0), (1, 1), (1, 1)))
     h, w = x_BxHxWx1.shape[1:3]
-    patches_BxHxWx9 = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+    patches_BxHxWx9 = jnp.stack([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
     return patches_BxHxWx9 @ p['conv1']['kernel'].reshape(9, -1) + p['conv1']['bias']
 
   def forward(p, x, slices):
@@ -43,8 +45,10 @@ def main():
       return model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.key(2)})
     # The same network with conv1 replaced: apply the tail of the model by hand (same layers, same order).
     h = classifier.max_pool_2x2(jax.nn.relu(conv1_slices(p, x)))
-    h = jax.lax.conv_general_dilated(h, p['conv2']['kernel'], (1, 1), 'VALID',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['conv2']['bias']
+    h = (
+      jax.lax.conv_general_dilated(h, p['conv2']['kernel'], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      + p['conv2']['bias']
+    )
     h = classifier.max_pool_2x2(jax.nn.relu(h))
     h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)
     h = jax.nn.relu(h @ p['fc1']['kernel'] + p['fc1']['bias'])
@@ -59,6 +63,7 @@ def main():
       loss = lambda p: -jnp.take_along_axis(forward(p, x, slices), y[:, None], 1).mean()
       g = jax.grad(loss)(p)
       return jax.tree.map(lambda a, b: a - 0.01 * b, p, g)
+
     state = {'p': step(params)}
 
     def run():
@@ -68,15 +73,32 @@ def main():
         n += 1
       jax.block_until_ready(state['p'])
       return n * args.batch_size / (time.perf_counter() - t0)
+
     return run
 
-  diff = float(jnp.abs(conv1_slices(params, x) - jax.lax.conv_general_dilated(
-      x, params['conv1']['kernel'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-                       - params['conv1']['bias']).max())
+  diff = float(
+    jnp.abs(
+      conv1_slices(params, x)
+      - jax.lax.conv_general_dilated(
+        x, params['conv1']['kernel'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
+      - params['conv1']['bias']
+    ).max()
+  )
   results = common.interleave(args.reps, {'conv': make(False), 'slices': make(True)})
-  common.emit(common.compare('probe_conv1', f'train_b{args.batch_size}', 'samples/s', results['slices'],
-                             {'conv': results['conv']}, None, None, max_abs_diff_conv1=diff,
-                             note='project = slices form, peer = lax.conv form (both JAX)'))
+  common.emit(
+    common.compare(
+      'probe_conv1',
+      f'train_b{args.batch_size}',
+      'samples/s',
+      results['slices'],
+      {'conv': results['conv']},
+      None,
+      None,
+      max_abs_diff_conv1=diff,
+      note='project = slices form, peer = lax.conv form (both JAX)',
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ from cnn_caption.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Check:
   """One verdict of `attention_checks`."""
+
   name: str
   detail: str  # the measured figure and the criterion
   passed: bool
@@ -36,9 +37,11 @@ def _random_invertible(rng: np.random.Generator, dim: int, singular_range: Seque
   With singular_range = (lo, hi), lo > 1, cond(B) <= hi^2 and no singular value lies in (1/lo, lo):
   B is never close to the identity, which keeps the control check meaningful.
   """
+
   def haar():
     q, upper = np.linalg.qr(rng.standard_normal((dim, dim)))
     return q * np.sign(np.diag(upper))
+
   r = rng.uniform(*singular_range, size=dim)
   s = np.where(rng.random(dim) < 0.5, 1.0 / r, r)
   return haar() @ np.diag(s) @ haar().T
@@ -55,15 +58,21 @@ def _with_head2(params, wq_NxD: np.ndarray, wk_NxD: np.ndarray, dtype) -> dict:
 def check_config(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(L, n) of a valid attention-check config; UserError naming the culprit otherwise."""
   if config.model.name != 'self_attention':
-    raise UserError(f"config.model.name={config.model.name!r}: the attention check needs 'self_attention' "
-                    '(use --config=configs/attention.py)')
+    raise UserError(
+      f"config.model.name={config.model.name!r}: the attention check needs 'self_attention' "
+      '(use --config=configs/attention.py)'
+    )
   shape = tuple(config.model.input_shape)
   if len(shape) != 2 or shape[0] < 2:
-    raise UserError(f'config.model.input_shape={shape} is invalid: it must be (L, n) with L >= 2 '
-                    '(with one position every P(h) is [[1]] and the control cannot fail)')
+    raise UserError(
+      f'config.model.input_shape={shape} is invalid: it must be (L, n) with L >= 2 '
+      '(with one position every P(h) is [[1]] and the control cannot fail)'
+    )
   if config.model.num_heads < 2:
-    raise UserError(f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
-                    '(set --config.model.num_heads=2)')
+    raise UserError(
+      f'config.model.num_heads={config.model.num_heads} is invalid: the check needs >= 2 heads '
+      '(set --config.model.num_heads=2)'
+    )
   return shape
 
 
@@ -95,8 +104,7 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
   x_LxN = rng.standard_normal((seq_len, model_dim)).astype(np.float32)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x_LxN)['params']
   # Weights ~ N(0, 1/n): the module's own fan-in scale.
-  params = jax.tree.map(
-      lambda p: (rng.standard_normal(p.shape) / math.sqrt(model_dim)).astype(np.float32), shapes)
+  params = jax.tree.map(lambda p: (rng.standard_normal(p.shape) / math.sqrt(model_dim)).astype(np.float32), shapes)
 
   probs_and_a = functools.partial(_probs_and_a, module)
   probs_HxLxL, a_HxNxN = probs_and_a(params, x_LxN)
@@ -107,19 +115,24 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
   for h in range(config.model.num_heads):
     ref = _row_softmax(module.score_scale * x64 @ a_HxNxN[h] @ x64.T)
     diff = float(np.abs(probs_HxLxL[h] - ref).max())
-    checks.append(Check(
+    checks.append(
+      Check(
         f'P({h + 1}) = row-softmax({_scale_text(module)}X A({h + 1}) X^T)',
         f'max abs diff {diff:.2e} (float32 module vs float64 formula; tol {tol.prob_atol:.0e})',
-        diff <= tol.prob_atol))
+        diff <= tol.prob_atol,
+      )
+    )
   for h in range(config.model.num_heads):
     s = np.linalg.svd(a_HxNxN[h], compute_uv=False)
     rank = int(np.sum(s > tol.rank_rtol * s[0])) if s[0] > 0 else 0
     tail = f'; s_{d + 1}/s_1 = {s[d] / s[0]:.1e}' if d < model_dim and s[0] > 0 else ''
-    checks.append(Check(
+    checks.append(
+      Check(
         f'rank(A({h + 1})) <= d',
-        f'numerical rank {rank} (singular values > {tol.rank_rtol:.0e} * s_1), '
-        f'd = {d}, n = {model_dim}{tail}',
-        rank <= d))
+        f'numerical rank {rank} (singular values > {tol.rank_rtol:.0e} * s_1), d = {d}, n = {model_dim}{tail}',
+        rank <= d,
+      )
+    )
 
   b_DxD = _random_invertible(rng, d, tol.b_singular_range)
   cond_b = float(np.linalg.cond(b_DxD))
@@ -138,16 +151,21 @@ def attention_checks(config: ml_collections.ConfigDict) -> list[Check]:
   b_text = f'random invertible {d}x{d} B, cond(B) = {cond_b:.2f}'
   control_text = f'max abs diff {diff_control:.2e} (must be >= {tol.control_min_diff:.0e})'
   if diff_control < tol.control_min_diff and probs_HxLxL[0].max(axis=-1).min() > 0.999:
-    control_text += ('; every row of P(1) is nearly one-hot, so the changed scores cannot move it: '
-                     'try another --config.seed')
+    control_text += (
+      '; every row of P(1) is nearly one-hot, so the changed scores cannot move it: try another --config.seed'
+    )
   checks += [
-      Check('W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T gives P(2) = P(1), float32',
-            f'max abs diff {diff32:.2e} (tol {tol.same_atol32:.0e}; {b_text})', diff32 <= tol.same_atol32),
-      Check('same, float64',
-            f'max abs diff {diff64:.2e} (tol {tol.same_atol64:.0e}; computed in {dtype64})',
-            diff64 <= tol.same_atol64 and dtype64 == np.float64),
-      Check('control: W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) changes P',
-            control_text, diff_control >= tol.control_min_diff),
+    Check(
+      'W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) B^-T gives P(2) = P(1), float32',
+      f'max abs diff {diff32:.2e} (tol {tol.same_atol32:.0e}; {b_text})',
+      diff32 <= tol.same_atol32,
+    ),
+    Check(
+      'same, float64',
+      f'max abs diff {diff64:.2e} (tol {tol.same_atol64:.0e}; computed in {dtype64})',
+      diff64 <= tol.same_atol64 and dtype64 == np.float64,
+    ),
+    Check('control: W_Q(2) = W_Q(1) B, W_K(2) = W_K(1) changes P', control_text, diff_control >= tol.control_min_diff),
   ]
   return checks
 
@@ -160,5 +178,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
   """One line naming the check's setting (validates the config first)."""
   seq_len, model_dim = check_config(config)
   scaling = 'scores scaled by 1/sqrt(d)' if config.model.get('scale_scores', False) else 'scores not scaled'
-  return (f'Self-attention check: L={seq_len}, n={model_dim}, d={config.model.head_dim}, '
-          f'heads={config.model.num_heads}, seed={config.seed}, {scaling}')
+  return (
+    f'Self-attention check: L={seq_len}, n={model_dim}, d={config.model.head_dim}, '
+    f'heads={config.model.num_heads}, seed={config.seed}, {scaling}'
+  )

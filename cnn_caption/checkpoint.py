@@ -21,9 +21,9 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int):
     _silence_closed_loop_noise()
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+    )
 
   @property
   def directory(self) -> str:
@@ -38,20 +38,24 @@ class Checkpointer:
       # exact, so the checkpoint already on disk holds the same values.
       logging.info('checkpoint for step %d already in %s; keeping it', step, self.directory)
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
     self.manager.wait_until_finished()
 
   def restore(self, step: int, target):
     """(state, meta) at step, restored into the shapes and shardings of target."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+      )
     except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'checkpoint {self.directory}/{step} does not match this config '
-                      f'({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was '
-                      'trained with') from None
+      raise UserError(
+        f'checkpoint {self.directory}/{step} does not match this config '
+        f'({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was '
+        'trained with'
+      ) from None
     return restored['state'], restored['meta']
 
   def all_steps(self) -> list[int]:
@@ -92,8 +96,9 @@ class Checkpointer:
     if not steps:
       return None
     if step is not None and step not in steps:
-      raise UserError(f'config.checkpoint.restore_step={step} is not in {self.directory}; saved steps: '
-                      f'{", ".join(map(str, steps))}')
+      raise UserError(
+        f'config.checkpoint.restore_step={step} is not in {self.directory}; saved steps: {", ".join(map(str, steps))}'
+      )
     candidates = [step] if step is not None else steps[::-1]
     want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(target))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -102,36 +107,46 @@ class Checkpointer:
       try:
         shapes = self._saved_shapes(candidate)
         if shapes != want:
-          raise UserError(f'checkpoint {self.directory}/{candidate} holds arrays of other shapes than this '
-                          "config's model; use the config it was trained with or a fresh --workdir")
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+          raise UserError(
+            f'checkpoint {self.directory}/{candidate} holds arrays of other shapes than this '
+            "config's model; use the config it was trained with or a fresh --workdir"
+          )
+        restored = self.manager.restore(
+          candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
       except DAMAGE as e:
         reason = _first_line(e)
-        logging.warning('checkpoint %s/%d is damaged (%s); trying an older one', self.directory, candidate,
-                        reason)
+        logging.warning('checkpoint %s/%d is damaged (%s); trying an older one', self.directory, candidate, reason)
         damaged.append((candidate, reason))
         continue
       if damaged:
         where = self.set_aside([s for s, _ in damaged], 'damaged')
-        logging.warning('resuming from step %d: damaged step(s) %s moved to %s', candidate,
-                        ', '.join(str(s) for s, _ in damaged), where)
+        logging.warning(
+          'resuming from step %d: damaged step(s) %s moved to %s',
+          candidate,
+          ', '.join(str(s) for s, _ in damaged),
+          where,
+        )
       return candidate, restored['state'], restored['meta']
     listed = ', '.join(str(s) for s, _ in damaged)
-    raise UserError(f'no intact checkpoint in {self.directory} (damaged: step {listed}: {damaged[0][1]}); '
-                    'delete the damaged step folders to resume from an older one, or use a fresh --workdir')
+    raise UserError(
+      f'no intact checkpoint in {self.directory} (damaged: step {listed}: {damaged[0][1]}); '
+      'delete the damaged step folders to resume from an older one, or use a fresh --workdir'
+    )
 
   def restore_params(self, step: int):
     """Only the parameters, onto this process's first device, whatever devices and processes saved them.
 
     No target needed: used to caption from a workdir alone and by tests.
     """
-    with ocp.CheckpointManager(self.directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                                              'meta': ocp.JsonCheckpointHandler()}) as reader:
+    with ocp.CheckpointManager(
+      self.directory, item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    ) as reader:
       saved = reader.item_metadata(step)['state']
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              getattr(saved, 'tree', saved))
+      abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(saved, 'tree', saved)
+      )
       restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored['state']['params']
 

@@ -20,13 +20,13 @@ import ml_collections
 from cnn_caption import attention_check as check_lib
 from cnn_caption import config_utils
 from cnn_caption import equivariance
+from cnn_caption import errors
 from cnn_caption import imagenet
 from cnn_caption import layer_tables
 from cnn_caption import parallel
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
-from cnn_caption import errors
 from cnn_caption.errors import UserError
 from cnn_caption.tasks import captioning
 
@@ -39,6 +39,7 @@ ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
 @dataclasses.dataclass
 class Distributed:
   """How this process joins a multi-process run (flags; None falls back to the environment)."""
+
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -47,6 +48,7 @@ class Distributed:
 
   def resolved(self) -> Distributed:
     """Unset fields from the CNN_CAPTION_* environment variables; UserError if one is not a number."""
+
     def env_int(name: str) -> int | None:
       value = os.environ.get(name)
       if value is None or value == '':
@@ -55,11 +57,14 @@ class Distributed:
         return int(value)
       except ValueError:
         raise UserError(f'${name}={value!r} is not an integer') from None
+
     return Distributed(
-        self.coordinator_address or os.environ.get(ENV_COORDINATOR) or None,
-        self.num_processes if self.num_processes is not None else env_int(ENV_NUM_PROCESSES),
-        self.process_id if self.process_id is not None else env_int(ENV_PROCESS_ID),
-        self.auto, self.timeout_s)
+      self.coordinator_address or os.environ.get(ENV_COORDINATOR) or None,
+      self.num_processes if self.num_processes is not None else env_int(ENV_NUM_PROCESSES),
+      self.process_id if self.process_id is not None else env_int(ENV_PROCESS_ID),
+      self.auto,
+      self.timeout_s,
+    )
 
 
 def _fail(message: str) -> None:
@@ -79,6 +84,7 @@ def _bad_override(argv: list[str], missing: str) -> str | None:
 def _load_config_file(argv: list[str]):
   """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
   path, _, variant = spec_arg.partition(':')
   spec = importlib.util.spec_from_file_location('_config_for_error', path)
@@ -91,7 +97,7 @@ def _known_fields(argv: list[str], path: str, missing: str) -> str:
   """'known fields of config.X: a, b, c' for the group that lacks `missing`."""
   try:
     node = _load_config_file(argv)
-    parents = path.split('.')[:path.split('.').index(missing)]
+    parents = path.split('.')[: path.split('.').index(missing)]
     for part in parents:
       node = node[part]
     return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
@@ -104,7 +110,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     detail = lines[-1] if 'Traceback' in str(e) else lines[0]
     head = lines[0].split(':')[0] if lines[0].startswith('flag --') else ''
     _fail(f'{head + ": " if head and head not in detail else ""}{detail}')
@@ -124,18 +130,21 @@ def run_app(main) -> None:
   app.run(main, flags_parser=_parse_flags)
 
 
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   """--mode=train: one run, or the learning-rate sweep when config.sweep.learning_rates is set."""
   if 'task' not in config:
-    raise UserError(f'this config (model {config.get("model", {}).get("name")!r}) has no config.task, so it '
-                    'cannot be trained; use it with --mode=summary or --mode=attention_check, or train '
-                    'configs/classifier.py or configs/captioner.py')
+    raise UserError(
+      f'this config (model {config.get("model", {}).get("name")!r}) has no config.task, so it '
+      'cannot be trained; use it with --mode=summary or --mode=attention_check, or train '
+      'configs/classifier.py or configs/captioner.py'
+    )
   if config.get('sweep') and config.sweep.get('learning_rates'):
     if jax.process_count() > 1:
-      raise UserError('the learning-rate sweep (config.sweep.learning_rates) runs its members as child processes '
-                      'and cannot span several processes; run it as one process, or train each rate as its own '
-                      'multi-process run: --config.sweep.learning_rates=() --config.optimizer.learning_rate=R')
+      raise UserError(
+        'the learning-rate sweep (config.sweep.learning_rates) runs its members as child processes '
+        'and cannot span several processes; run it as one process, or train each rate as its own '
+        'multi-process run: --config.sweep.learning_rates=() --config.optimizer.learning_rate=R'
+      )
     sweep.run_sweep(config, workdir)
   else:
     train_lib.train_and_evaluate(config, workdir)
@@ -252,8 +261,7 @@ def _exit(code: int, line: str) -> None:
   sys.exit(code)
 
 
-def main(mode: str, config, workdir: str | None, images: list[str],
-         distributed: Distributed | None = None) -> None:
+def main(mode: str, config, workdir: str | None, images: list[str], distributed: Distributed | None = None) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
   Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after

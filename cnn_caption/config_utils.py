@@ -21,7 +21,7 @@ def require_config(config) -> ml_collections.ConfigDict:
       error = object.__getattribute__(config, '_error')  # ml_collections' _ErrorConfig keeps the cause
     except AttributeError:
       raise UserError('--config did not give a ConfigDict') from None
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     raise UserError(f'--config could not be loaded: {lines[-1]}')
   return config
 
@@ -50,8 +50,7 @@ def _check(config, path: str, ok, requirement: str) -> None:
   except TypeError:
     good = False
   if not good:
-    raise UserError(f'config.{path}={value!r} is invalid: it must be {requirement} '
-                    f'(set --config.{path}=...)')
+    raise UserError(f'config.{path}={value!r} is invalid: it must be {requirement} (set --config.{path}=...)')
 
 
 def _finite_pos(v) -> bool:
@@ -59,9 +58,19 @@ def _finite_pos(v) -> bool:
 
 
 # Positive layer sizes wherever a config has them (None = a placeholder left unset, which is allowed).
-_MODEL_SIZES = ('model.num_classes', 'model.hidden_dim', 'model.embed_dim', 'model.attention_dim',
-                'model.hidden_units', 'model.features', 'model.head_dim', 'model.num_heads',
-                'model_inputs.num_regions', 'model_inputs.feature_dim', 'model_inputs.vocab_size')
+_MODEL_SIZES = (
+  'model.num_classes',
+  'model.hidden_dim',
+  'model.embed_dim',
+  'model.attention_dim',
+  'model.hidden_units',
+  'model.features',
+  'model.head_dim',
+  'model.num_heads',
+  'model_inputs.num_regions',
+  'model_inputs.feature_dim',
+  'model_inputs.vocab_size',
+)
 _FASHION_MNIST_SHAPE = (28, 28, 1)
 
 
@@ -71,7 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   nonneg_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
   nonneg = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
   prob = lambda v: isinstance(v, (int, float)) and 0 <= v < 1
-  int_in = lambda lo, hi: (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi)
+  int_in = lambda lo, hi: lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
   pos_ints = lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(pos_int(x) for x in v)
   _check(config, 'seed', int_in(0, 2**63), 'an integer in [0, 2**63)')
   _check(config, 'num_epochs', pos_int, 'a positive integer')
@@ -86,8 +95,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'optimizer.grad_clip_norm', nonneg, 'a finite number >= 0 (0 = off)')
   _check(config, 'optimizer.warmup_steps', nonneg_int, 'an integer >= 0')
   _check(config, 'optimizer.name', lambda v: v in ('sgd', 'adam', 'adamw'), "one of 'sgd', 'adam', 'adamw'")
-  _check(config, 'optimizer.schedule', lambda v: v in ('constant', 'cosine', 'warmup_cosine'),
-         "one of 'constant', 'cosine', 'warmup_cosine'")
+  _check(
+    config,
+    'optimizer.schedule',
+    lambda v: v in ('constant', 'cosine', 'warmup_cosine'),
+    "one of 'constant', 'cosine', 'warmup_cosine'",
+  )
   _check(config, 'model.dropout', prob, 'in [0, 1)')
   _check(config, 'checkpoint.max_to_keep', pos_int, 'a positive integer')
   _check(config, 'checkpoint.every_steps', nonneg_int, 'an integer >= 0 (0 = epoch ends only)')
@@ -97,18 +110,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'encoder.batch_size', pos_int, 'a positive integer')
   for field in _MODEL_SIZES:
     _check(config, field, pos_int, 'a positive integer')
-  for field in ('model.input_shape', 'model.kernel_size', 'model.strides', 'model.pool_window',
-                'model.pool_strides'):
+  for field in ('model.input_shape', 'model.kernel_size', 'model.strides', 'model.pool_window', 'model.pool_strides'):
     _check(config, field, pos_ints, 'a tuple of positive integers')
   _check(config, 'model.name', lambda v: isinstance(v, str) and v != '', 'a model registry name')
-  _check(config, 'decoding.length_penalty', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-         and math.isfinite(v), 'a finite number')
+  _check(
+    config,
+    'decoding.length_penalty',
+    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    'a finite number',
+  )
   _check(config, 'checkpoint.restore_step', nonneg_int, 'an integer >= 0 (a saved step)')
   if _get(config, 'task') == 'classification':
     shape = tuple(_get(config, 'model.input_shape') or _FASHION_MNIST_SHAPE)
     if shape != _FASHION_MNIST_SHAPE:
-      raise UserError(f'config.model.input_shape={shape} does not match the Fashion-MNIST images '
-                      f'{_FASHION_MNIST_SHAPE}; set --config.model.input_shape="{_FASHION_MNIST_SHAPE}"')
+      raise UserError(
+        f'config.model.input_shape={shape} does not match the Fashion-MNIST images '
+        f'{_FASHION_MNIST_SHAPE}; set --config.model.input_shape="{_FASHION_MNIST_SHAPE}"'
+      )
   _check(config, 'data.on_error', lambda v: v in ('raise', 'skip'), "'raise' or 'skip'")
   _check(config, 'data.image_size', pos_int, 'a positive integer')
   _check(config, 'data.max_caption_len', pos_int, 'a positive integer')
@@ -118,30 +136,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'decoding.beam_size', pos_int, 'a positive integer')
   _check(config, 'decoding.max_len', pos_int, 'a positive integer')
   _check(config, 'data.augment_pad', nonneg_int, 'an integer >= 0 (0 = no random crops)')
-  _check(config, 'selection_metric', lambda v: v in metrics.VALIDATION_METRICS,
-         f'one of {", ".join(metrics.VALIDATION_METRICS)} (METEOR is computed at test only)')
+  _check(
+    config,
+    'selection_metric',
+    lambda v: v in metrics.VALIDATION_METRICS,
+    f'one of {", ".join(metrics.VALIDATION_METRICS)} (METEOR is computed at test only)',
+  )
   _check(config, 'eval_every_steps', nonneg_int, 'an integer >= 0 (0 = at epoch ends only)')
   _check(config, 'optimizer.accumulate_steps', pos_int, 'a positive integer (1 = no accumulation)')
   _check(config, 'ema_decay', prob, 'in [0, 1) (0 = no EMA)')
   _check(config, 'test_params', lambda v: v in ('raw', 'ema'), "'raw' or 'ema'")
   if _get(config, 'test_params') == 'ema' and not _get(config, 'ema_decay'):
-    raise UserError("config.test_params='ema' needs an EMA: set --config.ema_decay (e.g. 0.999) or "
-                    "--config.test_params=raw")
+    raise UserError(
+      "config.test_params='ema' needs an EMA: set --config.ema_decay (e.g. 0.999) or --config.test_params=raw"
+    )
   profiling.check_profile_steps(_get(config, 'profile_steps') or ())
   for i, lr in enumerate(_get(config, 'sweep.learning_rates') or ()):
     if not _finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')
   data_dir = _get(config, 'data.dir')
   if data_dir is not None and not os.path.isdir(data_dir):
-    raise UserError(f'config.data.dir={data_dir!r} is not a directory; '
-                    'point --config.data.dir at the folder that holds the data')
+    raise UserError(
+      f'config.data.dir={data_dir!r} is not a directory; point --config.data.dir at the folder that holds the data'
+    )
 
 
 # Fields that only change what is reported, how fast, or where files are: a resume may change them.
 RESUME_SAFE_FIELDS = (
-    'log_every_steps', 'eval_batch_size', 'steps_per_call', 'early_stopping_patience', 'checkpoint', 'decoding',
-    'sweep', 'model_inputs', 'data.dir', 'data.image_dir', 'data.synthetic_dir', 'data.on_error',
-    'encoder.cache_dir', 'encoder.batch_size', 'encoder.weights')
+  'log_every_steps',
+  'eval_batch_size',
+  'steps_per_call',
+  'early_stopping_patience',
+  'checkpoint',
+  'decoding',
+  'sweep',
+  'model_inputs',
+  'data.dir',
+  'data.image_dir',
+  'data.synthetic_dir',
+  'data.on_error',
+  'encoder.cache_dir',
+  'encoder.batch_size',
+  'encoder.weights',
+)
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -30,8 +30,9 @@ class TrainState(train_state.TrainState):
   @classmethod
   def create(cls, *, apply_fn, params, tx, ema_decay: float = 0.0, ema_every: int = 1, **kwargs):
     ema_params = jax.tree.map(jnp.copy, params) if ema_decay else None
-    return super().create(apply_fn=apply_fn, params=params, tx=tx, ema_params=ema_params, ema_decay=ema_decay,
-                          ema_every=ema_every, **kwargs)
+    return super().create(
+      apply_fn=apply_fn, params=params, tx=tx, ema_params=ema_params, ema_decay=ema_decay, ema_every=ema_every, **kwargs
+    )
 
   def apply_gradients(self, *, grads, **kwargs):
     new = super().apply_gradients(grads=grads, **kwargs)

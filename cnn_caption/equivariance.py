@@ -24,6 +24,7 @@ from cnn_caption.models.classifier import max_pool_2x2
 @dataclasses.dataclass(frozen=True)
 class Check:
   """One verdict: what was claimed, the measured figure with its criterion, and whether the claim holds."""
+
   name: str
   detail: str  # the measured figure and the criterion
   passed: bool
@@ -51,34 +52,40 @@ def _min_over_output_shifts(fx_BxHxWxC: jax.Array, target_BxHxWxC: jax.Array) ->
   fx, target = np.asarray(fx_BxHxWxC), np.asarray(target_BxHxWxC)
   _, h, w, _ = fx.shape
   # numpy: one jnp.roll per static shift would compile one program each.
-  return min((_relative(target, np.roll(fx, s, axis=(1, 2)), fx), s)
-             for s in itertools.product(range(h), range(w)))
+  return min((_relative(target, np.roll(fx, s, axis=(1, 2)), fx), s) for s in itertools.product(range(h), range(w)))
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   check = config.get('check')
   if check is None or 'shift' not in check or 'image_shape' not in check:
-    raise UserError('this config has no check.shift / check.image_shape: the equivariance check needs '
-                    '--config=configs/equivariance.py')
+    raise UserError(
+      'this config has no check.shift / check.image_shape: the equivariance check needs '
+      '--config=configs/equivariance.py'
+    )
   h, w, _ = check.image_shape
   dy, dx = check.shift
   r = check.kernel_size // 2
   if h % 2 or w % 2:
     raise UserError(f'config.check.image_shape={tuple(check.image_shape)}: H and W must be even for the 2x2 pool')
   if dy % 2 == 0 and dx % 2 == 0:
-    raise UserError(f'config.check.shift={tuple(check.shift)}: make one component odd (an even shift is one the '
-                    '2x2 pool follows)')
+    raise UserError(
+      f'config.check.shift={tuple(check.shift)}: make one component odd (an even shift is one the 2x2 pool follows)'
+    )
   if not (0 <= dy and 0 <= dx and dy + 2 * r < h and dx + 2 * r < w):
-    raise UserError(f'config.check.shift={tuple(check.shift)}: needs 0 <= shift and shift + kernel_size - 1 < '
-                    'image size, so an interior is left')
+    raise UserError(
+      f'config.check.shift={tuple(check.shift)}: needs 0 <= shift and shift + kernel_size - 1 < '
+      'image size, so an interior is left'
+    )
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
   """One header line for the printed checks (validates the config first)."""
   _validate(config)
   check = config.check
-  return (f'Translation checks (question 2.1): random {tuple(check.image_shape)} image, shift '
-          f'{tuple(check.shift)}, seed {config.seed}; rel diff = max |f(T x) - T\' f(x)| / max |f(x)|')
+  return (
+    f'Translation checks (question 2.1): random {tuple(check.image_shape)} image, shift '
+    f"{tuple(check.shift)}, seed {config.seed}; rel diff = max |f(T x) - T' f(x)| / max |f(x)|"
+  )
 
 
 def equivariance_checks(config: ml_collections.ConfigDict) -> list[Check]:
@@ -119,8 +126,11 @@ def equivariance_checks(config: ml_collections.ConfigDict) -> list[Check]:
 
   conv_circ = conv('CIRCULAR', key_circ)
   y = conv_circ(x)
-  claim(f'conv {kernel[0]}x{kernel[1]}, circular padding: conv(T x) == T conv(x), shift {shift}',
-        _relative(conv_circ(roll(x, shift)), roll(y, shift), y), equal=True)
+  claim(
+    f'conv {kernel[0]}x{kernel[1]}, circular padding: conv(T x) == T conv(x), shift {shift}',
+    _relative(conv_circ(roll(x, shift)), roll(y, shift), y),
+    equal=True,
+  )
 
   conv_zero = conv('SAME', key_zero)
   y0 = conv_zero(x)
@@ -129,29 +139,49 @@ def equivariance_checks(config: ml_collections.ConfigDict) -> list[Check]:
   r = check.kernel_size // 2
   (dy, dx), (h, w) = shift, check.image_shape[:2]
   interior = (slice(None), slice(dy + r, h - r), slice(dx + r, w - r))
-  claim(f'conv {kernel[0]}x{kernel[1]}, zero padding: equal on the interior crop '
-        f'rows {dy + r}..{h - r - 1}, cols {dx + r}..{w - r - 1}',
-        _relative(lhs[interior], rhs[interior], y0), equal=True)
-  claim('conv, zero padding, whole image: differs at the border (why the crop is needed)',
-        _relative(lhs, rhs, y0), equal=False)
+  claim(
+    f'conv {kernel[0]}x{kernel[1]}, zero padding: equal on the interior crop '
+    f'rows {dy + r}..{h - r - 1}, cols {dx + r}..{w - r - 1}',
+    _relative(lhs[interior], rhs[interior], y0),
+    equal=True,
+  )
+  claim(
+    'conv, zero padding, whole image: differs at the border (why the crop is needed)',
+    _relative(lhs, rhs, y0),
+    equal=False,
+  )
 
   pooled = max_pool_2x2(x)
   diff, best = _min_over_output_shifts(pooled, max_pool_2x2(roll(x, shift)))
-  claim(f'max pool 2x2: pool(T x) != T\' pool(x) for every output shift T\' (input shift {shift}; '
-        f'closest output shift {best})', diff, equal=False)
+  claim(
+    f"max pool 2x2: pool(T x) != T' pool(x) for every output shift T' (input shift {shift}; "
+    f'closest output shift {best})',
+    diff,
+    equal=False,
+  )
   doubled = (2 * shift[0], 2 * shift[1])
-  claim(f'max pool 2x2 with a shift of a multiple of its stride {doubled}: pool(T x) == T/2 pool(x)',
-        _relative(max_pool_2x2(roll(x, doubled)), roll(pooled, shift), pooled), equal=True)
+  claim(
+    f'max pool 2x2 with a shift of a multiple of its stride {doubled}: pool(T x) == T/2 pool(x)',
+    _relative(max_pool_2x2(roll(x, doubled)), roll(pooled, shift), pooled),
+    equal=True,
+  )
 
   dense = nn.Dense(check.fc_units)
   dense_params = dense.init(key_fc, x.reshape(1, -1))
   fc = lambda v: dense.apply(dense_params, v.reshape(1, -1)).reshape(1, check.fc_units, 1, 1)
   z = fc(x)
   diff, best = _min_over_output_shifts(z, fc(roll(x, shift)))
-  claim(f'fully connected ({int(np.prod(check.image_shape))} -> {check.fc_units}): fc(T x) != any cyclic shift '
-        f'of fc(x) (closest {best[0]})', diff, equal=False)
+  claim(
+    f'fully connected ({int(np.prod(check.image_shape))} -> {check.fc_units}): fc(T x) != any cyclic shift '
+    f'of fc(x) (closest {best[0]})',
+    diff,
+    equal=False,
+  )
 
   wrong = (shift[0] + 1, shift[1])
-  claim(f'control: circular conv compared with the wrong output shift {wrong} must differ',
-        _relative(conv_circ(roll(x, shift)), roll(y, wrong), y), equal=False)
+  claim(
+    f'control: circular conv compared with the wrong output shift {wrong} must differ',
+    _relative(conv_circ(roll(x, shift)), roll(y, wrong), y),
+    equal=False,
+  )
   return checks

@@ -6,16 +6,16 @@ import errno
 
 # errno -> the fix; an OSError with one of these comes from the machine or the paths given, not from a bug.
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: 'free some disk space or use a --workdir on another disk',
-    errno.EDQUOT: 'free some space within your quota or use a --workdir elsewhere',
-    errno.EROFS: 'the file system is read-only; use a --workdir on a writable disk',
-    errno.EACCES: 'check the permissions, or use a --workdir you can write to',
-    errno.EPERM: 'check the permissions, or use a --workdir you can write to',
-    errno.ENOTDIR: 'a part of the path is a file, not a folder; fix the path',
-    errno.EISDIR: 'a folder is where a file was expected; fix the path',
-    errno.ENAMETOOLONG: 'use a shorter path',
-    errno.EMFILE: 'too many open files; raise `ulimit -n`',
-    errno.ENOMEM: 'out of memory; lower the batch size or free memory',
+  errno.ENOSPC: 'free some disk space or use a --workdir on another disk',
+  errno.EDQUOT: 'free some space within your quota or use a --workdir elsewhere',
+  errno.EROFS: 'the file system is read-only; use a --workdir on a writable disk',
+  errno.EACCES: 'check the permissions, or use a --workdir you can write to',
+  errno.EPERM: 'check the permissions, or use a --workdir you can write to',
+  errno.ENOTDIR: 'a part of the path is a file, not a folder; fix the path',
+  errno.EISDIR: 'a folder is where a file was expected; fix the path',
+  errno.ENAMETOOLONG: 'use a shorter path',
+  errno.EMFILE: 'too many open files; raise `ulimit -n`',
+  errno.ENOMEM: 'out of memory; lower the batch size or free memory',
 }
 
 

@@ -48,12 +48,15 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def cache_folder(encoder_name: str, weights_path: str, image_size: int,
-                 cache_dir: str) -> tuple[str, dict]:
+def cache_folder(encoder_name: str, weights_path: str, image_size: int, cache_dir: str) -> tuple[str, dict]:
   """(folder, key): where this (encoder, weights file, image size)'s entries live, and why."""
-  key = {'version': _CACHE_VERSION, 'encoder': encoder_name, 'image_size': image_size,
-         'weights': _file_identity(weights_path),
-         'normalization': images_lib.NORMALIZATION[encoder_name]}
+  key = {
+    'version': _CACHE_VERSION,
+    'encoder': encoder_name,
+    'image_size': image_size,
+    'weights': _file_identity(weights_path),
+    'normalization': images_lib.NORMALIZATION[encoder_name],
+  }
   return os.path.join(cache_dir, f'{encoder_name}-{image_size}px-{_digest(key)[:16]}'), key
 
 
@@ -127,16 +130,20 @@ class FeatureStore:
 
 def _write_store(path: str, shape: tuple[int, ...], rows) -> None:
   """Streams rows (an iterable of arrays of shape[1:]) into an atomically written float16 .npy file."""
+
   def write(f):
-    np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(np.dtype(FEATURE_DTYPE)),
-                                             'fortran_order': False, 'shape': shape})
+    np.lib.format.write_array_header_1_0(
+      f, {'descr': np.lib.format.dtype_to_descr(np.dtype(FEATURE_DTYPE)), 'fortran_order': False, 'shape': shape}
+    )
     for row in rows:
       f.write(np.ascontiguousarray(row, FEATURE_DTYPE).tobytes())
+
   io_utils.atomic_write(path, write)
 
 
-def _load_batch(paths: list[str], image_size: int, encoder_name: str, on_error: str,
-                batch_size: int) -> tuple[np.ndarray, list[str | None]]:
+def _load_batch(
+  paths: list[str], image_size: int, encoder_name: str, on_error: str, batch_size: int
+) -> tuple[np.ndarray, list[str | None]]:
   """Decodes one batch (zero-padded to batch_size); errors[i] is None when image i loaded."""
   x = np.zeros((batch_size, image_size, image_size, 3), np.float32)
   errors: list[str | None] = []
@@ -151,9 +158,15 @@ def _load_batch(paths: list[str], image_size: int, encoder_name: str, on_error: 
   return x, errors
 
 
-def extract_features(encoder_name: str, weights_path: str | None, image_paths: list[str],
-                     image_size: int, cache_dir: str, batch_size: int = 32,
-                     on_error: str = 'raise') -> tuple[FeatureStore, np.ndarray]:
+def extract_features(
+  encoder_name: str,
+  weights_path: str | None,
+  image_paths: list[str],
+  image_size: int,
+  cache_dir: str,
+  batch_size: int = 32,
+  on_error: str = 'raise',
+) -> tuple[FeatureStore, np.ndarray]:
   """Frozen region features for every image, from the cache where possible.
 
   Args:
@@ -177,13 +190,13 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
   if batch_size < 1:
     raise UserError(f'encoder batch_size={batch_size} must be >= 1')
   if encoder_name not in encoders.ENCODERS:
-    raise UserError(f'config.encoder.name={encoder_name!r} is unknown; '
-                    f'choose one of {list(encoders.ENCODERS)}')
+    raise UserError(f'config.encoder.name={encoder_name!r} is unknown; choose one of {list(encoders.ENCODERS)}')
   if weights_path is None:
     weights_path = encoders.default_weights_path(encoder_name)
   elif not os.path.isfile(weights_path):
-    raise UserError(f'encoder weights {weights_path} do not exist; pass '
-                    f'--config.encoder.weights=/path/to/{encoder_name}.pth')
+    raise UserError(
+      f'encoder weights {weights_path} do not exist; pass --config.encoder.weights=/path/to/{encoder_name}.pth'
+    )
   folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir)
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, 'key.json')
@@ -192,8 +205,9 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
 
   module = encoders.create_encoder(encoder_name)
   regions_shape = jax.eval_shape(
-      lambda x: module.init_with_output(jax.random.key(0), x, features_only=True)[0],
-      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)).shape[1:]
+    lambda x: module.init_with_output(jax.random.key(0), x, features_only=True)[0],
+    jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+  ).shape[1:]
 
   num = len(image_paths)
   ok_mask = np.zeros((num,), bool)
@@ -213,8 +227,14 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
       ok_mask[i] = True
     else:
       todo.append(i)
-  logging.info('features: %d/%d images cached in %s (read in %.1fs); computing %d',
-               num - len(todo) - len(failures), num, folder, time.time() - start, len(todo))
+  logging.info(
+    'features: %d/%d images cached in %s (read in %.1fs); computing %d',
+    num - len(todo) - len(failures),
+    num,
+    folder,
+    time.time() - start,
+    len(todo),
+  )
   if jax.process_count() > 1:
     # Every process takes process 0's view of the cache, so that the shares below add up exactly.
     todo = [int(i) for i in np.flatnonzero(parallel.from_process_0(np.isin(np.arange(num), todo)))]
@@ -224,28 +244,33 @@ def extract_features(encoder_name: str, weights_path: str | None, image_paths: l
     batch_size = min(batch_size, len(todo))
     num_batches = -(-len(todo) // batch_size)
     pid, nproc = jax.process_index(), jax.process_count()
-    mine = todo[pid * num_batches // nproc * batch_size:(pid + 1) * num_batches // nproc * batch_size]
+    mine = todo[pid * num_batches // nproc * batch_size : (pid + 1) * num_batches // nproc * batch_size]
     if nproc > 1:
       logging.info('features: this process encodes %d of the %d images', len(mine), len(todo))
-    failures += parallel.same_verdict(lambda: _compute(encoder_name, weights_path, image_paths, mine, entries,
-                                                       image_size, batch_size, on_error, ok_mask))
+    failures += parallel.same_verdict(
+      lambda: _compute(
+        encoder_name, weights_path, image_paths, mine, entries, image_size, batch_size, on_error, ok_mask
+      )
+    )
     by_others = set(todo) - set(mine)
     cached_late = {i for i in range(num) if entries[i] and not ok_mask[i]} - set(todo)  # after this one looked
     for i in sorted(by_others | cached_late):
       if _read_entry(entries[i], tuple(regions_shape)) is None:
-        failures.append(f'image {image_paths[i]} could not be encoded (see the other processes\' warnings)')
+        failures.append(f"image {image_paths[i]} could not be encoded (see the other processes' warnings)")
       else:
         ok_mask[i] = True
   if failures:
-    logging.warning('features: skipped %d unreadable image(s), e.g. %s', len(failures),
-                    failures[:3])
+    logging.warning('features: skipped %d unreadable image(s), e.g. %s', len(failures), failures[:3])
   store = os.path.join(folder, f'store-{_digest([e if ok else None for e, ok in zip(entries, ok_mask)])[:32]}.npy')
 
   def write_store():
     if not os.path.exists(store):
       zeros = np.zeros(regions_shape, FEATURE_DTYPE)
-      _write_store(store, (num, *regions_shape),
-                   (_read_entry(e, tuple(regions_shape)) if ok else zeros for e, ok in zip(entries, ok_mask)))
+      _write_store(
+        store,
+        (num, *regions_shape),
+        (_read_entry(e, tuple(regions_shape)) if ok else zeros for e, ok in zip(entries, ok_mask)),
+      )
 
   parallel.main_first(write_store)  # one writer; the other processes then read it
   return FeatureStore(store), ok_mask
@@ -256,17 +281,19 @@ def _encode(module, variables, images_BxHxWx3):
   return module.apply(variables, images_BxHxWx3, features_only=True).astype(FEATURE_DTYPE)
 
 
-def _compute(encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size,
-             on_error, ok_mask) -> list[str]:
+def _compute(
+  encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size, on_error, ok_mask
+) -> list[str]:
   """Runs the encoder over image_paths[todo], filling ok_mask and the per-image cache entries."""
   module, variables = encoders.load_encoder(encoder_name, weights_path)
   forward = functools.partial(jax.jit(_encode, static_argnums=0), module)
-  batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+  batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
   failures: list[str] = []
   start, done, last_log = time.time(), 0, time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    load = lambda idx: pool.submit(_load_batch, [image_paths[i] for i in idx], image_size,
-                                   encoder_name, on_error, batch_size)
+    load = lambda idx: pool.submit(
+      _load_batch, [image_paths[i] for i in idx], image_size, encoder_name, on_error, batch_size
+    )
     pending = [load(b) for b in batches[:2]]  # decode two batches ahead of the network
     try:
       for b, idx in enumerate(batches):
@@ -283,8 +310,7 @@ def _compute(encoder_name, weights_path, image_paths, todo, entries, image_size,
         done += len(idx)
         if time.time() - last_log > 10 or b == len(batches) - 1:
           last_log = time.time()
-          logging.info('features: %d/%d computed, %.1f images/s', done, len(todo),
-                       done / (last_log - start))
+          logging.info('features: %d/%d computed, %.1f images/s', done, len(todo), done / (last_log - start))
     finally:
       for future in pending:
         future.cancel()

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, IO
+from typing import Any, IO
 
 import numpy as np
 
 from cnn_caption.errors import UserError
-
 
 TMP_PREFIX = '.tmp-'
 
@@ -36,7 +36,7 @@ def atomic_write(path: str, write_fn: Callable[[IO], Any], binary: bool = True) 
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX)
   try:
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
-    with (os.fdopen(fd, 'wb') if binary else os.fdopen(fd, 'w', encoding='utf-8')) as f:
+    with os.fdopen(fd, 'wb') if binary else os.fdopen(fd, 'w', encoding='utf-8') as f:
       write_fn(f)
     os.replace(tmp, path)
   except BaseException:
@@ -101,15 +101,15 @@ def prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise UserError(f'cannot create --workdir={workdir} ({e.strerror}); choose a location you can write to'
-                    ) from None
+    raise UserError(f'cannot create --workdir={workdir} ({e.strerror}); choose a location you can write to') from None
   try:
     fd, probe = tempfile.mkstemp(dir=workdir, prefix=TMP_PREFIX)
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to'
-                    ) from None
+    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to') from None
+
+
 def append_jsonl(path: str, record: dict) -> None:
   """Appends one row (a line written in one call; readers skip a torn last line after a kill)."""
   with open(path, 'a', encoding='utf-8') as f:

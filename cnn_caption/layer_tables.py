@@ -7,11 +7,12 @@ number is written by hand.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -19,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cnn_caption import models
 
@@ -27,6 +27,7 @@ from cnn_caption import models
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One layer: its output shapes without the batch axis, their total size and its parameters."""
+
   layer: str  # module path joined with '/', or 'input'
   kind: str  # module class name, or 'input'
   shapes: tuple[tuple[int, ...], ...]  # one per array the layer returns
@@ -59,8 +60,9 @@ def _subtree(params, path: tuple[str, ...]):
   return node
 
 
-def layer_table(module: nn.Module, *inputs, depth: int | None = None, rngs: dict | None = None,
-                **call_kwargs) -> list[Row]:
+def layer_table(
+  module: nn.Module, *inputs, depth: int | None = None, rngs: dict | None = None, **call_kwargs
+) -> list[Row]:
   """Per-layer table of `module` applied to `inputs` (shape-only: runs under `jax.eval_shape`).
 
   Args:
@@ -100,8 +102,7 @@ def layer_table(module: nn.Module, *inputs, depth: int | None = None, rngs: dict
   input_shapes = _shapes_without_batch(inputs)
   rows = [Row('input', 'input', input_shapes, sum(math.prod(s) for s in input_shapes), 0)]
   for path, (kind, shapes) in calls.items():
-    rows.append(Row('/'.join(path), kind, shapes, sum(math.prod(s) for s in shapes),
-                    _count(_subtree(params, path))))
+    rows.append(Row('/'.join(path), kind, shapes, sum(math.prod(s) for s in shapes), _count(_subtree(params, path))))
   other = _count(params) - sum(_count(_subtree(params, p)) for p in _outermost(list(calls)))
   if other:
     rows.append(Row('(other)', '-', (), 0, other))
@@ -136,8 +137,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return '  '.join(left + right).rstrip()
 
   rule = '-' * len(fmt(header))
-  lines = [fmt(header), rule, *(fmt(line) for line in body), rule,
-           f'Total parameters: {total_params(rows):,}']
+  lines = [fmt(header), rule, *(fmt(line) for line in body), rule, f'Total parameters: {total_params(rows):,}']
   return '\n'.join(lines)
 
 
@@ -149,14 +149,23 @@ def call_kwargs(module: nn.Module) -> dict[str, Any]:
 def model_tables(config: ml_collections.ConfigDict) -> list[tuple[str, list[Row]]]:
   """(title, rows) of the configured model, then of its image encoder when the config has one."""
   model = models.create_model(config, **models.shape_only_fields(config))
-  tables = [(f'{config.model.name}: {type(model).__name__}',
-             layer_table(model, *models.example_inputs(config), **call_kwargs(model)))]
+  tables = [
+    (
+      f'{config.model.name}: {type(model).__name__}',
+      layer_table(model, *models.example_inputs(config), **call_kwargs(model)),
+    )
+  ]
   if 'encoder' in config:
     from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top  (heavy; only when asked)
+
     size = config.data.image_size
     encoder = encoders.create_encoder(config.encoder.name)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     logging.info('Tracing encoder %s at %dx%d (shapes only).', config.encoder.name, size, size)
-    tables.append((f'encoder {config.encoder.name} at {size}x{size}: {type(encoder).__name__} '
-                   '(shapes only, no weights loaded)', layer_table(encoder, images, depth=1)))
+    tables.append(
+      (
+        f'encoder {config.encoder.name} at {size}x{size}: {type(encoder).__name__} (shapes only, no weights loaded)',
+        layer_table(encoder, images, depth=1),
+      )
+    )
   return tables

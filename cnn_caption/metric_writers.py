@@ -45,11 +45,16 @@ class MetricWriter:
     self._writer = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy import, process 0)
+
       os.makedirs(logdir, exist_ok=True)
       # purge_step: TensorBoard hides what an earlier (killed) run wrote after the restored step. The suffix
       # keeps two starts within one second apart, in start order (readers sort the files by name).
-      self._writer = SummaryWriter(logdir, purge_step=self.start_step + 1, flush_secs=30,
-                                   filename_suffix=f'.from{self.start_step:012d}.{os.getpid()}')
+      self._writer = SummaryWriter(
+        logdir,
+        purge_step=self.start_step + 1,
+        flush_secs=30,
+        filename_suffix=f'.from{self.start_step:012d}.{os.getpid()}',
+      )
 
   def _skip(self, step: int) -> bool:
     return self._writer is None or step <= self.start_step
@@ -100,8 +105,9 @@ class EvalLog:
         rows = [json.loads(line) for line in f if line.strip().endswith('}')]
     kept = [r for r in rows if r.get('step', 0) <= start_step]
     if len(kept) != len(rows):
-      logging.info('%s: dropping %d rows written after step %d (redone on resume)', path, len(rows) - len(kept),
-                   start_step)
+      logging.info(
+        '%s: dropping %d rows written after step %d (redone on resume)', path, len(rows) - len(kept), start_step
+      )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     io_utils.write_jsonl(path, kept)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import math
 import shutil
-from typing import Sequence
 import warnings
 
 from absl import logging
@@ -16,10 +16,10 @@ from pycocoevalcap.meteor import meteor as meteor_lib
 from pycocoevalcap.rouge import rouge as rouge_scorer
 
 _BLEU_WEIGHTS = {
-    'bleu1': (1.0, 0.0, 0.0, 0.0),
-    'bleu2': (0.5, 0.5, 0.0, 0.0),
-    'bleu3': (1 / 3, 1 / 3, 1 / 3),
-    'bleu4': (0.25, 0.25, 0.25, 0.25),
+  'bleu1': (1.0, 0.0, 0.0, 0.0),
+  'bleu2': (0.5, 0.5, 0.0, 0.0),
+  'bleu3': (1 / 3, 1 / 3, 1 / 3),
+  'bleu4': (0.25, 0.25, 0.25, 0.25),
 }
 
 # What captioning computes on val after every epoch (METEOR only at test): the candidates for
@@ -93,7 +93,7 @@ def _ngram_counts(tokens: Sequence[str], n: int) -> collections.Counter:
   counts = collections.Counter()
   for k in range(1, n + 1):
     for i in range(len(tokens) - k + 1):
-      counts[tuple(tokens[i:i + k])] += 1
+      counts[tuple(tokens[i : i + k])] += 1
   return counts
 
 
@@ -120,7 +120,7 @@ class CiderD:
     for ngram, tf in _ngram_counts(tokens, self.n).items():
       weight = tf * (self.log_num_documents - math.log(max(1.0, self.document_frequency[ngram])))
       vec[len(ngram) - 1][ngram] = weight
-      norm[len(ngram) - 1] += weight ** 2
+      norm[len(ngram) - 1] += weight**2
     return vec, np.sqrt(norm), max(len(tokens) - 1, 0)
 
   def image_score(self, image_refs: Sequence[Sequence[str]], hypothesis: Sequence[str]) -> float:
@@ -129,7 +129,7 @@ class CiderD:
     total = np.zeros(self.n)
     for ref in image_refs:
       vec_r, norm_r, len_r = self._vector([w.lower() for w in ref])
-      penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma ** 2))
+      penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma**2))
       for k in range(self.n):
         # Clipped: a hypothesis n-gram counts at most as much as the reference holds it (the "-D").
         dot = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec_h[k].items())
@@ -161,8 +161,9 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
     scorer.meteor_p.wait()
 
 
-def coco_scores(references: References, hypotheses: Hypotheses, *, meteor: bool = False,
-                per_image: bool = False) -> dict:
+def coco_scores(
+  references: References, hypotheses: Hypotheses, *, meteor: bool = False, per_image: bool = False
+) -> dict:
   """The coco-caption metrics on the project's own tokens (lower-cased words; no PTB tokenizer).
 
   BLEU-1..4 are the project's (nltk corpus BLEU, equal to pycocoevalcap's Bleu on the same tokens to
@@ -193,15 +194,20 @@ def coco_scores(references: References, hypotheses: Hypotheses, *, meteor: bool 
     else:
       logging.warning('METEOR skipped: no `java` on PATH (install a JRE, e.g. openjdk-17-jre-headless)')
   if per_image:
-    scores['per_image'] = {'cider': [float(s) for s in cider_per_image],
-                           'rouge_l': [float(s) for s in rouge_per_image]}
+    scores['per_image'] = {'cider': [float(s) for s in cider_per_image], 'rouge_l': [float(s) for s in rouge_per_image]}
     if meteor_per_image is not None:
       scores['per_image']['meteor'] = meteor_per_image
   return scores
 
 
-def paired_bootstrap_ci(scores_a: Sequence[float], scores_b: Sequence[float], *, num_resamples: int = 10000,
-                        confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap_ci(
+  scores_a: Sequence[float],
+  scores_b: Sequence[float],
+  *,
+  num_resamples: int = 10000,
+  confidence: float = 0.95,
+  seed: int = 0,
+) -> dict[str, float]:
   """Percentile bootstrap CI of mean(a - b) over images resampled with replacement (the same images for both).
 
   Args:
@@ -223,5 +229,9 @@ def paired_bootstrap_ci(scores_a: Sequence[float], scores_b: Sequence[float], *,
   means = diff[idx].mean(axis=1)
   tail = (1 - confidence) / 2
   low, high = np.quantile(means, [tail, 1 - tail])
-  return {'mean_diff': float(diff.mean()), 'low': float(low), 'high': float(high),
-          'p_a_not_better': float(np.mean(means <= 0))}
+  return {
+    'mean_diff': float(diff.mean()),
+    'low': float(low),
+    'high': float(high),
+    'p_a_not_better': float(np.mean(means <= 0)),
+  }

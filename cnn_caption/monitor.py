@@ -38,8 +38,16 @@ def weighted_loss_sums(metrics: Mapping[str, Any]) -> tuple[float, float]:
 class RunMonitor:
   """Interval means of the per-step metrics, TensorBoard scalars/images/text, eval log and profiler."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, start_step: int, total_steps: int,
-               steps_per_epoch: int, learning_rate_fn: Callable[[int], float] | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    learning_rate_fn: Callable[[int], float] | None = None,
+  ):
     self.config = config
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.log_every = max(int(config.log_every_steps), 1)
@@ -90,11 +98,21 @@ class RunMonitor:
     scalars['train/steps_per_second'] = rate
     scalars['train/examples_per_second'] = rate * self.config.batch_size
     self.writer.write_scalars(step, scalars)
-    extra = '  '.join(f'{k[6:]} {v:.4g}' for k, v in scalars.items()
-                      if k not in ('train/loss', 'train/steps_per_second', 'train/examples_per_second'))
-    logging.info('epoch %d step %d/%d  loss %.4f  %s  %.1f steps/s  %.0f examples/s',
-                 (step - 1) // self.steps_per_epoch + 1, step, self.total_steps, scalars['train/loss'], extra,
-                 rate, rate * self.config.batch_size)
+    extra = '  '.join(
+      f'{k[6:]} {v:.4g}'
+      for k, v in scalars.items()
+      if k not in ('train/loss', 'train/steps_per_second', 'train/examples_per_second')
+    )
+    logging.info(
+      'epoch %d step %d/%d  loss %.4f  %s  %.1f steps/s  %.0f examples/s',
+      (step - 1) // self.steps_per_epoch + 1,
+      step,
+      self.total_steps,
+      scalars['train/loss'],
+      extra,
+      rate,
+      rate * self.config.batch_size,
+    )
     self._reset_interval(step)
 
   def evaluation(self, step: int, epoch: float, results: Mapping[str, Mapping[str, float]]) -> None:

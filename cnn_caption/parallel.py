@@ -1,9 +1,13 @@
-"""Data parallelism over a Mesh of all devices (all processes): sharding, padded evaluation, and the
-multi-process parts (jax.distributed init, process-0 helpers, agreed verdicts, barriers, signals)."""
+"""Data parallelism over a Mesh of all devices (all processes).
+
+Sharding, padded evaluation, and the multi-process parts: jax.distributed init, process-0 helpers, agreed
+verdicts, barriers, signals.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 import os
 import signal
 import threading
@@ -11,7 +15,9 @@ from typing import TypeVar
 
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from cnn_caption.errors import UserError
@@ -28,8 +34,9 @@ def make_mesh() -> Mesh:
 def check_batch_size(batch_size: int, name: str = 'batch_size') -> None:
   n = jax.device_count()
   if batch_size % n:
-    raise UserError(f'config.{name}={batch_size} is not divisible by the {n} devices; '
-                    f'set --config.{name} to a multiple of {n}')
+    raise UserError(
+      f'config.{name}={batch_size} is not divisible by the {n} devices; set --config.{name} to a multiple of {n}'
+    )
 
 
 def _sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
@@ -51,7 +58,7 @@ def shard_local_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int
   sharding = _sharding(mesh, batch_axis)
 
   def put(x):
-    shape = (*x.shape[:batch_axis], global_rows, *x.shape[batch_axis + 1:])
+    shape = (*x.shape[:batch_axis], global_rows, *x.shape[batch_axis + 1 :])
     return jax.make_array_from_process_local_data(sharding, x, shape)
 
   return jax.tree.map(put, batch)
@@ -70,8 +77,7 @@ def replicate(tree, mesh: Mesh):
 
   def put(x):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sharding),
-                                      impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
     return jax.device_put(x, sharding)
 
   return jax.tree.map(put, tree)
@@ -82,8 +88,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def padded_batches(num: int, batch_size: int,
-                   fetch: Callable[[slice], dict[str, np.ndarray]]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+def padded_batches(
+  num: int, batch_size: int, fetch: Callable[[slice], dict[str, np.ndarray]]
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
   """Fixed-size batches over num rows (one compiled shape): the last is zero-padded.
 
   Yields (batch, num_real): fetch(rows) gives the real rows; `batch['mask']` marks them.
@@ -91,8 +98,10 @@ def padded_batches(num: int, batch_size: int,
   for start in range(0, num, batch_size):
     real = fetch(slice(start, min(start + batch_size, num)))
     n = len(next(iter(real.values())))
-    batch = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) if n < batch_size else v
-             for k, v in real.items()}
+    batch = {
+      k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) if n < batch_size else v
+      for k, v in real.items()
+    }
     batch['mask'] = np.arange(batch_size) < n
     yield batch, n
 
@@ -104,8 +113,13 @@ SHUTDOWN_TIMEOUT_S = 10  # how long a finishing process waits for the others at 
 _MESSAGE_BYTES = 400  # a failure's text travels between processes in this many bytes
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False, timeout_s: int = 300) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  auto: bool = False,
+  timeout_s: int = 300,
+) -> None:
   """Joins the processes of one run (jax.distributed); must come before any other JAX call.
 
   Args:
@@ -115,12 +129,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     auto: let JAX detect the cluster (SLURM, TPU pods, ...) instead of the three arguments above.
     timeout_s: how long to wait for every process to connect.
   """
-  kwargs = dict(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
-                initialization_timeout=timeout_s)
+  kwargs = dict(
+    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+    initialization_timeout=timeout_s,
+  )
   if auto:
     if coordinator_address or num_processes or process_id is not None:
-      raise UserError('--distributed_auto detects the cluster itself: drop --coordinator_address, '
-                      '--num_processes and --process_id (or drop --distributed_auto)')
+      raise UserError(
+        '--distributed_auto detects the cluster itself: drop --coordinator_address, '
+        '--num_processes and --process_id (or drop --distributed_auto)'
+      )
     target = 'the auto-detected cluster'
   elif not num_processes or num_processes == 1:
     if process_id:
@@ -130,19 +149,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes < 1:
       raise UserError(f'--num_processes={num_processes} must be >= 1')
     if process_id is None or not 0 <= process_id < num_processes:
-      raise UserError(f'--process_id={process_id} must be in [0, {num_processes}) when --num_processes='
-                      f'{num_processes}; give every process its own id')
+      raise UserError(
+        f'--process_id={process_id} must be in [0, {num_processes}) when --num_processes='
+        f'{num_processes}; give every process its own id'
+      )
     if not coordinator_address or ':' not in coordinator_address:
-      raise UserError(f'--coordinator_address={coordinator_address!r} must be host:port of process 0 '
-                      '(e.g. localhost:12345), the same for every process')
+      raise UserError(
+        f'--coordinator_address={coordinator_address!r} must be host:port of process 0 '
+        '(e.g. localhost:12345), the same for every process'
+      )
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     target = f'coordinator {coordinator_address}'
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:  # jax raises these (XlaRuntimeError is a RuntimeError)
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise UserError(f'could not join {target} within {timeout_s} s ({first}); start every process with the '
-                    'same --coordinator_address and --num_processes and a distinct --process_id') from None
+    raise UserError(
+      f'could not join {target} within {timeout_s} s ({first}); start every process with the '
+      'same --coordinator_address and --num_processes and a distinct --process_id'
+    ) from None
 
 
 def is_main_process() -> bool:
@@ -167,7 +192,7 @@ def _encode(message: str) -> np.ndarray:
   data = message.encode()[:_MESSAGE_BYTES]
   out = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
   out[0] = 1
-  out[1:1 + len(data)] = np.frombuffer(data, np.uint8)
+  out[1 : 1 + len(data)] = np.frombuffer(data, np.uint8)
   return out
 
 
@@ -208,8 +233,10 @@ def check_shared_workdir(workdir: str) -> None:
 
   def check():
     if not os.path.exists(path):
-      raise UserError(f'--workdir={workdir} is not shared: process {jax.process_index()} does not see the file '
-                      f'process 0 wrote there; use a folder every process sees (e.g. on a shared filesystem)')
+      raise UserError(
+        f'--workdir={workdir} is not shared: process {jax.process_index()} does not see the file '
+        f'process 0 wrote there; use a folder every process sees (e.g. on a shared filesystem)'
+      )
 
   try:
     same_verdict(check)
@@ -221,15 +248,28 @@ def check_shared_workdir(workdir: str) -> None:
 def peer_failure(e: BaseException) -> str | None:
   """A one-line explanation when e is what a collective raises after a peer process died, else None."""
   text = str(e)
-  if jax.process_count() > 1 and any(s in text for s in ('Gloo', 'gloo', 'heartbeat', 'coordination service',
-                                                          'Connection reset', 'DEADLINE_EXCEEDED', 'UNAVAILABLE')):
+  if jax.process_count() > 1 and any(
+    s in text
+    for s in (
+      'Gloo',
+      'gloo',
+      'heartbeat',
+      'coordination service',
+      'Connection reset',
+      'DEADLINE_EXCEEDED',
+      'UNAVAILABLE',
+    )
+  ):
     first = text.strip().splitlines()[0][:160]
-    return (f'another process of this run died or disconnected ({first}); restart all {jax.process_count()} '
-            'processes with the same command to resume from the last checkpoint')
+    return (
+      f'another process of this run died or disconnected ({first}); restart all {jax.process_count()} '
+      'processes with the same command to resume from the last checkpoint'
+    )
   return None
 
 
 # ---- signals: SIGTERM (preemption) and SIGINT (Ctrl-C) stop at one step on every process ----
+
 
 class StopRequest:
   """Notes SIGTERM / SIGINT; `reached(step)` is True at the same step on every process.
@@ -244,7 +284,7 @@ class StopRequest:
     self._previous = {}
     self._multi = jax.process_count() > 1
 
-  def __enter__(self) -> 'StopRequest':
+  def __enter__(self) -> StopRequest:
     if threading.current_thread() is not threading.main_thread():
       return self  # signal handlers can only be installed from the main thread
     signums = (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM)

@@ -90,6 +90,7 @@ def figure_to_array(fig) -> np.ndarray:
 
 def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(image_path) as im:
     return np.asarray(im.convert('RGB').resize((size, size)))
 
@@ -97,6 +98,7 @@ def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
 def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray, max_panels: int | None = None):
   """The image, then one panel per generated word (at most max_panels) with its attention overlaid."""
   import textwrap  # pylint: disable=g-import-not-at-top
+
   size = rgb.shape[0]
   side = int(round(np.sqrt(alphas_LxN.shape[1])))
   words = list(words) + ['<eos>']

@@ -16,9 +16,11 @@ def check_profile_steps(profile_steps: Sequence[int]) -> tuple[int, int] | None:
   steps = tuple(profile_steps or ())
   if not steps:
     return None
-  if (len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]):
-    raise UserError(f'config.profile_steps={steps!r} must be () or (start, stop) with 0 <= start < stop, '
-                    'e.g. --config.profile_steps="(10, 15)"')
+  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]:
+    raise UserError(
+      f'config.profile_steps={steps!r} must be () or (start, stop) with 0 <= start < stop, '
+      'e.g. --config.profile_steps="(10, 15)"'
+    )
   return steps[0], steps[1]
 
 
@@ -56,5 +58,10 @@ class StepProfiler:
     jax.block_until_ready(outputs)
     jax.profiler.stop_trace()
     self.active, self.done = False, True
-    logging.info('profiler: trace of steps %d..%d written to %s (open with TensorBoard\'s profile plugin or '
-                 'https://ui.perfetto.dev)', self._first, self.window[1], self.logdir)
+    logging.info(
+      "profiler: trace of steps %d..%d written to %s (open with TensorBoard's profile plugin or "
+      'https://ui.perfetto.dev)',
+      self._first,
+      self.window[1],
+      self.logdir,
+    )

@@ -30,8 +30,9 @@ def git_commit(path: str | None = None) -> str | None:
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=path, capture_output=True, text=True, timeout=10)
     if head.returncode != 0:
       return None
-    status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=path,
-                            capture_output=True, text=True, timeout=10)
+    status = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'], cwd=path, capture_output=True, text=True, timeout=10
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   dirty = status.returncode == 0 and bool(status.stdout.strip())
@@ -42,13 +43,13 @@ def environment() -> dict:
   """Package, JAX and device facts for results.json."""
   devices = jax.devices()
   return {
-      'cnn_caption_version': package_version(),
-      'jax_version': jax.__version__,
-      'backend': jax.default_backend(),
-      'device_kind': devices[0].device_kind,
-      'device_count': jax.device_count(),
-      'process_count': jax.process_count(),
-      'git_commit': git_commit(),
+    'cnn_caption_version': package_version(),
+    'jax_version': jax.__version__,
+    'backend': jax.default_backend(),
+    'device_kind': devices[0].device_kind,
+    'device_count': jax.device_count(),
+    'process_count': jax.process_count(),
+    'git_commit': git_commit(),
   }
 
 

@@ -11,8 +11,9 @@ One SCST step, in three parts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,18 @@ from cnn_caption import metrics
 from cnn_caption.models import decoders
 
 
-def sample_captions(model: decoders.CaptionDecoder, params: Any, feats_BxNxC: jax.Array, rng: jax.Array, *,
-                    num_samples: int, bos_id: int, eos_id: int, max_len: int,
-                    temperature: float = 1.0) -> jax.Array:
+def sample_captions(
+  model: decoders.CaptionDecoder,
+  params: Any,
+  feats_BxNxC: jax.Array,
+  rng: jax.Array,
+  *,
+  num_samples: int,
+  bos_id: int,
+  eos_id: int,
+  max_len: int,
+  temperature: float = 1.0,
+) -> jax.Array:
   """K captions per image sampled token by token from softmax(logits / temperature).
 
   Jit at the call site with model, num_samples, bos_id, eos_id and max_len static (temperature may be traced).
@@ -34,26 +44,31 @@ def sample_captions(model: decoders.CaptionDecoder, params: Any, feats_BxNxC: ja
     tokens_BKxL int32, image-major (row b * K + k is sample k of image b), EOS kept, PAD (0) after it.
   """
   batch = feats_BxNxC.shape[0] * num_samples
-  cache, carry = model.apply({'params': params}, feats_BxNxC, num_samples,
-                             method=decoders.CaptionDecoder.init_state)
+  cache, carry = model.apply({'params': params}, feats_BxNxC, num_samples, method=decoders.CaptionDecoder.init_state)
   state = {
-      't': jnp.int32(0),
-      'carry': carry,
-      'last': jnp.full((batch,), bos_id, jnp.int32),
-      'done': jnp.zeros((batch,), bool),
-      'tokens': jnp.full((batch, max_len), decoders.PAD_ID, jnp.int32),
+    't': jnp.int32(0),
+    'carry': carry,
+    'last': jnp.full((batch,), bos_id, jnp.int32),
+    'done': jnp.zeros((batch,), bool),
+    'tokens': jnp.full((batch, max_len), decoders.PAD_ID, jnp.int32),
   }
 
   def cond(s):
     return (s['t'] < max_len) & ~jnp.all(s['done'])
 
   def body(s):
-    carry, logits_BxV, _ = model.apply({'params': params}, cache, s['carry'], s['last'],
-                                       method=decoders.CaptionDecoder.step)
+    carry, logits_BxV, _ = model.apply(
+      {'params': params}, cache, s['carry'], s['last'], method=decoders.CaptionDecoder.step
+    )
     token_B = jax.random.categorical(jax.random.fold_in(rng, s['t']), logits_BxV / temperature).astype(jnp.int32)
     token_B = jnp.where(s['done'], decoders.PAD_ID, token_B)
-    return {'t': s['t'] + 1, 'carry': carry, 'last': token_B, 'done': s['done'] | (token_B == eos_id),
-            'tokens': s['tokens'].at[:, s['t']].set(token_B)}
+    return {
+      't': s['t'] + 1,
+      'carry': carry,
+      'last': token_B,
+      'done': s['done'] | (token_B == eos_id),
+      'tokens': s['tokens'].at[:, s['t']].set(token_B),
+    }
 
   return jax.lax.while_loop(cond, body, state)['tokens']
 
@@ -86,21 +101,32 @@ class SelfCriticalRewards:
     self.cider = metrics.CiderD(train_references)
     self.decode_fn = decode_fn
 
-  def __call__(self, references: metrics.References, samples_BKxL: np.ndarray,
-               greedy_BxL: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  def __call__(
+    self, references: metrics.References, samples_BKxL: np.ndarray, greedy_BxL: np.ndarray | None = None
+  ) -> dict[str, np.ndarray]:
     """{'reward': BK, 'advantage': BK} for K samples per image (image-major rows)."""
     num_images = len(references)
     k = len(samples_BKxL) // num_images
     if k * num_images != len(samples_BKxL):
       raise ValueError(f'{len(samples_BKxL)} samples are not a multiple of {num_images} images')
-    rewards = np.array([self.cider.image_score(references[i // k], self.decode_fn(row.tolist()))
-                        for i, row in enumerate(np.asarray(samples_BKxL))]).reshape(num_images, k)
+    rewards = np.array(
+      [
+        self.cider.image_score(references[i // k], self.decode_fn(row.tolist()))
+        for i, row in enumerate(np.asarray(samples_BKxL))
+      ]
+    ).reshape(num_images, k)
     baseline = None
     if greedy_BxL is not None:
-      baseline = np.array([self.cider.image_score(refs, self.decode_fn(row.tolist()))
-                           for refs, row in zip(references, np.asarray(greedy_BxL))])
-    return {'reward': rewards.reshape(-1).astype(np.float32),
-            'advantage': advantages(rewards, baseline).reshape(-1).astype(np.float32)}
+      baseline = np.array(
+        [
+          self.cider.image_score(refs, self.decode_fn(row.tolist()))
+          for refs, row in zip(references, np.asarray(greedy_BxL))
+        ]
+      )
+    return {
+      'reward': rewards.reshape(-1).astype(np.float32),
+      'advantage': advantages(rewards, baseline).reshape(-1).astype(np.float32),
+    }
 
 
 def scst_loss(params, batch, *, apply_fn, rngs, train: bool):
@@ -133,21 +159,37 @@ class OnPolicyBatcher:
   greedy baseline if asked, scores everything with CIDEr-D on host and returns `scst_loss`'s batch.
   """
 
-  def __init__(self, model: decoders.CaptionDecoder, rewards: SelfCriticalRewards, *, num_samples: int,
-               baseline: str, bos_id: int, eos_id: int, max_len: int, seed: int):
+  def __init__(
+    self,
+    model: decoders.CaptionDecoder,
+    rewards: SelfCriticalRewards,
+    *,
+    num_samples: int,
+    baseline: str,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    seed: int,
+  ):
     if baseline not in ('greedy', 'mean'):
       raise ValueError(f"baseline={baseline!r}: use 'greedy' or 'mean'")
     self.rewards, self.num_samples, self.baseline, self.bos_id = rewards, num_samples, baseline, bos_id
     self.rng = jax.random.key(seed)
-    self._sample = jax.jit(functools.partial(sample_captions, model, num_samples=num_samples, bos_id=bos_id,
-                                             eos_id=eos_id, max_len=max_len))
-    self._greedy = jax.jit(lambda p, f: decoders.greedy_decode(model, p, f, bos_id=bos_id, eos_id=eos_id,
-                                                               max_len=max_len)[0])
+    self._sample = jax.jit(
+      functools.partial(sample_captions, model, num_samples=num_samples, bos_id=bos_id, eos_id=eos_id, max_len=max_len)
+    )
+    self._greedy = jax.jit(
+      lambda p, f: decoders.greedy_decode(model, p, f, bos_id=bos_id, eos_id=eos_id, max_len=max_len)[0]
+    )
 
-  def __call__(self, params, feats_BxNxC: np.ndarray, references: metrics.References,
-               step: int) -> dict[str, np.ndarray]:
+  def __call__(
+    self, params, feats_BxNxC: np.ndarray, references: metrics.References, step: int
+  ) -> dict[str, np.ndarray]:
     samples = np.asarray(self._sample(params, feats_BxNxC, jax.random.fold_in(self.rng, step)))
     greedy = np.asarray(self._greedy(params, feats_BxNxC)) if self.baseline == 'greedy' else None
     scored = self.rewards(references, samples, greedy)
-    return {'feats': repeat_images(feats_BxNxC, self.num_samples),
-            'tokens': teacher_forcing_tokens(samples, self.bos_id), **scored}
+    return {
+      'feats': repeat_images(feats_BxNxC, self.num_samples),
+      'tokens': teacher_forcing_tokens(samples, self.bos_id),
+      **scored,
+    }

@@ -24,7 +24,6 @@ from cnn_caption import train
 from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
 
-
 POLL_S = 1.0  # how often the parent looks for members that died without reporting
 STOP_GRACE_S = 20.0  # SIGTERM -> SIGKILL for the other members once one has failed
 
@@ -136,8 +135,11 @@ def _run_members(config: ml_collections.ConfigDict, workdir: str, todo: list[flo
       _stop(running)
       running.clear()
   if errors:
-    raise UserError('sweep member failed: ' + ' | '.join(e.splitlines()[0] for e in errors)
-                    + '; rerun the same command to resume the unfinished members')
+    raise UserError(
+      'sweep member failed: '
+      + ' | '.join(e.splitlines()[0] for e in errors)
+      + '; rerun the same command to resume the unfinished members'
+    )
 
 
 def _summarise(config: ml_collections.ConfigDict, workdir: str, rates: list[float]) -> dict:
@@ -150,18 +152,32 @@ def _summarise(config: ml_collections.ConfigDict, workdir: str, rates: list[floa
       r = json.load(f)
     with open(os.path.join(run_dir(workdir, lr), 'metrics.jsonl')) as f:
       histories[f'lr {lr:g}'] = [json.loads(line) for line in f]
-    runs.append({'learning_rate': lr, 'val_accuracy': r['val_accuracy'], 'test_accuracy': r['test_accuracy'],
-                 'best_val_accuracy': r['best_val_accuracy'], 'train_loss': r['train_loss'],
-                 'train_seconds': r['train_seconds'], 'workdir': run_dir(workdir, lr)})
+    runs.append(
+      {
+        'learning_rate': lr,
+        'val_accuracy': r['val_accuracy'],
+        'test_accuracy': r['test_accuracy'],
+        'best_val_accuracy': r['best_val_accuracy'],
+        'train_loss': r['train_loss'],
+        'train_seconds': r['train_seconds'],
+        'workdir': run_dir(workdir, lr),
+      }
+    )
   best = max(runs, key=lambda r: r['val_accuracy'])  # chosen on validation only
-  results = {'runs': runs, 'best': best, 'selection': 'final validation accuracy',
-             'config': config.to_dict()}
+  results = {'runs': runs, 'best': best, 'selection': 'final validation accuracy', 'config': config.to_dict()}
   plot_dir = os.path.join(workdir, 'plots')
-  plots.plot_curves({k: [r['train_loss'] for r in h] for k, h in histories.items()},
-                    'training loss (epoch mean)', os.path.join(plot_dir, 'train_loss.png'))
-  plots.plot_curves({k: [r['val_accuracy'] for r in h] for k, h in histories.items()},
-                    'validation accuracy', os.path.join(plot_dir, 'val_accuracy.png'))
+  plots.plot_curves(
+    {k: [r['train_loss'] for r in h] for k, h in histories.items()},
+    'training loss (epoch mean)',
+    os.path.join(plot_dir, 'train_loss.png'),
+  )
+  plots.plot_curves(
+    {k: [r['val_accuracy'] for r in h] for k, h in histories.items()},
+    'validation accuracy',
+    os.path.join(plot_dir, 'val_accuracy.png'),
+  )
   io_utils.write_json(os.path.join(workdir, 'results.json'), results)
-  logging.info('sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'],
-               best['test_accuracy'])
+  logging.info(
+    'sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'], best['test_accuracy']
+  )
   return results

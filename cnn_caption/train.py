@@ -11,12 +11,13 @@ Resume order (what a restarted run does):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -27,8 +28,8 @@ import numpy as np
 
 from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import config_utils
-from cnn_caption import io_utils
 from cnn_caption import ema
+from cnn_caption import io_utils
 from cnn_caption import monitor as monitor_lib
 from cnn_caption import optim
 from cnn_caption import parallel
@@ -36,18 +37,21 @@ from cnn_caption import run_record
 from cnn_caption import tasks as tasks_lib
 from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
-from cnn_caption.io_utils import write_json, write_jsonl
+from cnn_caption.io_utils import write_json
+from cnn_caption.io_utils import write_jsonl
 
 Batch = dict[str, jax.Array]
 TrainState = ema.TrainState  # flax's, plus an optional moving average of the parameters
 
 
-def create_train_state(model, example_inputs: tuple, rng: jax.Array, tx, ema_decay: float = 0.0,
-                       ema_every: int = 1) -> TrainState:
+def create_train_state(
+  model, example_inputs: tuple, rng: jax.Array, tx, ema_decay: float = 0.0, ema_every: int = 1
+) -> TrainState:
   """Initialises parameters from example inputs (batch of 1); ema_decay > 0 adds their moving average."""
   variables = jax.jit(functools.partial(model.init, train=False))(rng, *example_inputs)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx, ema_decay=ema_decay,
-                           ema_every=ema_every)
+  return TrainState.create(
+    apply_fn=model.apply, params=variables['params'], tx=tx, ema_decay=ema_decay, ema_every=ema_every
+  )
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task) -> tuple[TrainState, dict]:
@@ -69,7 +73,7 @@ def train_steps(state: TrainState, batches: Batch, rng: jax.Array, *, task, num_
   """
   all_metrics = []
   for i in range(num_steps):
-    state, metrics = train_step(state, jax.tree.map(lambda x: x[i], batches), rng, task=task)
+    state, metrics = train_step(state, jax.tree.map(lambda x: x[i], batches), rng, task=task)  # noqa: B023 (used at once)
     all_metrics.append(metrics)
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)
 
@@ -91,6 +95,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 @dataclasses.dataclass
 class RunMeta:
   """What a checkpoint carries besides the TrainState (saved as JSON)."""
+
   history: list[dict] = dataclasses.field(default_factory=list)  # one record per finished epoch
   epoch_loss_sum: float = 0.0  # sum of loss * weight over the steps of the current epoch so far
   epoch_loss_count: float = 0  # sum of the weights (steps, or the task's loss_weight such as tokens)
@@ -118,8 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   """
   parallel.same_verdict(lambda: config_utils.validate(config))
   if config.get('sweep') and config.sweep.get('learning_rates'):
-    raise UserError('config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
-                    '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)')
+    raise UserError(
+      'config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
+      '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)'
+    )
   io_utils.prepare_workdir(workdir)
   # Every check below gives one verdict on every process, so none goes on alone into a collective.
   parallel.check_shared_workdir(workdir)
@@ -142,8 +149,10 @@ class Trainer:
     parallel.check_batch_size(config.batch_size)
     self.steps_per_epoch = task.num_train // config.batch_size
     if self.steps_per_epoch == 0:
-      raise UserError(f'only {task.num_train} training examples for config.batch_size={config.batch_size}; '
-                      'lower the batch size or add data')
+      raise UserError(
+        f'only {task.num_train} training examples for config.batch_size={config.batch_size}; '
+        'lower the batch size or add data'
+      )
     self.total_steps = self.steps_per_epoch * config.num_epochs
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.max_to_keep)
@@ -165,8 +174,12 @@ class Trainer:
             raise parallel.Preempted(int(state.step), stop.signal_name)
           epoch += 1
       if self._should_stop(meta):
-        logging.info('early stopping after epoch %d: no val %s gain for %d epochs', len(meta.history),
-                     self.task.selection_metric, self.config.early_stopping_patience)
+        logging.info(
+          'early stopping after epoch %d: no val %s gain for %d epochs',
+          len(meta.history),
+          self.task.selection_metric,
+          self.config.early_stopping_patience,
+        )
       return self._finish(state, meta, num_params)
     finally:
       if self.monitor is not None:
@@ -187,8 +200,14 @@ class Trainer:
     run_record.record_config(config, self.workdir)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)
-    state = create_train_state(task.model, task.example_inputs(), init_rng, tx, config.get('ema_decay', 0.0),
-                               optim.accumulate_steps(config.optimizer))
+    state = create_train_state(
+      task.model,
+      task.example_inputs(),
+      init_rng,
+      tx,
+      config.get('ema_decay', 0.0),
+      optim.accumulate_steps(config.optimizer),
+    )
     state = parallel.replicate(state, self.mesh)
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -199,12 +218,19 @@ class Trainer:
       self._check_resume_config(saved, step)
       meta = RunMeta.from_json(saved)
       saved_on = meta.devices or jax.device_count()
-      logging.info('resuming from step %d, saved on %d device%s, now %d (%s)', step, saved_on,
-                   '' if saved_on == 1 else 's', jax.device_count(), self.ckpt.directory)
+      logging.info(
+        'resuming from step %d, saved on %d device%s, now %d (%s)',
+        step,
+        saved_on,
+        '' if saved_on == 1 else 's',
+        jax.device_count(),
+        self.ckpt.directory,
+      )
       newer = [s for s in self.ckpt.all_steps() if s > step]
       if newer:
-        logging.warning('restore_step=%d: newer steps %s moved to %s', step, newer,
-                        self.ckpt.set_aside(newer, 'superseded'))
+        logging.warning(
+          'restore_step=%d: newer steps %s moved to %s', step, newer, self.ckpt.set_aside(newer, 'superseded')
+        )
       best = self.best_ckpt.latest_step()
       if best is not None and best > step:
         self.best_ckpt.set_aside([best], 'superseded')
@@ -216,9 +242,13 @@ class Trainer:
       task.save_assets(self.workdir)
       write_jsonl(self.metrics_path, meta.history)
     self.monitor = monitor_lib.RunMonitor(
-        config, self.workdir, start_step=int(state.step), total_steps=self.total_steps,
-        steps_per_epoch=self.steps_per_epoch, learning_rate_fn=optim.learning_rate_at(config.optimizer,
-                                                                                      self.total_steps))
+      config,
+      self.workdir,
+      start_step=int(state.step),
+      total_steps=self.total_steps,
+      steps_per_epoch=self.steps_per_epoch,
+      learning_rate_fn=optim.learning_rate_at(config.optimizer, self.total_steps),
+    )
     return state, meta, dropout_rng, num_params
 
   def _check_resume_config(self, saved: dict, step: int) -> None:
@@ -231,17 +261,21 @@ class Trainer:
     if self.config.checkpoint.get('allow_config_change'):
       logging.warning('resuming step %d with a changed config (allowed): %s', step, '; '.join(diffs))
       return
-    raise UserError(f'{self.ckpt.directory}/{step} was trained with another config: {"; ".join(diffs)}; '
-                    'resume with the same values, use a fresh --workdir, or pass '
-                    '--config.checkpoint.allow_config_change=True')
+    raise UserError(
+      f'{self.ckpt.directory}/{step} was trained with another config: {"; ".join(diffs)}; '
+      'resume with the same values, use a fresh --workdir, or pass '
+      '--config.checkpoint.allow_config_change=True'
+    )
 
   def _check_saveable(self, state: TrainState, step: int) -> None:
     """Refuses to checkpoint parameters that blew up, so a resume never starts from them."""
     largest = float(_max_abs(state.params))
     if not np.isfinite(largest) or largest > MAX_PARAM_ABS:
-      raise UserError(f'the parameters blew up by step {step} (largest |w| = {largest:.3g}); stopped without '
-                      f'saving, so the last good checkpoint in {self.ckpt.directory} is untouched; lower '
-                      '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm')
+      raise UserError(
+        f'the parameters blew up by step {step} (largest |w| = {largest:.3g}); stopped without '
+        f'saving, so the last good checkpoint in {self.ckpt.directory} is untouched; lower '
+        '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm'
+      )
 
   def _compile(self, num_steps: int) -> Callable:
     if num_steps not in self._step_fns:
@@ -252,12 +286,13 @@ class Trainer:
   def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the next num_steps global batches: it reads and preprocesses only those."""
     b = self.config.batch_size
-    idx_SxB = order[start * b:(start + num_steps) * b].reshape(num_steps, b)[:, parallel.local_rows(self.mesh, b)]
+    idx_SxB = order[start * b : (start + num_steps) * b].reshape(num_steps, b)[:, parallel.local_rows(self.mesh, b)]
     batch = self.task.train_batch(idx_SxB.reshape(-1), step)
     return {k: v.reshape(*idx_SxB.shape, *v.shape[1:]) for k, v in batch.items()}
 
-  def _train_epoch(self, state: TrainState, meta: RunMeta, dropout_rng: jax.Array, epoch: int,
-                   stop: parallel.StopRequest) -> tuple[TrainState, float]:
+  def _train_epoch(
+    self, state: TrainState, meta: RunMeta, dropout_rng: jax.Array, epoch: int, stop: parallel.StopRequest
+  ) -> tuple[TrainState, float]:
     """Trains from the state's step to the end of `epoch`; returns the state and the seconds taken.
 
     On SIGTERM / SIGINT (agreed by every process: stop.reached) it saves a checkpoint at the current step
@@ -304,10 +339,14 @@ class Trainer:
     task, step = self.task, int(state.step)
     t_eval = time.time()
     val = self._validate(state)
-    record = {'epoch': epoch + 1, 'step': step,
-              'train_loss': meta.epoch_loss_sum / max(meta.epoch_loss_count, 1),
-              'train_loss_running': meta.total_loss_sum / max(meta.total_loss_count, 1),
-              'seconds': train_seconds, 'eval_seconds': time.time() - t_eval}
+    record = {
+      'epoch': epoch + 1,
+      'step': step,
+      'train_loss': meta.epoch_loss_sum / max(meta.epoch_loss_count, 1),
+      'train_loss_running': meta.total_loss_sum / max(meta.total_loss_count, 1),
+      'seconds': train_seconds,
+      'eval_seconds': time.time() - t_eval,
+    }
     for prefix, metrics in val.items():  # val_* and, with an EMA, val_ema_*
       record.update({f'{prefix}_{name}': value for name, value in metrics.items()})
     meta.history.append(record)
@@ -318,8 +357,9 @@ class Trainer:
     if meta.best_value is None or value > meta.best_value:
       meta.best_epoch, meta.best_value = epoch + 1, value
       self.best_ckpt.save(step, state, {'epoch': epoch + 1, 'value': value})
-    logging.info('epoch %d: %s', epoch + 1,
-                 '  '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float)))
+    logging.info(
+      'epoch %d: %s', epoch + 1, '  '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float))
+    )
     self.ckpt.save(step, state, meta.to_json())
     if parallel.is_main_process():
       write_jsonl(self.metrics_path, meta.history)
@@ -331,7 +371,7 @@ class Trainer:
 
   @property
   def _selection_key(self) -> str:
-    return f"val_{'ema_' if self._test_ema else ''}{self.task.selection_metric}"
+    return f'val_{"ema_" if self._test_ema else ""}{self.task.selection_metric}'
 
   def _validate(self, state: TrainState) -> dict[str, dict[str, float]]:
     """Validation of the parameters (and of their EMA), reported to TensorBoard and eval.jsonl."""
@@ -356,9 +396,11 @@ class Trainer:
     bad = ~np.isfinite(losses)
     if bad.any():
       at = first_step + int(np.argmax(bad)) + 1
-      raise UserError(f'training loss became {losses[bad][0]} at step {at}; stopped without saving, so '
-                      f'the last good checkpoint in {self.workdir}/checkpoints is untouched; lower '
-                      '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm')
+      raise UserError(
+        f'training loss became {losses[bad][0]} at step {at}; stopped without saving, so '
+        f'the last good checkpoint in {self.workdir}/checkpoints is untouched; lower '
+        '--config.optimizer.learning_rate or enable --config.optimizer.grad_clip_norm'
+      )
     loss_sum, weight_sum = monitor_lib.weighted_loss_sums(metrics)  # weighted by the task's loss_weight
     meta.epoch_loss_sum += loss_sum
     meta.epoch_loss_count += weight_sum
@@ -374,17 +416,17 @@ class Trainer:
       best_state, _ = self.best_ckpt.restore(self.best_ckpt.latest_step(), state)
     metric = task.selection_metric
     results = {
-        'num_params': num_params,
-        'epochs_trained': len(history),
-        'best_epoch': meta.best_epoch,
-        f'best_val_{metric}': meta.best_value,
-        f'val_{metric}': history[-1][self._selection_key] if history else None,
-        'test_params': 'ema' if self._test_ema else 'raw',
-        'train_loss': history[-1]['train_loss'] if history else None,
-        'train_seconds': float(sum(r['seconds'] for r in history)),
-        'devices': jax.device_count(),
-        'config': config.to_dict(),
-        'environment': run_record.environment(),
+      'num_params': num_params,
+      'epochs_trained': len(history),
+      'best_epoch': meta.best_epoch,
+      f'best_val_{metric}': meta.best_value,
+      f'val_{metric}': history[-1][self._selection_key] if history else None,
+      'test_params': 'ema' if self._test_ema else 'raw',
+      'train_loss': history[-1]['train_loss'] if history else None,
+      'train_seconds': float(sum(r['seconds'] for r in history)),
+      'devices': jax.device_count(),
+      'config': config.to_dict(),
+      'environment': run_record.environment(),
     }
     if self._test_ema:
       results.update(task.final_results(state.ema_params, best_state.ema_params, self.workdir))

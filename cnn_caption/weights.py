@@ -30,25 +30,26 @@ from cnn_caption.errors import UserError
 
 # No single tensor of the supported encoders comes near this; a file claiming more is refused before allocating.
 MAX_TENSOR_BYTES = 4 * 2**30
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES = {
-    'DoubleStorage': np.dtype('<f8'),
-    'FloatStorage': np.dtype('<f4'),
-    'HalfStorage': np.dtype('<f2'),
-    'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
-    'LongStorage': np.dtype('<i8'),
-    'IntStorage': np.dtype('<i4'),
-    'ShortStorage': np.dtype('<i2'),
-    'CharStorage': np.dtype('i1'),
-    'ByteStorage': np.dtype('u1'),
-    'BoolStorage': np.dtype('?'),
+  'DoubleStorage': np.dtype('<f8'),
+  'FloatStorage': np.dtype('<f4'),
+  'HalfStorage': np.dtype('<f2'),
+  'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
+  'LongStorage': np.dtype('<i8'),
+  'IntStorage': np.dtype('<i4'),
+  'ShortStorage': np.dtype('<i2'),
+  'CharStorage': np.dtype('i1'),
+  'ByteStorage': np.dtype('u1'),
+  'BoolStorage': np.dtype('?'),
 }
 
 
 class _StorageType:
   """Stand-in for a `torch.<X>Storage` class: only its dtype matters."""
+
   __slots__ = ('dtype',)
 
   def __init__(self, dtype: np.dtype):
@@ -60,6 +61,7 @@ class _StorageType:
 
 class _Storage:
   """A storage named by a persistent id; its bytes are attached once read."""
+
   __slots__ = ('key', 'dtype', 'numel', 'array')
 
   def __init__(self, key: str, dtype: np.dtype, numel: int):
@@ -71,6 +73,7 @@ class _Storage:
 
 class _LazyTensor:
   """The arguments of `_rebuild_tensor_v2`; materialised once storages are read."""
+
   __slots__ = ('storage', 'offset', 'size', 'stride')
 
   def __init__(self, storage, offset, size, stride):
@@ -90,24 +93,28 @@ class _LazyTensor:
       raise pickle.UnpicklingError(f'bad tensor geometry size={size} stride={stride}')
     numel = math.prod(size)
     if numel * flat.itemsize > MAX_TENSOR_BYTES:
-      raise pickle.UnpicklingError(f'tensor of size {size} would need {numel * flat.itemsize / 2**30:.1f} GiB, '
-                                   f'over the {MAX_TENSOR_BYTES / 2**30:.0f} GiB limit')
+      raise pickle.UnpicklingError(
+        f'tensor of size {size} would need {numel * flat.itemsize / 2**30:.1f} GiB, '
+        f'over the {MAX_TENSOR_BYTES / 2**30:.0f} GiB limit'
+      )
     if numel > flat.size:  # only stride-0 (expanded) views can claim more elements than they store
-      raise pickle.UnpicklingError(f'tensor of size {size} claims {numel} elements from a storage of '
-                                   f'{flat.size} (stride {stride})')
+      raise pickle.UnpicklingError(
+        f'tensor of size {size} claims {numel} elements from a storage of {flat.size} (stride {stride})'
+      )
     if 0 in size:
       return np.zeros(size, flat.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if offset < 0 or last >= flat.size:
       raise pickle.UnpicklingError(
-          f'tensor (offset {offset}, size {size}) overruns its storage of {flat.size} elements')
+        f'tensor (offset {offset}, size {size}) overruns its storage of {flat.size} elements'
+      )
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride], writeable=False)
+      flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride], writeable=False
+    )
     return np.array(view)  # own contiguous copy, independent of the file buffer
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, _Storage):
     raise pickle.UnpicklingError('_rebuild_tensor_v2 without a storage')
@@ -127,6 +134,7 @@ def _ordered_dict(*args):
 
 class _Callable:
   """Wraps an allowed function so BUILD on it cannot alter the real function."""
+
   __slots__ = ('_fn',)
 
   def __init__(self, fn):
@@ -163,8 +171,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     found = _allowed_global(module, name)
     if found is None:
       raise UserError(
-          f'{self._path}: refusing to load {module}.{name} from the pickle; only plain '
-          'tensor state dicts are read (re-save it with torch.save(model.state_dict(), path))')
+        f'{self._path}: refusing to load {module}.{name} from the pickle; only plain '
+        'tensor state dicts are read (re-save it with torch.save(model.state_dict(), path))'
+      )
     return found
 
   def persistent_load(self, pid):
@@ -232,7 +241,7 @@ def _read_zip(path: str):
     pkl = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pkl) != 1:
       raise pickle.UnpicklingError('zip archive without exactly one data.pkl')
-    prefix = pkl[0][:-len('data.pkl')]
+    prefix = pkl[0][: -len('data.pkl')]
     byteorder = prefix + 'byteorder'
     if byteorder in names and archive.read(byteorder).strip() not in (b'little', b''):
       raise pickle.UnpicklingError('big-endian files are not supported')
@@ -244,8 +253,9 @@ def _read_zip(path: str):
         raise pickle.UnpicklingError(f'record {record} missing')
       claimed = archive.getinfo(record).file_size
       if storage.numel < 0 or claimed > MAX_TENSOR_BYTES:
-        raise pickle.UnpicklingError(f'record {record} claims {claimed} bytes, over the '
-                                     f'{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit')
+        raise pickle.UnpicklingError(
+          f'record {record} claims {claimed} bytes, over the {MAX_TENSOR_BYTES / 2**30:.0f} GiB limit'
+        )
       if claimed < storage.numel * storage.dtype.itemsize:
         raise pickle.UnpicklingError(f'record {record} is shorter than its storage')
       raw = archive.read(record)
@@ -261,7 +271,7 @@ def _resolve_views(value):
     _, root, start = value.storage.array
     if root.array is None:
       raise pickle.UnpicklingError(f'storage {root.key} has no data')
-    value.storage.array = root.array[start:start + value.storage.numel]
+    value.storage.array = root.array[start : start + value.storage.numel]
   return value
 
 
@@ -295,7 +305,17 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
       state[str(name)] = _resolve_views(value).materialize()
   except UserError:
     raise
-  except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
-          AttributeError, KeyError, IndexError, struct.error, OSError) as e:
+  except (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    struct.error,
+    OSError,
+  ) as e:
     raise UserError(f'weights file {path} is not a readable PyTorch state dict: {e}') from None
   return state

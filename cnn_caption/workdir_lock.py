@@ -50,21 +50,25 @@ class WorkdirLock:
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-      raise UserError(f'cannot create the lock file {self.path} ({e.strerror}); check that --workdir '
-                      'is a writable folder') from None
+      raise UserError(
+        f'cannot create the lock file {self.path} ({e.strerror}); check that --workdir is a writable folder'
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       holder = self._read_holder(fd)
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise UserError(f'workdir {self.workdir} is in use by another run ({_describe(holder)}); wait for '
-                        'it to finish or stop it, or use another --workdir') from None
+        raise UserError(
+          f'workdir {self.workdir} is in use by another run ({_describe(holder)}); wait for '
+          'it to finish or stop it, or use another --workdir'
+        ) from None
       raise UserError(f'cannot lock {self.path} ({e.strerror}); use a workdir on a local file system') from None
     holder = self._read_holder(fd)
     if holder:
-      logging.warning('workdir %s: taking over the stale lock of %s (that process is gone)',
-                      self.workdir, _describe(holder))
+      logging.warning(
+        'workdir %s: taking over the stale lock of %s (that process is gone)', self.workdir, _describe(holder)
+      )
     me = json.dumps({'pid': os.getpid(), 'host': socket.gethostname()})
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -84,7 +88,7 @@ class WorkdirLock:
     os.close(self._fd)
     self._fd = None
 
-  def __enter__(self) -> 'WorkdirLock':
+  def __enter__(self) -> WorkdirLock:
     self.acquire()
     return self
 

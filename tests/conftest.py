@@ -18,8 +18,9 @@ def has_fashion_mnist() -> bool:
   return os.path.exists(os.path.join(FMNIST_DIR, 'train-images-idx3-ubyte.gz'))
 
 
-needs_fmnist = pytest.mark.skipif(not has_fashion_mnist(),
-                                  reason=f'Fashion-MNIST not in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)')
+needs_fmnist = pytest.mark.skipif(
+  not has_fashion_mnist(), reason=f'Fashion-MNIST not in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)'
+)
 
 
 def run_launch(*args: str, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -27,8 +28,14 @@ def run_launch(*args: str, devices: int = 1, timeout: float = 300) -> subprocess
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
   env['JAX_PLATFORMS'] = 'cpu'
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -41,7 +48,7 @@ def strip_timing(records: list[dict]) -> list[dict]:
 
 
 def override(config, **fields):
-  """Sets dotted config fields, e.g. override(c, **{'optimizer.learning_rate': 0.1})."""
+  """Sets dotted config fields, e.g. **{'optimizer.learning_rate': 0.1}."""
   for key, value in fields.items():
     node = config
     *parents, leaf = key.split('.')
@@ -54,8 +61,13 @@ def override(config, **fields):
 def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout: float = 240) -> list[int]:
   """Starts launch.py, SIGKILLs it once a checkpoint at step >= min_step exists; returns the saved steps."""
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen([sys.executable, 'launch.py', *args, f'--workdir={workdir}'], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, 'launch.py', *args, f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:

@@ -47,11 +47,11 @@ def test_q1_cnn_rows_exact():
   conv, pool = 28 - 5 + 1, (28 - 5 + 1 - 4) // 2 + 1
   conv_params, linear_params = 8 * (5 * 5 * 3 + 1), (pool * pool * 8 + 1) * 10
   expected = [
-      ('input', 'input', (28, 28, 3), 28 * 28 * 3, 0),
-      ('conv', 'Conv', (conv, conv, 8), conv * conv * 8, conv_params),
-      ('max_pool', 'MaxPool', (pool, pool, 8), pool * pool * 8, 0),
-      ('linear', 'Dense', (10,), 10, linear_params),
-      ('softmax', 'Softmax', (10,), 10, 0),
+    ('input', 'input', (28, 28, 3), 28 * 28 * 3, 0),
+    ('conv', 'Conv', (conv, conv, 8), conv * conv * 8, conv_params),
+    ('max_pool', 'MaxPool', (pool, pool, 8), pool * pool * 8, 0),
+    ('linear', 'Dense', (10,), 10, linear_params),
+    ('softmax', 'Softmax', (10,), 10, 0),
   ]
   rows = _rows(_config('q1_cnn'))
   assert _as_tuples(rows) == expected
@@ -64,10 +64,10 @@ def test_q1_cnn_rows_exact():
 def test_q1_mlp_rows_exact():
   hidden_params, output_params = (28 * 28 * 3 + 1) * 100, (100 + 1) * 10
   expected = [
-      ('input', 'input', (28, 28, 3), 2352, 0),
-      ('hidden', 'Dense', (100,), 100, hidden_params),
-      ('output', 'Dense', (10,), 10, output_params),
-      ('softmax', 'Softmax', (10,), 10, 0),
+    ('input', 'input', (28, 28, 3), 2352, 0),
+    ('hidden', 'Dense', (100,), 100, hidden_params),
+    ('output', 'Dense', (10,), 10, output_params),
+    ('softmax', 'Softmax', (10,), 10, 0),
   ]
   rows = _rows(_config('q1_mlp'))
   assert _as_tuples(rows) == expected
@@ -95,6 +95,7 @@ def test_print_summary(capsys, name, total):
 
 def test_launch_summary_end_to_end():
   from conftest import run_launch  # pylint: disable=g-import-not-at-top
+
   result = run_launch('--config=configs/q1_cnn.py', '--mode=summary', timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
@@ -177,8 +178,9 @@ def test_classifier_summary(capsys):
   if os.path.exists(os.path.join(_REPO, 'configs', 'classifier.py')):
     config = _config('classifier')
   else:
-    config = ml_collections.ConfigDict({'model': {
-        'name': 'classifier', 'input_shape': (28, 28, 1), 'num_classes': 10, 'dropout': 0.5}})
+    config = ml_collections.ConfigDict(
+      {'model': {'name': 'classifier', 'input_shape': (28, 28, 1), 'num_classes': 10, 'dropout': 0.5}}
+    )
   model = models.create_model(config)
   rows = _rows(config)
   assert rows[0].shape == tuple(config.model.input_shape)
@@ -197,8 +199,10 @@ def test_captioner_decoder_table(name):
   vocab = config.model_inputs.vocab_size
   model = models.create_model(config, vocab_size=vocab)
   rows = _rows(config, vocab_size=vocab)
-  assert rows[0].shapes == ((config.model_inputs.num_regions, config.model_inputs.feature_dim),
-                            (config.data.max_caption_len + 1,))
+  assert rows[0].shapes == (
+    (config.model_inputs.num_regions, config.model_inputs.feature_dim),
+    (config.data.max_caption_len + 1,),
+  )
   inputs = models.example_inputs(config)
   assert analysis.total_params(rows) == _param_count(model, *inputs, train=False)
   assert any(vocab in shape for r in rows[1:] for shape in r.shapes)  # the vocabulary layer is listed
@@ -206,8 +210,15 @@ def test_captioner_decoder_table(name):
 
 def _efficientnet_lite0_params() -> int:
   """EfficientNet-B0 stages without squeeze-excitation, stem 32, head 1280, bias-free convs + BN, fc 1000."""
-  stages = [(1, 3, 16, 1), (6, 3, 24, 2), (6, 5, 40, 2), (6, 3, 80, 3), (6, 5, 112, 3), (6, 5, 192, 4),
-            (6, 3, 320, 1)]  # expand, kernel, out channels, repeats
+  stages = [
+    (1, 3, 16, 1),
+    (6, 3, 24, 2),
+    (6, 5, 40, 2),
+    (6, 3, 80, 3),
+    (6, 5, 112, 3),
+    (6, 5, 192, 4),
+    (6, 3, 320, 1),
+  ]  # expand, kernel, out channels, repeats
   total, c = 3 * 3 * 3 * 32 + 2 * 32, 32
   for expand, k, out, repeats in stages:
     for _ in range(repeats):
@@ -221,9 +232,11 @@ def _efficientnet_lite0_params() -> int:
 
 def _resnet18_params() -> int:
   """ResNet-18: 7x7 stem, 4 stages of 2 basic blocks, 1x1 projection where the shape changes, fc 1000."""
+
   def block(cin, cout):
     projection = cin * cout + 2 * cout if cin != cout else 0
     return 9 * cin * cout + 2 * cout + 9 * cout * cout + 2 * cout + projection
+
   total, c = 7 * 7 * 3 * 64 + 2 * 64, 64
   for out in (64, 128, 256, 512):
     total += block(c, out) + block(out, out)
@@ -231,10 +244,13 @@ def _resnet18_params() -> int:
   return total + 512 * 1000 + 1000
 
 
-@pytest.mark.parametrize('name, formula, published', [
+@pytest.mark.parametrize(
+  'name, formula, published',
+  [
     ('efficientnet_lite0', _efficientnet_lite0_params, 4_652_008),  # timm efficientnet_lite0
     ('resnet18', _resnet18_params, 11_689_512),  # torchvision resnet18
-])
+  ],
+)
 def test_encoder_table(name, formula, published):
   encoders = pytest.importorskip('cnn_caption.models.encoders')
   assert formula() == published

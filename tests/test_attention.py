@@ -59,7 +59,7 @@ def test_module_shapes_and_formula(scale):
     np.testing.assert_allclose(a[h], wq @ wk.T, rtol=1e-5, atol=1e-6)
     ref = _softmax(c * x64 @ wq @ wk.T @ x64.T)
     np.testing.assert_allclose(probs[h], ref, atol=1e-5)
-    np.testing.assert_allclose(out[:, h * d:(h + 1) * d], ref @ x64 @ wv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[:, h * d : (h + 1) * d], ref @ x64 @ wv, rtol=1e-4, atol=1e-5)
 
 
 def test_batched_matches_unbatched_and_scaling_matters():
@@ -94,12 +94,15 @@ def test_attention_check_can_fail(capsys):
   assert out.count('[FAIL]') == 1 and '[FAIL] control' in out
 
 
-@pytest.mark.parametrize('change, match', [
+@pytest.mark.parametrize(
+  'change, match',
+  [
     ({'num_heads': 1}, 'num_heads'),
     ({'input_shape': (1, 4)}, 'with L >= 2'),
     ({'input_shape': (28, 28, 3)}, r'must be \(L, n\)'),
     ({'name': 'q1_cnn'}, "needs 'self_attention'"),
-])
+  ],
+)
 def test_attention_check_rejects_bad_configs(change, match):
   config = _config()
   config.model.update(change)

@@ -19,9 +19,13 @@ from absl import flags
 import numpy as np
 from PIL import Image
 import pytest
+from test_reliability import write_idx
+from test_reliability import write_tensor_pth
 
-from conftest import FMNIST_DIR, ROOT, has_fashion_mnist, run_launch
-from test_reliability import write_idx, write_tensor_pth
+from conftest import FMNIST_DIR
+from conftest import has_fashion_mnist
+from conftest import ROOT
+from conftest import run_launch
 
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 CLASSIFIER = '--config=configs/classifier.py:smoke'
@@ -30,8 +34,9 @@ CAPTIONER = '--config=configs/captioner.py:smoke'
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
   """launch.py's main (flags parsed as cli.run_app does) in this process; returns (exit code, stderr)."""
-  import launch  # pylint: disable=g-import-not-at-top
   from cnn_caption import cli  # pylint: disable=g-import-not-at-top
+  import launch  # pylint: disable=g-import-not-at-top
+
   argv = ['launch.py', *args]
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the config overrides from sys.argv
   flags.FLAGS.unparse_flags()
@@ -59,7 +64,7 @@ def snapshot(directory) -> dict:
 
 
 def assert_one_clear_line(code: int, stderr: str, culprit: str) -> None:
-  lines = [l for l in stderr.splitlines() if l.strip() and not _LOG_LINE.match(l)]
+  lines = [line for line in stderr.splitlines() if line.strip() and not _LOG_LINE.match(line)]
   assert 'Traceback' not in stderr, stderr[-3000:]
   assert code == 2, (code, stderr[-3000:])
   assert len(lines) == 1, stderr[-3000:]
@@ -69,57 +74,56 @@ def assert_one_clear_line(code: int, stderr: str, culprit: str) -> None:
 
 # (case id, extra args, culprit in the message); config errors, found by config_utils.validate.
 CONFIG_CASES = [
-    ('seed_negative', [CLASSIFIER, '--config.seed=-1'], 'config.seed=-1'),
-    ('seed_2_63', [CLASSIFIER, f'--config.seed={2**63}'], 'config.seed='),
-    ('seed_huge', [CLASSIFIER, f'--config.seed={2**70}'], 'config.seed='),
-    ('num_epochs_zero', [CLASSIFIER, '--config.num_epochs=0'], 'config.num_epochs=0'),
-    ('batch_size_zero', [CLASSIFIER, '--config.batch_size=0'], 'config.batch_size=0'),
-    ('eval_batch_negative', [CLASSIFIER, '--config.eval_batch_size=-1'], 'config.eval_batch_size=-1'),
-    ('steps_per_call_zero', [CLASSIFIER, '--config.steps_per_call=0'], 'config.steps_per_call=0'),
-    ('lr_nan', [CLASSIFIER, '--config.optimizer.learning_rate=nan'], 'config.optimizer.learning_rate=nan'),
-    ('lr_inf', [CLASSIFIER, '--config.optimizer.learning_rate=inf'], 'config.optimizer.learning_rate=inf'),
-    ('lr_negative', [CLASSIFIER, '--config.optimizer.learning_rate=-0.1'], 'config.optimizer.learning_rate'),
-    ('momentum_one', [CLASSIFIER, '--config.optimizer.momentum=1.0'], 'config.optimizer.momentum=1.0'),
-    ('weight_decay_negative', [CLASSIFIER, '--config.optimizer.weight_decay=-1.0'], 'weight_decay'),
-    ('clip_negative', [CLASSIFIER, '--config.optimizer.grad_clip_norm=-1.0'], 'grad_clip_norm'),
-    ('warmup_negative', [CLASSIFIER, '--config.optimizer.warmup_steps=-5'], 'warmup_steps=-5'),
-    ('optimizer_unknown', [CLASSIFIER, '--config.optimizer.name=rmsprop'], "optimizer.name='rmsprop'"),
-    ('schedule_unknown', [CLASSIFIER, '--config.optimizer.schedule=linear'], "schedule='linear'"),
-    ('dropout_one', [CLASSIFIER, '--config.model.dropout=1.0'], 'config.model.dropout=1.0'),
-    ('max_to_keep_zero', [CLASSIFIER, '--config.checkpoint.max_to_keep=0'], 'max_to_keep=0'),
-    ('every_steps_negative', [CLASSIFIER, '--config.checkpoint.every_steps=-1'], 'every_steps=-1'),
-    ('num_train_negative', [CLASSIFIER, '--config.data.num_train=-1'], 'config.data.num_train=-1'),
-    ('num_eval_negative', [CLASSIFIER, '--config.data.num_eval=-50'], 'config.data.num_eval=-50'),
-    ('num_classes_zero', [CLASSIFIER, '--config.model.num_classes=0'], 'config.model.num_classes=0'),
-    ('input_shape_rgb', [CLASSIFIER, '--config.model.input_shape=(28,28,3)'], 'config.model.input_shape'),
-    ('input_shape_zero', [CLASSIFIER, '--config.model.input_shape=(0,28,1)'], 'config.model.input_shape'),
-    ('unknown_field', [CLASSIFIER, '--config.optimizer.lr=0.1'], '--config.optimizer.lr'),
-    ('not_a_number', [CLASSIFIER, '--config.num_epochs=abc'], 'config.num_epochs'),
-    ('missing_config_file', ['--config=configs/nope.py'], 'nope.py'),
-    ('unknown_variant', ['--config=configs/classifier.py:huge'], 'huge'),
-    ('data_dir_missing', [CLASSIFIER, '--config.data.dir=/nonexistent/fmnist'], '/nonexistent/fmnist'),
-    ('sweep_lr_negative', [CLASSIFIER, '--config.sweep.learning_rates=(0.1,-1.0)'], 'learning_rates[1]'),
-    ('hidden_dim_zero', [CAPTIONER, '--config.model.hidden_dim=0'], 'config.model.hidden_dim=0'),
-    ('embed_dim_negative', [CAPTIONER, '--config.model.embed_dim=-3'], 'config.model.embed_dim=-3'),
-    ('attention_dim_zero', [CAPTIONER, '--config.model.attention_dim=0'], 'config.model.attention_dim=0'),
-    ('length_penalty_nan', [CAPTIONER, '--config.decoding.length_penalty=nan'], 'length_penalty=nan'),
-    ('length_penalty_inf', [CAPTIONER, '--config.decoding.length_penalty=inf'], 'length_penalty=inf'),
-    ('beam_size_zero', [CAPTIONER, '--config.decoding.beam_size=0'], 'beam_size=0'),
-    ('decoding_unknown', [CAPTIONER, '--config.decoding.method=sample'], "decoding.method='sample'"),
-    ('max_len_zero', [CAPTIONER, '--config.decoding.max_len=0'], 'decoding.max_len=0'),
-    ('image_size_zero', [CAPTIONER, '--config.data.image_size=0'], 'image_size=0'),
-    ('caption_len_zero', [CAPTIONER, '--config.data.max_caption_len=0'], 'max_caption_len=0'),
-    ('on_error_unknown', [CAPTIONER, '--config.data.on_error=ignore'], "on_error='ignore'"),
-    ('synthetic_images_zero', [CAPTIONER, '--config.data.synthetic_num_images=0'], 'synthetic_num_images=0'),
-    ('encoder_batch_zero', [CAPTIONER, '--config.encoder.batch_size=0'], 'encoder.batch_size=0'),
-    ('vocab_size_zero', [CAPTIONER, '--config.model_inputs.vocab_size=0', '--mode=summary'], 'vocab_size=0'),
-    ('model_unknown', [CLASSIFIER, '--config.model.name=nosuch', '--mode=summary'], "model.name='nosuch'"),
-    ('restore_step_negative', [CLASSIFIER, '--config.checkpoint.restore_step=-1'], 'restore_step=-1'),
-    ('imagenet_predict_classifier', [CLASSIFIER, '--mode=imagenet_predict', '--images=x.png'],
-     'no pretrained encoder'),
-    ('train_q1_config', ['--config=configs/q1_cnn.py'], 'has no config.task'),
-    ('attention_check_classifier', [CLASSIFIER, '--mode=attention_check'], "model.name='classifier'"),
-    ('mode_unknown', [CLASSIFIER, '--mode=fly'], 'fly'),
+  ('seed_negative', [CLASSIFIER, '--config.seed=-1'], 'config.seed=-1'),
+  ('seed_2_63', [CLASSIFIER, f'--config.seed={2**63}'], 'config.seed='),
+  ('seed_huge', [CLASSIFIER, f'--config.seed={2**70}'], 'config.seed='),
+  ('num_epochs_zero', [CLASSIFIER, '--config.num_epochs=0'], 'config.num_epochs=0'),
+  ('batch_size_zero', [CLASSIFIER, '--config.batch_size=0'], 'config.batch_size=0'),
+  ('eval_batch_negative', [CLASSIFIER, '--config.eval_batch_size=-1'], 'config.eval_batch_size=-1'),
+  ('steps_per_call_zero', [CLASSIFIER, '--config.steps_per_call=0'], 'config.steps_per_call=0'),
+  ('lr_nan', [CLASSIFIER, '--config.optimizer.learning_rate=nan'], 'config.optimizer.learning_rate=nan'),
+  ('lr_inf', [CLASSIFIER, '--config.optimizer.learning_rate=inf'], 'config.optimizer.learning_rate=inf'),
+  ('lr_negative', [CLASSIFIER, '--config.optimizer.learning_rate=-0.1'], 'config.optimizer.learning_rate'),
+  ('momentum_one', [CLASSIFIER, '--config.optimizer.momentum=1.0'], 'config.optimizer.momentum=1.0'),
+  ('weight_decay_negative', [CLASSIFIER, '--config.optimizer.weight_decay=-1.0'], 'weight_decay'),
+  ('clip_negative', [CLASSIFIER, '--config.optimizer.grad_clip_norm=-1.0'], 'grad_clip_norm'),
+  ('warmup_negative', [CLASSIFIER, '--config.optimizer.warmup_steps=-5'], 'warmup_steps=-5'),
+  ('optimizer_unknown', [CLASSIFIER, '--config.optimizer.name=rmsprop'], "optimizer.name='rmsprop'"),
+  ('schedule_unknown', [CLASSIFIER, '--config.optimizer.schedule=linear'], "schedule='linear'"),
+  ('dropout_one', [CLASSIFIER, '--config.model.dropout=1.0'], 'config.model.dropout=1.0'),
+  ('max_to_keep_zero', [CLASSIFIER, '--config.checkpoint.max_to_keep=0'], 'max_to_keep=0'),
+  ('every_steps_negative', [CLASSIFIER, '--config.checkpoint.every_steps=-1'], 'every_steps=-1'),
+  ('num_train_negative', [CLASSIFIER, '--config.data.num_train=-1'], 'config.data.num_train=-1'),
+  ('num_eval_negative', [CLASSIFIER, '--config.data.num_eval=-50'], 'config.data.num_eval=-50'),
+  ('num_classes_zero', [CLASSIFIER, '--config.model.num_classes=0'], 'config.model.num_classes=0'),
+  ('input_shape_rgb', [CLASSIFIER, '--config.model.input_shape=(28,28,3)'], 'config.model.input_shape'),
+  ('input_shape_zero', [CLASSIFIER, '--config.model.input_shape=(0,28,1)'], 'config.model.input_shape'),
+  ('unknown_field', [CLASSIFIER, '--config.optimizer.lr=0.1'], '--config.optimizer.lr'),
+  ('not_a_number', [CLASSIFIER, '--config.num_epochs=abc'], 'config.num_epochs'),
+  ('missing_config_file', ['--config=configs/nope.py'], 'nope.py'),
+  ('unknown_variant', ['--config=configs/classifier.py:huge'], 'huge'),
+  ('data_dir_missing', [CLASSIFIER, '--config.data.dir=/nonexistent/fmnist'], '/nonexistent/fmnist'),
+  ('sweep_lr_negative', [CLASSIFIER, '--config.sweep.learning_rates=(0.1,-1.0)'], 'learning_rates[1]'),
+  ('hidden_dim_zero', [CAPTIONER, '--config.model.hidden_dim=0'], 'config.model.hidden_dim=0'),
+  ('embed_dim_negative', [CAPTIONER, '--config.model.embed_dim=-3'], 'config.model.embed_dim=-3'),
+  ('attention_dim_zero', [CAPTIONER, '--config.model.attention_dim=0'], 'config.model.attention_dim=0'),
+  ('length_penalty_nan', [CAPTIONER, '--config.decoding.length_penalty=nan'], 'length_penalty=nan'),
+  ('length_penalty_inf', [CAPTIONER, '--config.decoding.length_penalty=inf'], 'length_penalty=inf'),
+  ('beam_size_zero', [CAPTIONER, '--config.decoding.beam_size=0'], 'beam_size=0'),
+  ('decoding_unknown', [CAPTIONER, '--config.decoding.method=sample'], "decoding.method='sample'"),
+  ('max_len_zero', [CAPTIONER, '--config.decoding.max_len=0'], 'decoding.max_len=0'),
+  ('image_size_zero', [CAPTIONER, '--config.data.image_size=0'], 'image_size=0'),
+  ('caption_len_zero', [CAPTIONER, '--config.data.max_caption_len=0'], 'max_caption_len=0'),
+  ('on_error_unknown', [CAPTIONER, '--config.data.on_error=ignore'], "on_error='ignore'"),
+  ('synthetic_images_zero', [CAPTIONER, '--config.data.synthetic_num_images=0'], 'synthetic_num_images=0'),
+  ('encoder_batch_zero', [CAPTIONER, '--config.encoder.batch_size=0'], 'encoder.batch_size=0'),
+  ('vocab_size_zero', [CAPTIONER, '--config.model_inputs.vocab_size=0', '--mode=summary'], 'vocab_size=0'),
+  ('model_unknown', [CLASSIFIER, '--config.model.name=nosuch', '--mode=summary'], "model.name='nosuch'"),
+  ('restore_step_negative', [CLASSIFIER, '--config.checkpoint.restore_step=-1'], 'restore_step=-1'),
+  ('imagenet_predict_classifier', [CLASSIFIER, '--mode=imagenet_predict', '--images=x.png'], 'no pretrained encoder'),
+  ('train_q1_config', ['--config=configs/q1_cnn.py'], 'has no config.task'),
+  ('attention_check_classifier', [CLASSIFIER, '--mode=attention_check'], "model.name='classifier'"),
+  ('mode_unknown', [CLASSIFIER, '--mode=fly'], 'fly'),
 ]
 
 
@@ -150,22 +154,49 @@ def _labels(n, value=None):
 
 # (case id, file to replace, writer(path, good_folder), culprit)
 IDX_CASES = [
-    ('test_labels_short', 't10k-labels-idx1-ubyte', lambda p, g: write_idx(p, _labels(9000)),
-     '9000 test labels for 10000 test images'),
-    ('train_labels_out_of_range', 'train-labels-idx1-ubyte', lambda p, g: write_idx(p, _labels(60000, 10)),
-     'train labels are outside 0..9'),
-    ('test_label_byte_255', 't10k-labels-idx1-ubyte',
-     lambda p, g: write_idx(p, np.r_[_labels(9999), [255]].astype(np.uint8)), 'label 255 at index 9999'),
-    ('test_images_2d', 't10k-images-idx3-ubyte', lambda p, g: write_idx(p, np.zeros((10000, 784))),
-     't10k-images-idx3-ubyte has 2 dimensions'),
-    ('train_images_truncated', 'train-images-idx3-ubyte',
-     lambda p, g: p.write_bytes((g / 'train-images-idx3-ubyte').read_bytes()[:-1000]),
-     'train-images-idx3-ubyte is truncated'),
-    ('bad_magic', 't10k-labels-idx1-ubyte', lambda p, g: p.write_bytes(b'\x08\x03\x00\x00' + bytes(100)),
-     'bad magic number'),
-    ('labels_file_is_folder', 't10k-labels-idx1-ubyte', lambda p, g: p.mkdir(), 'is a directory'),
-    ('train_only_100_images', 'train-images-idx3-ubyte', lambda p, g: write_idx(p, np.zeros((100, 28, 28))),
-     '60000 train labels for 100 train images'),
+  (
+    'test_labels_short',
+    't10k-labels-idx1-ubyte',
+    lambda p, g: write_idx(p, _labels(9000)),
+    '9000 test labels for 10000 test images',
+  ),
+  (
+    'train_labels_out_of_range',
+    'train-labels-idx1-ubyte',
+    lambda p, g: write_idx(p, _labels(60000, 10)),
+    'train labels are outside 0..9',
+  ),
+  (
+    'test_label_byte_255',
+    't10k-labels-idx1-ubyte',
+    lambda p, g: write_idx(p, np.r_[_labels(9999), [255]].astype(np.uint8)),
+    'label 255 at index 9999',
+  ),
+  (
+    'test_images_2d',
+    't10k-images-idx3-ubyte',
+    lambda p, g: write_idx(p, np.zeros((10000, 784))),
+    't10k-images-idx3-ubyte has 2 dimensions',
+  ),
+  (
+    'train_images_truncated',
+    'train-images-idx3-ubyte',
+    lambda p, g: p.write_bytes((g / 'train-images-idx3-ubyte').read_bytes()[:-1000]),
+    'train-images-idx3-ubyte is truncated',
+  ),
+  (
+    'bad_magic',
+    't10k-labels-idx1-ubyte',
+    lambda p, g: p.write_bytes(b'\x08\x03\x00\x00' + bytes(100)),
+    'bad magic number',
+  ),
+  ('labels_file_is_folder', 't10k-labels-idx1-ubyte', lambda p, g: p.mkdir(), 'is a directory'),
+  (
+    'train_only_100_images',
+    'train-images-idx3-ubyte',
+    lambda p, g: write_idx(p, np.zeros((100, 28, 28))),
+    '60000 train labels for 100 train images',
+  ),
 ]
 
 
@@ -194,8 +225,10 @@ def _karpathy(folder, images=None, text=None):
   for i in range(3):
     _png(folder / 'images' / f'{i}.png')
   if images is None:
-    images = [{'filename': f'{i}.png', 'split': s, 'sentences': [{'tokens': ['a', 'b']}]}
-              for i, s in enumerate(('train', 'val', 'test'))]
+    images = [
+      {'filename': f'{i}.png', 'split': s, 'sentences': [{'tokens': ['a', 'b']}]}
+      for i, s in enumerate(('train', 'val', 'test'))
+    ]
   (folder / 'dataset.json').write_text(text if text is not None else json.dumps({'images': images}))
 
 
@@ -204,15 +237,15 @@ def _entry(name='0.png', split='train', sentences=None):
 
 
 CAPTION_CASES = [
-    ('json_invalid', dict(text='{"images": ['), 'not valid JSON'),
-    ('json_not_object', dict(text='[1, 2]'), 'expected a JSON object with an "images" list'),
-    ('no_sentences', dict(images=[_entry(sentences=[])]), "images[0] ('0.png') has no sentences"),
-    ('empty_caption', dict(images=[_entry(sentences=[{'tokens': []}])]), 'is an empty caption'),
-    ('bad_split', dict(images=[_entry(split='dev')]), "has split 'dev'"),
-    ('missing_image', dict(images=[_entry(name='9.png')]), '9.png not found'),
-    ('duplicate_image', dict(images=[_entry(), _entry()]), 'repeats the image of images[0]'),
-    ('no_test_split', dict(images=[_entry('0.png', 'train'), _entry('1.png', 'val')]), 'has no test images'),
-    ('tokens_not_strings', dict(images=[_entry(sentences=[{'tokens': [1, 2]}])]), 'is not a list of strings'),
+  ('json_invalid', dict(text='{"images": ['), 'not valid JSON'),
+  ('json_not_object', dict(text='[1, 2]'), 'expected a JSON object with an "images" list'),
+  ('no_sentences', dict(images=[_entry(sentences=[])]), "images[0] ('0.png') has no sentences"),
+  ('empty_caption', dict(images=[_entry(sentences=[{'tokens': []}])]), 'is an empty caption'),
+  ('bad_split', dict(images=[_entry(split='dev')]), "has split 'dev'"),
+  ('missing_image', dict(images=[_entry(name='9.png')]), '9.png not found'),
+  ('duplicate_image', dict(images=[_entry(), _entry()]), 'repeats the image of images[0]'),
+  ('no_test_split', dict(images=[_entry('0.png', 'train'), _entry('1.png', 'val')]), 'has no test images'),
+  ('tokens_not_strings', dict(images=[_entry(sentences=[{'tokens': [1, 2]}])]), 'is not a list of strings'),
 ]
 
 
@@ -239,11 +272,11 @@ def _garbage(path):
 
 
 IMAGE_CASES = [
-    ('dev_null', lambda t: '/dev/null', 'not a regular file'),
-    ('directory', lambda t: str(t), 'is a directory'),
-    ('missing', lambda t: str(t / 'nope.png'), 'nope.png does not exist'),
-    ('empty', lambda t: str(_file(t / 'e.png', '')), 'e.png is empty'),
-    ('garbage', lambda t: _garbage(t / 'g.png') or str(t / 'g.png'), 'g.png cannot be read'),
+  ('dev_null', lambda t: '/dev/null', 'not a regular file'),
+  ('directory', lambda t: str(t), 'is a directory'),
+  ('missing', lambda t: str(t / 'nope.png'), 'nope.png does not exist'),
+  ('empty', lambda t: str(_file(t / 'e.png', '')), 'e.png is empty'),
+  ('garbage', lambda t: _garbage(t / 'g.png') or str(t / 'g.png'), 'g.png cannot be read'),
 ]
 
 
@@ -261,13 +294,12 @@ def _legacy_truncated(path):
 
 
 WEIGHT_CASES = [
-    ('stride0_bomb', lambda p, mp: write_tensor_pth(p, mp, 1, (10**6, 10**6), (0, 0)), 'GiB limit'),
-    ('stride0_expand', lambda p, mp: write_tensor_pth(p, mp, 1, (1000, 1000), (0, 0)), 'claims 1000000'),
-    ('garbage', lambda p, mp: p.write_bytes(b'not a pickle'), 'not a readable PyTorch state dict'),
-    ('truncated', lambda p, mp: _legacy_truncated(p), 'not a readable PyTorch state dict'),
-    ('zip_without_pickle', lambda p, mp: zipfile.ZipFile(p, 'w').close(), 'without exactly one data.pkl'),
-    ('other_model', lambda p, mp: shutil.copy(os.path.join(ROOT, 'tests', 'data', 'tiny_state_zip.pth'), p),
-     'w.pth'),
+  ('stride0_bomb', lambda p, mp: write_tensor_pth(p, mp, 1, (10**6, 10**6), (0, 0)), 'GiB limit'),
+  ('stride0_expand', lambda p, mp: write_tensor_pth(p, mp, 1, (1000, 1000), (0, 0)), 'claims 1000000'),
+  ('garbage', lambda p, mp: p.write_bytes(b'not a pickle'), 'not a readable PyTorch state dict'),
+  ('truncated', lambda p, mp: _legacy_truncated(p), 'not a readable PyTorch state dict'),
+  ('zip_without_pickle', lambda p, mp: zipfile.ZipFile(p, 'w').close(), 'without exactly one data.pkl'),
+  ('other_model', lambda p, mp: shutil.copy(os.path.join(ROOT, 'tests', 'data', 'tiny_state_zip.pth'), p), 'w.pth'),
 ]
 
 
@@ -278,14 +310,26 @@ def test_bad_weights(monkeypatch, capsys, tmp_path, case, make, culprit):
   make(path, monkeypatch)
   monkeypatch.delitem(sys.modules, 'torch', raising=False)
   _png(tmp_path / 'x.png')
-  code, err = run_cli(monkeypatch, capsys, CAPTIONER, '--mode=imagenet_predict', f'--images={tmp_path / "x.png"}',
-                      f'--config.encoder.weights={path}')
+  code, err = run_cli(
+    monkeypatch,
+    capsys,
+    CAPTIONER,
+    '--mode=imagenet_predict',
+    f'--images={tmp_path / "x.png"}',
+    f'--config.encoder.weights={path}',
+  )
   assert_one_clear_line(code, err, culprit)
 
 
 def test_missing_weights_file(monkeypatch, capsys, tmp_path):
-  code, err = run_cli(monkeypatch, capsys, CAPTIONER, '--mode=imagenet_predict', f'--images={tmp_path}/x.png',
-                      f'--config.encoder.weights={tmp_path}/none.pth')
+  code, err = run_cli(
+    monkeypatch,
+    capsys,
+    CAPTIONER,
+    '--mode=imagenet_predict',
+    f'--images={tmp_path}/x.png',
+    f'--config.encoder.weights={tmp_path}/none.pth',
+  )
   assert_one_clear_line(code, err, 'none.pth do not exist')
 
 
@@ -295,10 +339,10 @@ def _file(path, text='x'):
 
 
 WORKDIR_CASES = [
-    ('is_a_file', lambda t: str(_file(t / 'f')), 'is a file, not a folder'),
-    ('not_creatable', lambda t: '/proc/no/such/workdir', 'cannot create --workdir=/proc/no/such/workdir'),
-    ('read_only', lambda t: '/sys/kernel', 'is not writable'),
-    ('under_a_file', lambda t: str(_file(t / 'f') / 'sub'), 'cannot create'),
+  ('is_a_file', lambda t: str(_file(t / 'f')), 'is a file, not a folder'),
+  ('not_creatable', lambda t: '/proc/no/such/workdir', 'cannot create --workdir=/proc/no/such/workdir'),
+  ('read_only', lambda t: '/sys/kernel', 'is not writable'),
+  ('under_a_file', lambda t: str(_file(t / 'f') / 'sub'), 'cannot create'),
 ]
 
 

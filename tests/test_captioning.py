@@ -15,7 +15,11 @@ from cnn_caption import train
 from cnn_caption.tasks import captioning
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
-from conftest import kill_after_checkpoint, override, read_jsonl, run_launch, strip_timing
+from conftest import kill_after_checkpoint
+from conftest import override
+from conftest import read_jsonl
+from conftest import run_launch
+from conftest import strip_timing
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +40,7 @@ def test_loss_ignores_padding_and_matches_a_hand_computation():
   logits = jax.random.normal(jax.random.key(0), (2, 4, 6))
   tokens = jnp.array([[1, 4, 5, 2, 0], [1, 3, 2, 0, 0]])
   apply_fn = lambda variables, feats, inputs, train, rngs: (logits, None)
-  loss, aux = captioning.caption_loss(None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={},
-                                      train=True)
+  loss, aux = captioning.caption_loss(None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={}, train=True)
   logp = np.asarray(jax.nn.log_softmax(logits))
   targets = np.asarray(tokens[:, 1:])
   picked = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(4) if targets[b, t] != 0]
@@ -50,10 +53,10 @@ def test_doubly_stochastic_term_adds_to_the_loss():
   alphas = jnp.full((1, 3, 4), 0.25)
   tokens = jnp.array([[1, 3, 2, 0]])
   apply_fn = lambda *a, **k: (logits, alphas)
-  base, _ = captioning.caption_loss(None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={},
-                                    train=True)
-  reg, _ = captioning.caption_loss(None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={},
-                                   train=True, doubly_stochastic=1.0)
+  base, _ = captioning.caption_loss(None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={}, train=True)
+  reg, _ = captioning.caption_loss(
+    None, {'feats': None, 'tokens': tokens}, apply_fn=apply_fn, rngs={}, train=True, doubly_stochastic=1.0
+  )
   # two real target steps: each region's coverage is 0.5, so the term is 4 * (1 - 0.5)^2 = 1.
   assert float(reg - base) == pytest.approx(1.0)
 
@@ -62,12 +65,28 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   workdir = str(tmp_path / 'run')
   # Selected on CIDEr-D: the task reads config.selection_metric, the trainer the task's.
   results = train.train_and_evaluate(smoke(attention_config, shared_dirs, selection_metric='cider'), workdir)
-  for name in ('metrics.jsonl', 'results.json', 'test_captions.json', 'vocab.json', 'config.json',
-               'plots/train_loss.png', 'plots/val_bleu4.png', 'plots/val_cider.png'):
+  for name in (
+    'metrics.jsonl',
+    'results.json',
+    'test_captions.json',
+    'vocab.json',
+    'config.json',
+    'plots/train_loss.png',
+    'plots/val_bleu4.png',
+    'plots/val_cider.png',
+  ):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   saved = json.loads(open(os.path.join(workdir, 'results.json')).read())
-  assert {'test_bleu1', 'test_bleu4', 'test_bleu4_sentence_mean', 'test_rouge_l', 'test_cider', 'best_epoch',
-          'decoding', 'config'} <= set(saved)
+  assert {
+    'test_bleu1',
+    'test_bleu4',
+    'test_bleu4_sentence_mean',
+    'test_rouge_l',
+    'test_cider',
+    'best_epoch',
+    'decoding',
+    'config',
+  } <= set(saved)
   assert 'test_meteor' not in saved  # the smoke config leaves METEOR (Java) out
   assert saved['best_val_cider'] == max(r['val_cider'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')))
   assert saved['dataset'] == 'synthetic'
@@ -78,8 +97,9 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   assert history[1]['train_loss'] < history[0]['train_loss']
   captions = json.loads(open(os.path.join(workdir, 'test_captions.json')).read())
   assert len(captions) == results['num_images']['test']
-  assert all(set(c) == {'image_name', 'caption', 'cider', 'rouge_l'} and isinstance(c['caption'], list)
-             for c in captions)
+  assert all(
+    set(c) == {'image_name', 'caption', 'cider', 'rouge_l'} and isinstance(c['caption'], list) for c in captions
+  )
   assert np.mean([c['cider'] for c in captions]) == pytest.approx(saved['test_cider'])
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
@@ -104,19 +124,27 @@ def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
   a = checkpoint.Checkpointer(os.path.join(full, 'checkpoints'), 3)
   b = checkpoint.Checkpointer(os.path.join(part, 'checkpoints'), 3)
   assert a.latest_step() == b.latest_step()
-  for x, y in zip(jax.tree.leaves(a.restore_params(a.latest_step())), jax.tree.leaves(b.restore_params(b.latest_step()))):
+  params_a, params_b = a.restore_params(a.latest_step()), b.restore_params(b.latest_step())
+  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert strip_timing(read_jsonl(os.path.join(full, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(os.path.join(part, 'metrics.jsonl')))
+    read_jsonl(os.path.join(part, 'metrics.jsonl'))
+  )
   assert json.loads(open(os.path.join(full, 'test_captions.json')).read()) == json.loads(
-      open(os.path.join(part, 'test_captions.json')).read())
+    open(os.path.join(part, 'test_captions.json')).read()
+  )
 
 
 def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, shared_dirs):
   synthetic_dir, cache_dir = shared_dirs
-  args = ['--config=configs/captioner_attention.py:smoke', f'--config.data.synthetic_dir={synthetic_dir}',
-          f'--config.encoder.cache_dir={cache_dir}', '--config.data.synthetic_num_images=30',
-          '--config.checkpoint.every_steps=3', '--config.num_epochs=3']
+  args = [
+    '--config=configs/captioner_attention.py:smoke',
+    f'--config.data.synthetic_dir={synthetic_dir}',
+    f'--config.encoder.cache_dir={cache_dir}',
+    '--config.data.synthetic_num_images=30',
+    '--config.checkpoint.every_steps=3',
+    '--config.num_epochs=3',
+  ]
   killed, clean = str(tmp_path / 'killed'), str(tmp_path / 'clean')
   steps = kill_after_checkpoint(args, killed, min_step=6)
   resumed = run_launch(*args, f'--workdir={killed}')
@@ -126,8 +154,10 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
   a = checkpoint.Checkpointer(os.path.join(killed, 'checkpoints'), 3)
   b = checkpoint.Checkpointer(os.path.join(clean, 'checkpoints'), 3)
   assert steps[-1] < a.latest_step() == b.latest_step()
-  for x, y in zip(jax.tree.leaves(a.restore_params(a.latest_step())),
-                  jax.tree.leaves(b.restore_params(b.latest_step()))):
+  for x, y in zip(
+    jax.tree.leaves(a.restore_params(a.latest_step())), jax.tree.leaves(b.restore_params(b.latest_step()))
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(os.path.join(clean, 'metrics.jsonl')))
+    read_jsonl(os.path.join(clean, 'metrics.jsonl'))
+  )

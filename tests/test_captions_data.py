@@ -43,11 +43,14 @@ def _write_dataset(root, images, touch=True, filepath='images'):
 
 def _good_images():
   return [
-      {'filename': 'a.jpg', 'split': 'train', 'sentences': [_sentence('There is A Red circle'),
-                                                             _sentence('a red circle .')]},
-      {'filename': 'b.jpg', 'split': 'restval', 'sentences': [_sentence('Two blue squares')]},
-      {'filename': 'c.jpg', 'split': 'val', 'sentences': [_sentence("It's a green, tiny TRIANGLE!", False)]},
-      {'filename': 'd.jpg', 'split': 'test', 'sentences': [_sentence('a yellow square')]},
+    {
+      'filename': 'a.jpg',
+      'split': 'train',
+      'sentences': [_sentence('There is A Red circle'), _sentence('a red circle .')],
+    },
+    {'filename': 'b.jpg', 'split': 'restval', 'sentences': [_sentence('Two blue squares')]},
+    {'filename': 'c.jpg', 'split': 'val', 'sentences': [_sentence("It's a green, tiny TRIANGLE!", False)]},
+    {'filename': 'd.jpg', 'split': 'test', 'sentences': [_sentence('a yellow square')]},
   ]
 
 
@@ -55,7 +58,10 @@ def test_load_small_dataset(tmp_path):
   root = _write_dataset(tmp_path / 'toy', _good_images())
   splits = captions.load_karpathy(root)
   assert {k: [e.name for e in v] for k, v in splits.items()} == {
-      'train': ['a.jpg', 'b.jpg'], 'val': ['c.jpg'], 'test': ['d.jpg']}
+    'train': ['a.jpg', 'b.jpg'],
+    'val': ['c.jpg'],
+    'test': ['d.jpg'],
+  }
   a = splits['train'][0]
   assert a.captions == (('there', 'is', 'a', 'red', 'circle'), ('a', 'red', 'circle', '.'))
   assert a.path == os.path.join(root, 'images', 'a.jpg')
@@ -102,8 +108,7 @@ def _bad(kind):
   return images
 
 
-@pytest.mark.parametrize(
-    'kind', ['no_sentences', 'missing_sentences', 'empty_tokens', 'empty_raw', 'bad_split'])
+@pytest.mark.parametrize('kind', ['no_sentences', 'missing_sentences', 'empty_tokens', 'empty_raw', 'bad_split'])
 def test_bad_entry_raises_naming_file_and_entry(tmp_path, kind):
   root = _write_dataset(tmp_path / 'toy', _bad(kind))
   with pytest.raises(UserError) as e:
@@ -200,8 +205,7 @@ def test_synthetic_is_deterministic_and_loads(tmp_path):
   with open(os.path.join(a, 'dataset.json')) as f:
     data = json.load(f)
   assert data['dataset'] == 'synthetic'
-  assert data['synthetic'] == {
-      'generator': synthetic.GENERATOR, 'num_images': 20, 'image_size': 64, 'seed': 3}
+  assert data['synthetic'] == {'generator': synthetic.GENERATOR, 'num_images': 20, 'image_size': 64, 'seed': 3}
   for entry, item in zip(splits['train'], data['images']):
     for group in item['scene']['objects']:
       words = [group['color'], group['shape'] + ('s' if group['count'] > 1 else '')]

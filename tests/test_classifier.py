@@ -57,17 +57,20 @@ def test_dropout_only_in_training():
 def test_max_pool_matches_flax():
   x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   np.testing.assert_array_equal(classifier.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
 
 
 def test_loss_falls_when_one_batch_is_overfit():
   from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
+
   config = classifier_config.get_config()
   config.model.dropout = 0.0
   config.optimizer.learning_rate = 0.05
   model = models.create_model(config)
-  state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0),
-                                   optim.make_optimizer(config.optimizer, 100))
+  state = train.create_train_state(
+    model, models.example_inputs(config), jax.random.key(0), optim.make_optimizer(config.optimizer, 100)
+  )
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((1, 8, 28, 28, 1), np.float32), 'label': rng.integers(0, 10, (1, 8)).astype(np.int32)}
   task = tasks.ClassificationTask  # loss and metrics are static methods: no data needed
@@ -92,7 +95,10 @@ def test_real_splits_shapes_and_scaling():
   splits = fashion_mnist.load_splits()
   raw = fashion_mnist.load_raw()
   assert {k: v[0].shape for k, v in splits.items()} == {
-      'train': (50000, 28, 28, 1), 'val': (10000, 28, 28, 1), 'test': (10000, 28, 28, 1)}
+    'train': (50000, 28, 28, 1),
+    'val': (10000, 28, 28, 1),
+    'test': (10000, 28, 28, 1),
+  }
   _, dev_idx = fashion_mnist.split_indices()
   np.testing.assert_array_equal(splits['val'][0][..., 0], raw['train_images'][dev_idx])
   scaled = fashion_mnist.to_float(splits['train'][0])
@@ -140,6 +146,7 @@ def test_offline_tfds_fallback_fails_at_once_with_install_hint(tmp_path, monkeyp
 
   monkeypatch.setattr(socket, 'create_connection', offline)
   import time  # pylint: disable=g-import-not-at-top
+
   start = time.time()
   with pytest.raises(UserError, match='apt-get install dataset-fashion-mnist'):
     fashion_mnist.load_raw()

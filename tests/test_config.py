@@ -9,19 +9,22 @@ from configs import classifier as classifier_config
 from conftest import run_launch
 
 
-@pytest.mark.parametrize('args, culprit', [
+@pytest.mark.parametrize(
+  'args, culprit',
+  [
     (['--config.optimizer.lr=0.1'], '--config.optimizer.lr'),
     (['--config.num_epochs=abc'], 'config.num_epochs'),
     (['--config.num_epochs=-1'], 'config.num_epochs=-1'),
     (['--config.optimizer.learning_rate=0'], 'config.optimizer.learning_rate=0'),
     (['--config.model.dropout=1.5'], 'config.model.dropout=1.5'),
     (['--config.data.dir=/nonexistent/fmnist'], '/nonexistent/fmnist'),
-])
+  ],
+)
 def test_bad_overrides_give_one_clear_line(tmp_path, args, culprit):
   result = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}', *args, timeout=120)
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
-  error_lines = [l for l in result.stderr.splitlines() if culprit in l]
+  error_lines = [line for line in result.stderr.splitlines() if culprit in line]
   assert error_lines, result.stderr[-1500:]
   assert not (tmp_path / 'checkpoints').exists()
 
@@ -33,8 +36,7 @@ def test_missing_config_file_is_clear(tmp_path):
 
 
 def test_validate_accepts_defaults_and_rejects_bad_values():
-  for config in (classifier_config.get_config(), classifier_config.get_config('sweep'),
-                 captioner_config.get_config()):
+  for config in (classifier_config.get_config(), classifier_config.get_config('sweep'), captioner_config.get_config()):
     config_utils.validate(config)
   config = classifier_config.get_config('sweep')
   config.sweep.learning_rates = (0.1, -1.0)

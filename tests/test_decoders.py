@@ -22,15 +22,17 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 8, 8  # one batch shape for most tests, so that jitted functions compile once per variant
 
 greedy = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len'))
-beam = jax.jit(decoders.beam_search, static_argnames=(
-    'model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty'))
+beam = jax.jit(
+  decoders.beam_search, static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty')
+)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'train', 'method'))
 def _apply(model, params, feats, inputs, train=False, rng=None, method='__call__'):
   rngs = {'dropout': rng} if rng is not None else {}
-  return model.apply({'params': params}, feats, inputs, train=train, rngs=rngs,
-                     method=getattr(decoders.CaptionDecoder, method))
+  return model.apply(
+    {'params': params}, feats, inputs, train=train, rngs=rngs, method=getattr(decoders.CaptionDecoder, method)
+  )
 
 
 def _model(attention_dim, **kwargs):
@@ -128,20 +130,21 @@ def test_causal_under_token_perturbation(variant):
   model, params, feats, tokens = _setup(variant)
   base_logits, base_alphas = _apply(model, params, feats, tokens)
   for t in (0, 3, 6):
-    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % VOCAB)
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 5) % VOCAB)
     logits, alphas = _apply(model, params, feats, changed)
-    np.testing.assert_array_equal(logits[:, :t + 1], base_logits[:, :t + 1])
-    assert not np.allclose(logits[:, t + 1:], base_logits[:, t + 1:])
+    np.testing.assert_array_equal(logits[:, : t + 1], base_logits[:, : t + 1])
+    assert not np.allclose(logits[:, t + 1 :], base_logits[:, t + 1 :])
     if alphas is not None:  # the attention at step t reads h_{t-1}: one step less of context
-      np.testing.assert_array_equal(alphas[:, :t + 2], base_alphas[:, :t + 2])
+      np.testing.assert_array_equal(alphas[:, : t + 2], base_alphas[:, : t + 2])
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_causal_gradient(variant):
   model, params, feats, tokens = _setup(variant)
   embeds = params['embed']['embedding'][tokens[:2, :5]]
-  logits_of = lambda e: model.apply({'params': params}, feats[:2], e, train=False,
-                                    method=decoders.CaptionDecoder.forward_embedded)[0]
+  logits_of = lambda e: model.apply(
+    {'params': params}, feats[:2], e, train=False, method=decoders.CaptionDecoder.forward_embedded
+  )[0]
   jac = np.asarray(jax.jit(jax.jacrev(logits_of))(embeds))  # (B, T, V, B, T', E)
   per_step = np.abs(jac).sum(axis=(0, 2, 3, 5))  # (T, T'): sensitivity of logits at t to input t'
   future = np.triu(np.ones_like(per_step, dtype=bool), k=1)
@@ -183,12 +186,12 @@ def test_greedy_stops_at_eos(variant):
   out, alphas = greedy(model, params, feats, bos_id=BOS, eos_id=eos, max_len=T)
   for row_free, row_out in zip(np.asarray(free), np.asarray(out)):
     end = int(np.argmax(row_free == eos)) if eos in row_free else len(row_free) - 1
-    np.testing.assert_array_equal(row_out[:end + 1], row_free[:end + 1])
-    assert (row_out[end + 1:] == decoders.PAD_ID).all()
-  assert out[row, pos] == eos and (out[row, pos + 1:] == 0).all()
+    np.testing.assert_array_equal(row_out[: end + 1], row_free[: end + 1])
+    assert (row_out[end + 1 :] == decoders.PAD_ID).all()
+  assert out[row, pos] == eos and (out[row, pos + 1 :] == 0).all()
   if alphas is not None:
-    assert (np.asarray(alphas[row, pos + 1:]) == 0).all()
-    np.testing.assert_allclose(alphas[row, :pos + 1].sum(-1), 1.0, rtol=1e-5)
+    assert (np.asarray(alphas[row, pos + 1 :]) == 0).all()
+    np.testing.assert_allclose(alphas[row, : pos + 1].sum(-1), 1.0, rtol=1e-5)
   # A huge EOS bias ends every caption at once.
   forced = jax.tree.map(lambda x: x, params)
   forced['out']['bias'] = forced['out']['bias'].at[eos].set(1e4)
@@ -196,16 +199,14 @@ def test_greedy_stops_at_eos(variant):
   np.testing.assert_array_equal(out, np.array([[eos] + [0] * (T - 1)] * B))
 
 
-@pytest.mark.parametrize('variant,length_penalty', [('plain', 1.0), ('attention', 0.0),
-                                                    ('attention', 1.0)])
+@pytest.mark.parametrize('variant,length_penalty', [('plain', 1.0), ('attention', 0.0), ('attention', 1.0)])
 def test_beam_of_one_is_greedy(variant, length_penalty):
   model, params, feats, _ = _setup(variant)
   free, _ = greedy(model, params, feats, bos_id=BOS, eos_id=VOCAB, max_len=T)
   eos = _first_seen_midway(free)[0]  # so that some captions end early and some do not
   want, _ = greedy(model, params, feats, bos_id=BOS, eos_id=eos, max_len=T)
   assert (want == eos).any(axis=1).any() and not (want == eos).any(axis=1).all()
-  got = beam(model, params, feats, bos_id=BOS, eos_id=eos, max_len=T, beam_size=1,
-             length_penalty=length_penalty)
+  got = beam(model, params, feats, bos_id=BOS, eos_id=eos, max_len=T, beam_size=1, length_penalty=length_penalty)
   np.testing.assert_array_equal(got, want)
 
 
@@ -213,8 +214,7 @@ def test_beam_of_one_is_greedy(variant, length_penalty):
 def test_beam_finds_at_least_greedy_log_prob(variant):
   model, params, feats, _ = _setup(variant)
   greedy_tokens, _ = greedy(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T)
-  beam_tokens = beam(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T, beam_size=3,
-                     length_penalty=0.0)
+  beam_tokens = beam(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T, beam_size=3, length_penalty=0.0)
   assert beam_tokens.shape == (B, T)
   after_eos = (jnp.cumsum(beam_tokens == EOS, axis=1) - (beam_tokens == EOS)) > 0
   assert (beam_tokens[after_eos] == decoders.PAD_ID).all()
@@ -233,12 +233,14 @@ def _reference_beam(model, params, feats_NxC, *, max_len, beam_size):
     # Causality lets every prefix be scored at one padded shape (one compile): read logits at its end.
     inputs = np.zeros((beam_size, max_len), np.int32)
     for i, (seq, _) in enumerate(alive):
-      inputs[i, :t + 1] = (BOS,) + seq
+      inputs[i, : t + 1] = (BOS,) + seq
     feats = jnp.broadcast_to(feats_NxC, (beam_size,) + feats_NxC.shape)
     logits, _ = _apply(model, params, feats, jnp.asarray(inputs))
     logp = np.asarray(jax.nn.log_softmax(logits[:, t]), np.float64)
-    cands = sorted(((score + logp[i, w], seq + (w,)) for i, (seq, score) in enumerate(alive)
-                    for w in range(VOCAB)), key=lambda c: -c[0])[:2 * beam_size]
+    cands = sorted(
+      ((score + logp[i, w], seq + (w,)) for i, (seq, score) in enumerate(alive) for w in range(VOCAB)),
+      key=lambda c: -c[0],
+    )[: 2 * beam_size]
     finished += [c for c in cands[:beam_size] if c[1][-1] == EOS]
     finished = sorted(finished, key=lambda c: -c[0])[:beam_size]
     alive = [(seq, score) for score, seq in cands if seq[-1] != EOS][:beam_size]
@@ -249,28 +251,27 @@ def _reference_beam(model, params, feats_NxC, *, max_len, beam_size):
 
 def test_beam_matches_reference():
   model, params, feats, _ = _setup('attention')
-  got = np.asarray(beam(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T, beam_size=3,
-                        length_penalty=0.0))
+  got = np.asarray(beam(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T, beam_size=3, length_penalty=0.0))
   greedy_tokens, _ = greedy(model, params, feats, bos_id=BOS, eos_id=EOS, max_len=T)
   rows = np.flatnonzero((got != np.asarray(greedy_tokens)).any(axis=1))[:3]
   assert len(rows) == 3
   for row in rows:
     want = _reference_beam(model, params, feats[row], max_len=T, beam_size=3)
-    np.testing.assert_array_equal(got[row, :len(want)], want)
-    assert (got[row, len(want):] == decoders.PAD_ID).all()
+    np.testing.assert_array_equal(got[row, : len(want)], want)
+    assert (got[row, len(want) :] == decoders.PAD_ID).all()
 
 
 def test_overfits_a_fixed_batch():
   model = _model(8, dropout=0.0)
   feats, _ = _data(batch=4)
-  captions = jnp.array([[BOS, 5, 6, 7, EOS, 0, 0], [BOS, 8, 9, EOS, 0, 0, 0],
-                        [BOS, 10, 11, 12, 4, EOS, 0], [BOS, 3, EOS, 0, 0, 0, 0]])
+  captions = jnp.array(
+    [[BOS, 5, 6, 7, EOS, 0, 0], [BOS, 8, 9, EOS, 0, 0, 0], [BOS, 10, 11, 12, 4, EOS, 0], [BOS, 3, EOS, 0, 0, 0, 0]]
+  )
   params = _init(model, feats, captions[:, :-1])
   tx = optax.adam(3e-2)
 
   def loss_fn(p):
-    logits, _ = model.apply({'params': p}, feats, captions[:, :-1], train=True,
-                            rngs={'dropout': jax.random.key(0)})
+    logits, _ = model.apply({'params': p}, feats, captions[:, :-1], train=True, rngs={'dropout': jax.random.key(0)})
     targets = captions[:, 1:]
     mask = (targets != decoders.PAD_ID).astype(jnp.float32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
@@ -303,7 +304,6 @@ def test_registry_builds_from_configs(config_file):
   assert isinstance(model, decoders.CaptionDecoder)
   inputs = models.example_inputs(config, batch_size=2)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), *inputs)
-  (logits, alphas) = jax.eval_shape(
-      functools.partial(model.apply, train=False), shapes, *inputs)
+  (logits, alphas) = jax.eval_shape(functools.partial(model.apply, train=False), shapes, *inputs)
   assert logits.shape == (2, config.data.max_caption_len + 1, config.model_inputs.vocab_size)
   assert (alphas is None) == (config.model.attention_dim is None)

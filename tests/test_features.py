@@ -26,8 +26,7 @@ def _uniform(value, shape=(40, 30, 3)):
   return np.full(shape, value, np.uint8)
 
 
-@pytest.mark.parametrize('kind', ['rgb_jpeg', 'l_png', 'i16_tiff', 'rgba_png', 'p_gif',
-                                  'rgb_tiff', 'cmyk_jpeg'])
+@pytest.mark.parametrize('kind', ['rgb_jpeg', 'l_png', 'i16_tiff', 'rgba_png', 'p_gif', 'rgb_tiff', 'cmyk_jpeg'])
 def test_load_image_modes_become_normalised_rgb(tmp_path, kind):
   if kind == 'rgb_jpeg':
     path, expect = _save(tmp_path / 'a.jpg', _uniform(200)), 200
@@ -59,8 +58,7 @@ def test_load_image_keeps_colour_order_and_encoder_normalisation(tmp_path):
   lite = images_lib.load_image(path, 20)
   np.testing.assert_allclose(lite[0, 0], [1.0, -127 / 128, -127 / 128], atol=1e-6)
   resnet = images_lib.load_image(path, 20, 'resnet18')
-  np.testing.assert_allclose(resnet[0, 0], [(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225],
-                             atol=1e-5)
+  np.testing.assert_allclose(resnet[0, 0], [(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], atol=1e-5)
 
 
 def test_load_image_bad_files_name_the_culprit(tmp_path):
@@ -70,8 +68,7 @@ def test_load_image_bad_files_name_the_culprit(tmp_path):
   text.write_text('not an image')
   with pytest.raises(UserError, match='notes.jpg'):
     images_lib.load_image(str(text), 16)
-  full = _save(tmp_path / 'full.jpg', np.random.default_rng(0).integers(0, 255, (64, 64, 3),
-                                                                        dtype=np.uint8))
+  full = _save(tmp_path / 'full.jpg', np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
   cut = tmp_path / 'cut.jpg'
   cut.write_bytes(open(full, 'rb').read()[:600])
   with pytest.raises(UserError, match='cut.jpg'):
@@ -82,8 +79,7 @@ def test_load_image_bad_files_name_the_culprit(tmp_path):
 def images_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp('imgs')
   rng = np.random.default_rng(0)
-  paths = [_save(folder / f'{i}.png', rng.integers(0, 255, (40, 36, 3), dtype=np.uint8))
-           for i in range(4)]
+  paths = [_save(folder / f'{i}.png', rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)) for i in range(4)]
   paths.append(_save(folder / '4.tif', rng.integers(0, 65535, (32, 32), dtype=np.uint16)))
   return paths
 
@@ -94,17 +90,18 @@ class _Counter:
   def __init__(self, monkeypatch):
     self.images = 0
     real = features._load_batch
+
     def counted(paths, *args):
       self.images += len(paths)
       return real(paths, *args)
+
     monkeypatch.setattr(features, '_load_batch', counted)
 
 
 def test_extract_features_computes_then_reads_cache(tmp_path, images_dir, monkeypatch):
   counter = _Counter(monkeypatch)
   cache = str(tmp_path / 'cache')
-  feats, ok = features.extract_features('efficientnet_lite0', None, images_dir, 32, cache,
-                                        batch_size=2)
+  feats, ok = features.extract_features('efficientnet_lite0', None, images_dir, 32, cache, batch_size=2)
   assert feats.shape == (5, 1, 1280) and feats.dtype == np.float16
   assert ok.all() and counter.images == 5
   module, variables = encoders.load_encoder('efficientnet_lite0', None)
@@ -135,9 +132,11 @@ def test_stale_entries_are_rebuilt(tmp_path, images_dir, monkeypatch):
 
 def test_a_crash_mid_write_leaves_no_entry(tmp_path, images_dir, monkeypatch):
   cache = str(tmp_path / 'cache')
+
   def crash(f, arr, allow_pickle):
     f.write(b'partial')
     raise KeyboardInterrupt
+
   monkeypatch.setattr(np, 'save', crash)
   with pytest.raises(KeyboardInterrupt):
     features.extract_features('efficientnet_lite0', None, images_dir[:1], 32, cache, 2)
@@ -158,8 +157,7 @@ def test_bad_images_raise_or_are_skipped(tmp_path, images_dir):
     features.extract_features('efficientnet_lite0', None, paths, 32, cache, 2)
   with pytest.raises(UserError, match='broken.png'):
     features.extract_features('efficientnet_lite0', None, paths[:3], 32, cache, 2)
-  feats, ok = features.extract_features('efficientnet_lite0', None, paths, 32, cache, 2,
-                                        on_error='skip')
+  feats, ok = features.extract_features('efficientnet_lite0', None, paths, 32, cache, 2, on_error='skip')
   assert ok.tolist() == [True, False, True, False]
   assert not feats[1].any() and not feats[3].any() and feats[0].any()
   with pytest.raises(UserError, match='on_error'):

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from cnn_caption import train
-from cnn_caption.models import classifier, decoders
+from cnn_caption.models import classifier
+from cnn_caption.models import decoders
 
 STEPS = 300
 # Mean loss over the last 50 of 300 steps, bfloat16 vs float32 (same init, data, dropout). Measured gaps
@@ -25,8 +26,7 @@ def _classifier_loss(params, batch, *, apply_fn, rngs, train):
 def _decoder_loss(params, batch, *, apply_fn, rngs, train):
   logits, _ = apply_fn({'params': params}, batch['feats'], batch['tokens'][:, :-1], train=train, rngs=rngs)
   assert logits.dtype == jnp.float32 or logits.dtype == jnp.bfloat16
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch['tokens'][:, 1:]).mean(), {}
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['tokens'][:, 1:]).mean(), {}
 
 
 def _losses(model, example, batches, loss_fn, learning_rate):
@@ -41,13 +41,17 @@ def _losses(model, example, batches, loss_fn, learning_rate):
       batch = jax.tree.map(lambda x: x[i % num_batches], batches)
       state, metrics = train.train_step(state, batch, jax.random.key(1), task=task)
       return state, metrics['loss']
+
     return jax.lax.scan(body, state, jnp.arange(STEPS))  # one compilation, one dispatch: keeps the test fast
 
   state, losses = run(state)
   losses = np.asarray(losses)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if hasattr(leaf, 'dtype')
-             and jnp.issubdtype(leaf.dtype, jnp.floating))
+  assert all(
+    leaf.dtype == jnp.float32
+    for leaf in jax.tree.leaves(state.opt_state)
+    if hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.floating)
+  )
   return losses
 
 
@@ -66,11 +70,16 @@ def test_classifier_bfloat16_tracks_float32():
   images = rng.normal(0, 0.3, (16, 8, 28, 28, 1)).astype(np.float32)
   for b in range(16):
     for i in range(8):
-      images[b, i, labels[b, i] * 2:labels[b, i] * 2 + 3] += 1.0
+      images[b, i, labels[b, i] * 2 : labels[b, i] * 2 + 3] += 1.0
   batches = {'image': images, 'label': labels}
   small = dict(conv1_channels=4, conv2_channels=8, hidden1=32, hidden2=16)  # the homework layers, narrower
-  _check_tracks(lambda dtype: classifier.FashionCNN(dtype=dtype, **small), (jnp.zeros((1, 28, 28, 1)),), batches,
-                _classifier_loss, 1e-3)
+  _check_tracks(
+    lambda dtype: classifier.FashionCNN(dtype=dtype, **small),
+    (jnp.zeros((1, 28, 28, 1)),),
+    batches,
+    _classifier_loss,
+    1e-3,
+  )
 
 
 @pytest.mark.parametrize('attention_dim', [None, 16])
@@ -82,16 +91,18 @@ def test_decoder_bfloat16_tracks_float32(attention_dim):
   batches = {'feats': feats, 'tokens': tokens}
 
   def make(dtype):
-    return decoders.CaptionDecoder(vocab_size=40, embed_dim=16, hidden_dim=32, dropout=0.1,
-                                   attention_dim=attention_dim, dtype=dtype)
+    return decoders.CaptionDecoder(
+      vocab_size=40, embed_dim=16, hidden_dim=32, dropout=0.1, attention_dim=attention_dim, dtype=dtype
+    )
 
   _check_tracks(make, (jnp.zeros((1, 5, 24)), jnp.zeros((1, 10), jnp.int32)), batches, _decoder_loss, 3e-3)
 
 
 @pytest.mark.parametrize('attention_dim', [None, 16])
 def test_decoding_runs_in_bfloat16(attention_dim):
-  model = decoders.CaptionDecoder(vocab_size=40, embed_dim=16, hidden_dim=32, attention_dim=attention_dim,
-                                  dtype=jnp.bfloat16)
+  model = decoders.CaptionDecoder(
+    vocab_size=40, embed_dim=16, hidden_dim=32, attention_dim=attention_dim, dtype=jnp.bfloat16
+  )
   feats = jax.random.normal(jax.random.key(0), (3, 5, 24))
   params = model.init(jax.random.key(1), feats, jnp.zeros((3, 10), jnp.int32), train=False)['params']
   tokens, alphas = decoders.greedy_decode(model, params, feats, bos_id=1, eos_id=2, max_len=6)

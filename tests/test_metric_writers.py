@@ -75,15 +75,19 @@ def test_eval_log_drops_rows_after_the_restored_step(tmp_path):
 def test_monitor_weights_the_loss_and_logs_per_step_metrics(tmp_path, monkeypatch):
   monkeypatch.setattr(metric_writers, 'is_main_process', lambda: True)
   from configs import classifier as classifier_config
+
   config = classifier_config.get_config('smoke')
   config.log_every_steps = 4
-  mon = monitor.RunMonitor(config, str(tmp_path), start_step=0, total_steps=8, steps_per_epoch=8,
-                           learning_rate_fn=lambda step: 0.1 * step)
+  mon = monitor.RunMonitor(
+    config, str(tmp_path), start_step=0, total_steps=8, steps_per_epoch=8, learning_rate_fn=lambda step: 0.1 * step
+  )
   # Two calls of two steps: nothing logged yet, then the interval [1, 4] is written at step 4.
-  mon.train_metrics(0, {'loss': np.array([1.0, 3.0]), 'loss_weight': np.array([3.0, 1.0]),
-                        'grad_norm': np.array([2.0, 4.0])})
-  mon.train_metrics(2, {'loss': np.array([2.0, 2.0]), 'loss_weight': np.array([1.0, 1.0]),
-                        'grad_norm': np.array([6.0, 8.0])})
+  mon.train_metrics(
+    0, {'loss': np.array([1.0, 3.0]), 'loss_weight': np.array([3.0, 1.0]), 'grad_norm': np.array([2.0, 4.0])}
+  )
+  mon.train_metrics(
+    2, {'loss': np.array([2.0, 2.0]), 'loss_weight': np.array([1.0, 1.0]), 'grad_norm': np.array([6.0, 8.0])}
+  )
   mon.evaluation(4, 0.5, {'val': {'accuracy': 0.25}, 'val_ema': {'accuracy': 0.5}})
   mon.close()
   acc = read_events(str(tmp_path / monitor.TENSORBOARD_DIR))
@@ -97,8 +101,9 @@ def test_monitor_weights_the_loss_and_logs_per_step_metrics(tmp_path, monkeypatc
   text = acc.Tensors('config/text_summary')[0].tensor_proto.string_val[0].decode()
   assert '"num_epochs": 2' in text
   with open(tmp_path / monitor.EVAL_LOG) as f:
-    assert [json.loads(line) for line in f] == [{'step': 4, 'epoch': 0.5, 'val_accuracy': 0.25,
-                                                  'val_ema_accuracy': 0.5}]
+    assert [json.loads(line) for line in f] == [
+      {'step': 4, 'epoch': 0.5, 'val_accuracy': 0.25, 'val_ema_accuracy': 0.5}
+    ]
 
 
 @pytest.mark.parametrize('steps', [(3,), (4, 2), (-1, 2), (1.5, 3), 'ab'])

@@ -11,8 +11,8 @@ from cnn_caption import metrics
 
 # Two images with two references each.
 REFS = [
-    ['a red circle on the left'.split(), 'there is a red circle'.split()],
-    ['a blue square at the top'.split(), 'there is a blue square'.split()],
+  ['a red circle on the left'.split(), 'there is a red circle'.split()],
+  ['a blue square at the top'.split(), 'there is a blue square'.split()],
 ]
 HYPS = ['a red circle on the right'.split(), 'blue blue square'.split()]
 
@@ -31,10 +31,10 @@ HYPS = ['a red circle on the right'.split(), 'blue blue square'.split()]
 # so BP = exp(1 - 11/9).
 _BP = math.exp(1 - 11 / 9)
 EXPECTED_CORPUS = {
-    'bleu1': _BP * 7 / 9,
-    'bleu2': _BP * (7 / 9 * 5 / 7) ** (1 / 2),
-    'bleu3': _BP * (7 / 9 * 5 / 7 * 3 / 5) ** (1 / 3),
-    'bleu4': _BP * (7 / 9 * 5 / 7 * 3 / 5 * 2 / 4) ** (1 / 4),
+  'bleu1': _BP * 7 / 9,
+  'bleu2': _BP * (7 / 9 * 5 / 7) ** (1 / 2),
+  'bleu3': _BP * (7 / 9 * 5 / 7 * 3 / 5) ** (1 / 3),
+  'bleu4': _BP * (7 / 9 * 5 / 7 * 3 / 5 * 2 / 4) ** (1 / 4),
 }
 # Per image, BLEU-4: image 1 has BP 1 and (5/6 * 4/5 * 3/4 * 2/3)^(1/4) = (1/3)^(1/4);
 # image 2 has no 3-gram match, so nltk (no smoothing) gives practically 0 (about 1e-154).
@@ -103,13 +103,14 @@ CIDER_HYPS = [['a', 'b', 'b'], ['c', 'e']]
 CIDER_A = 10 * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
 CIDER_B = 1.25
 
+
 # ROUGE-L (coco: beta 1.2, the best precision and the best recall over references, taken separately).
 # Image 1: "a red circle on the right" vs "a red circle on the left" (LCS 5: P 5/6, R 5/6) and
 #   "there is a red circle" (LCS 3: P 3/6, R 3/5) -> P 5/6, R 5/6 -> F = 5/6.
 # Image 2: "blue blue square" vs "a blue square at the top" (LCS 2: P 2/3, R 2/6) and
 #   "there is a blue square" (LCS 2: P 2/3, R 2/5) -> P 2/3, R 2/5.
 def _rouge_f(p, r, beta=1.2):
-  return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+  return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
 EXPECTED_ROUGE = (5 / 6 + _rouge_f(2 / 3, 2 / 5)) / 2
@@ -139,12 +140,19 @@ def test_rouge_l_hand_worked():
 def test_project_bleu_and_cider_equal_pycocoevalcap():
   from pycocoevalcap.bleu import bleu as coco_bleu  # pylint: disable=g-import-not-at-top
   from pycocoevalcap.cider import cider as coco_cider  # pylint: disable=g-import-not-at-top
+
   # Hypotheses of >= 4 words: for a shorter one nltk counts max(1, 0) 4-grams in the denominator,
   # coco-caption 0, so their BLEU-4 differ (UCM captions are all longer).
-  refs = REFS + [['two green triangles in the center'.split(), 'green triangles'.split()],
-                 ['a small yellow circle'.split(), 'one yellow circle at the bottom'.split()]]
-  hyps = [HYPS[0], 'blue blue square here'.split(), 'two green triangles there'.split(),
-          'a yellow circle at the bottom left'.split()]
+  refs = REFS + [
+    ['two green triangles in the center'.split(), 'green triangles'.split()],
+    ['a small yellow circle'.split(), 'one yellow circle at the bottom'.split()],
+  ]
+  hyps = [
+    HYPS[0],
+    'blue blue square here'.split(),
+    'two green triangles there'.split(),
+    'a yellow circle at the bottom left'.split(),
+  ]
   gts = {i: [' '.join(r) for r in rs] for i, rs in enumerate(refs)}
   res = {i: [' '.join(h)] for i, h in enumerate(hyps)}
   coco, _ = coco_bleu.Bleu(4).compute_score(gts, res, verbose=0)

@@ -22,13 +22,26 @@ import numpy as np
 import pytest
 
 from cnn_caption import checkpoint
-from conftest import ROOT, needs_fmnist, read_jsonl, strip_timing
+from conftest import needs_fmnist
+from conftest import read_jsonl
+from conftest import ROOT
+from conftest import strip_timing
 
 # 1600 examples at batch 8: 200 steps an epoch, long enough (seconds) that a signal lands mid-epoch.
-CLASSIFIER = ['--config=configs/classifier.py:smoke', '--config.data.num_train=1600', '--config.data.num_eval=100',
-              '--config.steps_per_call=1', '--config.checkpoint.every_steps=40', '--config.log_every_steps=50']
-ATTENTION = ['--config=configs/captioner_attention.py:smoke', '--config.data.synthetic_num_images=24',
-             '--config.num_epochs=1', '--config.eval_batch_size=8']
+CLASSIFIER = [
+  '--config=configs/classifier.py:smoke',
+  '--config.data.num_train=1600',
+  '--config.data.num_eval=100',
+  '--config.steps_per_call=1',
+  '--config.checkpoint.every_steps=40',
+  '--config.log_every_steps=50',
+]
+ATTENTION = [
+  '--config=configs/captioner_attention.py:smoke',
+  '--config.data.synthetic_num_images=24',
+  '--config.num_epochs=1',
+  '--config.eval_batch_size=8',
+]
 DEADLINE_S = 900  # a hang guard only: on a loaded 2-core machine one run can take minutes
 
 
@@ -55,16 +68,25 @@ class Run:
   def __init__(self, args, workdir, num_processes=1, devices=1, log_dir=None, workdirs=None):
     self.log_dir = str(log_dir or workdir) + '_logs'
     os.makedirs(self.log_dir, exist_ok=True)
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '')
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '',
+    )
     port = free_port()
     self.procs, self.logs, self.spies = [], [], []
     self.start = time.time()
     _STARTED.append(self)
     for i in range(num_processes):
       spy = os.path.join(self.log_dir, f'writes_{i}.txt')
-      cmd = [sys.executable, os.path.join(ROOT, 'tests', 'write_spy.py'), spy, 'launch.py', *args,
-             f'--workdir={workdirs[i] if workdirs else workdir}']
+      cmd = [
+        sys.executable,
+        os.path.join(ROOT, 'tests', 'write_spy.py'),
+        spy,
+        'launch.py',
+        *args,
+        f'--workdir={workdirs[i] if workdirs else workdir}',
+      ]
       if num_processes > 1:
         cmd += [f'--coordinator_address=localhost:{port}', f'--num_processes={num_processes}', f'--process_id={i}']
       log = os.path.join(self.log_dir, f'process_{i}.log')
@@ -146,7 +168,8 @@ def assert_same_run(a, b) -> None:
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert strip_timing(read_jsonl(os.path.join(a, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(os.path.join(b, 'metrics.jsonl')))
+    read_jsonl(os.path.join(b, 'metrics.jsonl'))
+  )
   assert results(a) == results(b)
 
 
@@ -182,7 +205,7 @@ def test_two_processes_equal_one_process_two_devices_and_only_process_0_writes(c
   assert written_1 == []
   # Process 1 logs warnings only.
   assert ' epoch 1: ' in r.output(0)
-  assert not [l for l in r.output(1).splitlines() if l.startswith('I')]
+  assert not [line for line in r.output(1).splitlines() if line.startswith('I')]
 
 
 def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
@@ -192,8 +215,9 @@ def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
   r = run(args, two, num_processes=2)
   assert_same_run(one, two)
   # The feature cache was split over the processes and ends identical to the one-process cache.
-  (folder_one,), (folder_two,) = [[os.path.join(w, 'features', d) for d in os.listdir(os.path.join(w, 'features'))]
-                                  for w in (one, two)]
+  (folder_one,), (folder_two,) = [
+    [os.path.join(w, 'features', d) for d in os.listdir(os.path.join(w, 'features'))] for w in (one, two)
+  ]
   names = sorted(os.listdir(folder_one))
   assert sorted(os.listdir(folder_two)) == names and len([n for n in names if n.endswith('.npy')]) == 24
   for name in names:
@@ -219,8 +243,12 @@ def test_two_processes_with_two_devices_each(runs_dir):
 
 @needs_fmnist
 def test_workdir_not_shared_stops_every_process_within_30s(runs_dir):
-  r = Run(CLASSIFIER, str(runs_dir / 'unshared'), num_processes=2,
-          workdirs=[str(runs_dir / 'unshared_a'), str(runs_dir / 'unshared_b')])
+  r = Run(
+    CLASSIFIER,
+    str(runs_dir / 'unshared'),
+    num_processes=2,
+    workdirs=[str(runs_dir / 'unshared_a'), str(runs_dir / 'unshared_b')],
+  )
   codes = r.wait(timeout=DEADLINE_S)
   ended = time.time()
   assert codes == [2, 2]
@@ -230,7 +258,7 @@ def test_workdir_not_shared_stops_every_process_within_30s(runs_dir):
   now = time.gmtime(ended)
   assert (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec - (h * 3600 + m * 60 + sec)) % 86400 < 30
   for i in range(2):
-    errors = [l for l in r.output(i).splitlines() if l.startswith('error:')]
+    errors = [line for line in r.output(i).splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and 'is not shared' in errors[0], r.output(i)[-2000:]
     assert 'Traceback' not in r.output(i)
 
@@ -249,21 +277,22 @@ def test_kill_one_of_two_ends_the_other_then_resume_equals_uninterrupted(classif
     pytest.fail('process 0 still running 60 s after its peer was killed')
   assert time.time() - killed_at < 60
   assert code not in (0, None)
-  errors = [l for l in r.output(0).splitlines() if l.startswith('error:')]
+  errors = [line for line in r.output(0).splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'process' in errors[0], r.output(0)[-3000:]
   run(CLASSIFIER, workdir, num_processes=2)
   assert_same_run(workdir, classifier_reference)
 
 
-def _signal_then_resume(args, workdir, signum, expected_code, num_processes=1, devices=1, min_step=40,
-                        target=0) -> tuple[Run, int]:
+def _signal_then_resume(
+  args, workdir, signum, expected_code, num_processes=1, devices=1, min_step=40, target=0
+) -> tuple[Run, int]:
   """Starts a run, sends signum to process `target` after a checkpoint at >= min_step, waits; returns the stop step."""
   r = Run(args, workdir, num_processes=num_processes, devices=devices)
   wait_for_checkpoint(workdir, min_step, r.procs)
   r.procs[target].send_signal(signum)
   codes = r.wait(timeout=DEADLINE_S)
   assert codes == [expected_code] * num_processes, r.output(0)[-3000:]
-  lines = [l for l in r.output(0).splitlines() if 'preempted at step' in l or 'interrupted at step' in l]
+  lines = [line for line in r.output(0).splitlines() if 'preempted at step' in line or 'interrupted at step' in line]
   assert len(lines) == 1, r.output(0)[-3000:]
   assert 'Traceback' not in r.output(0)
   step = int(lines[0].split(' at step ')[1].split(';')[0])

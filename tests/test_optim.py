@@ -30,7 +30,7 @@ def run(config, images, labels, batch_size):
   step = jax.jit(functools.partial(train.train_step, task=ClassificationTask))
   params = [state.params]
   for start in range(0, len(labels), batch_size):
-    batch = {'image': images[start:start + batch_size], 'label': labels[start:start + batch_size]}
+    batch = {'image': images[start : start + batch_size], 'label': labels[start : start + batch_size]}
     state, _ = step(state, batch, jax.random.key(1))
     params.append(state.params)
   return params

@@ -15,8 +15,9 @@ def readme_session() -> str:
   with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
     text = f.read()
   assert BEGIN in text and END in text, (
-      f'README.md lacks the {BEGIN} ... {END} block (the "From Python" section); paste it from the notes')
-  section = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    f'README.md lacks the {BEGIN} ... {END} block (the "From Python" section); paste it from the notes'
+  )
+  section = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
   blocks = re.findall(r'```python\n(.*?)```', section, flags=re.DOTALL)
   assert len(blocks) == 1, f'expected one ```python block between the markers, found {len(blocks)}'
   return blocks[0]

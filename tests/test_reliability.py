@@ -24,7 +24,7 @@ from cnn_caption.errors import UserError
 def write_idx(path, array: np.ndarray, gz: bool = False, cut: int = 0) -> None:
   """Writes a uint8 IDX file (cut bytes dropped from the end)."""
   header = bytes([0, 0, 8, array.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in array.shape)
-  data = (header + np.ascontiguousarray(array, np.uint8).tobytes())[:len(header) + array.size - cut]
+  data = (header + np.ascontiguousarray(array, np.uint8).tobytes())[: len(header) + array.size - cut]
   with (gzip.open if gz else open)(str(path), 'wb') as f:
     f.write(data)
 
@@ -33,8 +33,11 @@ def idx_dir(tmp_path, n_train=20, n_test=10, **replace):
   """A small four-file IDX folder; replace={'test_labels': array, ...} swaps one file's contents."""
   rng = np.random.default_rng(0)
   arrays = {
-      'train_images': rng.integers(0, 256, (n_train, 28, 28)), 'train_labels': rng.integers(0, 10, n_train),
-      'test_images': rng.integers(0, 256, (n_test, 28, 28)), 'test_labels': rng.integers(0, 10, n_test)}
+    'train_images': rng.integers(0, 256, (n_train, 28, 28)),
+    'train_labels': rng.integers(0, 10, n_train),
+    'test_images': rng.integers(0, 256, (n_test, 28, 28)),
+    'test_labels': rng.integers(0, 10, n_test),
+  }
   arrays.update(replace)
   for key, array in arrays.items():
     write_idx(tmp_path / fashion_mnist._FILES[key], np.asarray(array))
@@ -46,14 +49,17 @@ def test_consistent_small_idx_folder_loads(tmp_path):
   assert raw['train_images'].shape == (20, 28, 28) and raw['test_labels'].shape == (10,)
 
 
-@pytest.mark.parametrize('replace, match', [
+@pytest.mark.parametrize(
+  'replace, match',
+  [
     ({'test_labels': np.zeros(9, np.uint8)}, r'9 test labels for 10 test images'),
     ({'train_labels': np.full(20, 10, np.uint8)}, r'20 train labels are outside 0..9 \(first: label 10 at index 0\)'),
     ({'test_labels': np.array([0] * 9 + [255], np.uint8)}, r'label 255 at index 9'),
     ({'test_images': np.zeros((10, 784), np.uint8)}, r't10k-images-idx3-ubyte has 2 dimensions, expected 3'),
     ({'train_labels': np.zeros((20, 1), np.uint8)}, r'train-labels-idx1-ubyte has 2 dimensions, expected 1'),
     ({'test_images': np.zeros((10, 28, 27), np.uint8)}, r'shape \(10, 28, 27\), expected \(N, 28, 28\)'),
-])
+  ],
+)
 def test_inconsistent_idx_data_is_named(tmp_path, replace, match):
   with pytest.raises(UserError, match=match):
     fashion_mnist.load_raw(idx_dir(tmp_path, **replace))
@@ -80,11 +86,14 @@ def test_negative_limits_are_refused():
     fashion_mnist.load_splits('/nonexistent', num_eval=-50)
 
 
-@pytest.mark.parametrize('path, match', [
+@pytest.mark.parametrize(
+  'path, match',
+  [
     ('/dev/null', 'not a regular file'),
     ('/', 'is a directory'),
     ('/nonexistent/x.png', 'does not exist'),
-])
+  ],
+)
 def test_image_path_says_what_it_is(path, match):
   with pytest.raises(UserError, match=match):
     images.load_image(path, 32)
@@ -124,12 +133,10 @@ def write_tensor_pth(path, monkeypatch, numel: int, size, stride, record_bytes: 
     pass
 
   class Tensor:
-
     def __reduce__(self):
       return (rebuild, (Storage(), 0, tuple(size), tuple(stride), False, None))
 
   class Pickler(pickle.Pickler):
-
     def persistent_id(self, obj):
       return ('storage', storage_cls, '0', 'cpu', numel) if isinstance(obj, Storage) else None
 
@@ -147,12 +154,15 @@ def test_well_formed_fake_tensor_reads(tmp_path, monkeypatch):
   assert weights.load_torch_state_dict(str(path))['w'].shape == (2, 3)
 
 
-@pytest.mark.parametrize('numel, size, stride, match', [
+@pytest.mark.parametrize(
+  'numel, size, stride, match',
+  [
     (1, (10**6, 10**6), (0, 0), 'GiB limit'),  # the 3.6 TiB stride-0 trick
     (1, (1000, 1000), (0, 0), 'claims 1000000 elements from a storage of 1'),
     (6, (2, 3), (4, 1), 'overruns its storage'),
     (4, (2, 3), (3, 1), 'claims 6 elements from a storage of 4'),
-])
+  ],
+)
 def test_tensors_claiming_more_than_their_storage_are_refused(tmp_path, monkeypatch, numel, size, stride, match):
   path = tmp_path / 'bomb.pth'
   write_tensor_pth(path, monkeypatch, numel, size, stride)
@@ -200,10 +210,16 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
 
 
 def test_lock_held_by_another_live_process_is_refused(tmp_path, caplog):
-  code = ('import sys, time; from cnn_caption import workdir_lock; '
-          f'workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(60)')
-  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  code = (
+    'import sys, time; from cnn_caption import workdir_lock; '
+    f'workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(60)'
+  )
+  proc = subprocess.Popen(
+    [sys.executable, '-c', code],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   try:
     assert proc.stdout.readline().strip() == 'held'
     with pytest.raises(UserError, match=rf'pid {proc.pid} '):

@@ -13,14 +13,12 @@ from cnn_caption.models import decoders
 BOS, EOS = 1, 2
 VOCAB, REGIONS, CHANNELS, IMAGES, K, MAX_LEN = 9, 4, 5, 3, 4, 6
 
-sample = jax.jit(scst.sample_captions,
-                 static_argnames=('model', 'num_samples', 'bos_id', 'eos_id', 'max_len'))
+sample = jax.jit(scst.sample_captions, static_argnames=('model', 'num_samples', 'bos_id', 'eos_id', 'max_len'))
 
 
 @functools.cache
 def _setup(attention_dim):
-  model = decoders.CaptionDecoder(vocab_size=VOCAB, embed_dim=6, hidden_dim=8, dropout=0.0,
-                                  attention_dim=attention_dim)
+  model = decoders.CaptionDecoder(vocab_size=VOCAB, embed_dim=6, hidden_dim=8, dropout=0.0, attention_dim=attention_dim)
   feats = jax.random.normal(jax.random.key(0), (IMAGES, REGIONS, CHANNELS))
   init = jax.jit(functools.partial(model.init, train=False))
   params = init(jax.random.key(1), feats, jnp.ones((IMAGES, 3), jnp.int32))['params']
@@ -46,14 +44,15 @@ def test_samples_are_image_major_padded_after_eos_and_seeded(attention_dim):
   for row in tokens:
     ends = np.flatnonzero(row == EOS)
     if ends.size:
-      assert (row[ends[0] + 1:] == decoders.PAD_ID).all()
+      assert (row[ends[0] + 1 :] == decoders.PAD_ID).all()
   draw = lambda seed: np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(seed), **kwargs))
   np.testing.assert_array_equal(tokens, draw(3))
   assert not np.array_equal(tokens, draw(4))
   # Near-zero temperature: every sample is the greedy caption of its image (rows b*K..b*K+K-1 are image b).
   cold = np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(3), temperature=1e-4, **kwargs))
   greedy, _ = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len'))(
-      model, params, feats, bos_id=BOS, eos_id=EOS, max_len=MAX_LEN)
+    model, params, feats, bos_id=BOS, eos_id=EOS, max_len=MAX_LEN
+  )
   np.testing.assert_array_equal(cold, np.repeat(np.asarray(greedy), K, axis=0))
 
 
@@ -67,17 +66,30 @@ def _log_prob(model, params, feats_bk, tokens):
 
 def test_policy_gradient_sign_on_the_decoder():
   model, params, feats = _setup(4)
-  samples = np.asarray(sample(params=params, feats_BxNxC=feats, rng=jax.random.key(5), model=model, num_samples=K,
-                              bos_id=BOS, eos_id=EOS, max_len=MAX_LEN))
-  batch = {'feats': jnp.asarray(scst.repeat_images(feats, K)),
-           'tokens': jnp.asarray(scst.teacher_forcing_tokens(samples, BOS)),
-           'reward': jnp.zeros(IMAGES * K)}
+  samples = np.asarray(
+    sample(
+      params=params,
+      feats_BxNxC=feats,
+      rng=jax.random.key(5),
+      model=model,
+      num_samples=K,
+      bos_id=BOS,
+      eos_id=EOS,
+      max_len=MAX_LEN,
+    )
+  )
+  batch = {
+    'feats': jnp.asarray(scst.repeat_images(feats, K)),
+    'tokens': jnp.asarray(scst.teacher_forcing_tokens(samples, BOS)),
+    'reward': jnp.zeros(IMAGES * K),
+  }
   before = _log_prob(model, params, batch['feats'], batch['tokens'])
 
   @jax.jit
   def step(advantage):
-    grads = jax.grad(lambda p: scst.scst_loss(p, {**batch, 'advantage': advantage}, apply_fn=model.apply,
-                                              rngs={}, train=False)[0])(params)
+    grads = jax.grad(
+      lambda p: scst.scst_loss(p, {**batch, 'advantage': advantage}, apply_fn=model.apply, rngs={}, train=False)[0]
+    )(params)
     return grads, jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
 
   # Only sample 0 rewarded above its baseline: a gradient step makes it more likely ...
@@ -94,7 +106,7 @@ def test_policy_gradient_sign_on_the_decoder():
 
 def test_cider_rewards_use_training_document_frequencies_and_baselines():
   words = ['<pad>', '<bos>', '<eos>', '<unk>', 'red', 'circle', 'blue', 'square', 'big']
-  decode = lambda ids: [words[i] for i in ids[:ids.index(2)]] if 2 in ids else [words[i] for i in ids if i > 3]
+  decode = lambda ids: [words[i] for i in ids[: ids.index(2)]] if 2 in ids else [words[i] for i in ids if i > 3]
   train_refs = [[['red', 'circle']], [['blue', 'square']], [['big', 'square']]]
   rewards = scst.SelfCriticalRewards(train_refs, decode)
   refs = [[['red', 'circle']]]
@@ -111,10 +123,18 @@ def test_cider_rewards_use_training_document_frequencies_and_baselines():
 def test_on_policy_batch_is_seeded_by_the_step_and_lines_up():
   model, params, feats = _setup(None)
   words = ['<pad>', '<bos>', '<eos>', '<unk>'] + [f'w{i}' for i in range(4, VOCAB)]
-  decode = lambda ids: [words[i] for i in (ids[:ids.index(EOS)] if EOS in ids else ids) if i > 3]
+  decode = lambda ids: [words[i] for i in (ids[: ids.index(EOS)] if EOS in ids else ids) if i > 3]
   refs = [[['w4', 'w5']], [['w6', 'w7', 'w8']], [['w5']]]
-  batcher = scst.OnPolicyBatcher(model, scst.SelfCriticalRewards(refs, decode), num_samples=K, baseline='mean',
-                                 bos_id=BOS, eos_id=EOS, max_len=MAX_LEN, seed=0)
+  batcher = scst.OnPolicyBatcher(
+    model,
+    scst.SelfCriticalRewards(refs, decode),
+    num_samples=K,
+    baseline='mean',
+    bos_id=BOS,
+    eos_id=EOS,
+    max_len=MAX_LEN,
+    seed=0,
+  )
   batch = batcher(params, np.asarray(feats), refs, step=7)
   assert batch['feats'].shape == (IMAGES * K, REGIONS, CHANNELS)
   np.testing.assert_array_equal(batch['feats'][K], np.asarray(feats)[1])  # rows image-major

@@ -15,7 +15,8 @@ from cnn_caption.data import fashion_mnist
 from cnn_caption.models import strong_classifier
 from cnn_caption.tasks import classification
 from configs import classifier as classifier_config
-from conftest import needs_fmnist, override
+from conftest import needs_fmnist
+from conftest import override
 
 
 def test_parameter_count_by_hand_and_output():
@@ -23,8 +24,14 @@ def test_parameter_count_by_hand_and_output():
   x = jnp.zeros((2, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(0), x)['params']
   # conv (no bias) 3*3*cin*cout + GroupNorm scale and bias 2*cout per block; head 128*10 + 10.
-  expected = (9 * 1 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128) \
-      + (9 * 64 * 128 + 256) + (128 * 10 + 10)
+  expected = (
+    (9 * 1 * 32 + 64)
+    + (9 * 32 * 32 + 64)
+    + (9 * 32 * 64 + 128)
+    + (9 * 64 * 64 + 128)
+    + (9 * 64 * 128 + 256)
+    + (128 * 10 + 10)
+  )
   assert sum(p.size for p in jax.tree.leaves(params)) == expected < 1_000_000
   logp = model.apply({'params': params}, jax.random.normal(jax.random.key(1), (2, 28, 28, 1)))
   assert logp.shape == (2, 10)
@@ -42,9 +49,11 @@ def test_crop_flip_is_a_seeded_shift_and_mirror():
     # Some shift (dy, dx) in [-2, 2]^2 of src or of its mirror reproduces img, zeros filling in.
     def shifted(a, dy, dx):
       p = np.pad(a, 2)
-      return p[2 + dy:2 + dy + 5, 2 + dx:2 + dx + 5]
-    assert any(np.array_equal(img, shifted(a, dy, dx)) for a in (src, src[:, ::-1])
-               for dy in range(-2, 3) for dx in range(-2, 3))
+      return p[2 + dy : 2 + dy + 5, 2 + dx : 2 + dx + 5]
+
+    assert any(
+      np.array_equal(img, shifted(a, dy, dx)) for a in (src, src[:, ::-1]) for dy in range(-2, 3) for dx in range(-2, 3)
+    )
   many = augment.random_crop_flip(np.repeat(images[:1], 64, 0), np.random.default_rng(1), pad=2, flip=True)
   assert len({m.tobytes() for m in many}) > 10  # crops and flips vary across the batch
   with pytest.raises(ValueError, match='pad=-1'):
@@ -53,9 +62,18 @@ def test_crop_flip_is_a_seeded_shift_and_mirror():
 
 def _strong_smoke(**overrides):
   config = classifier_config.get_config('strong')
-  fields = {'data.num_train': 96, 'data.num_eval': 64, 'eval_batch_size': 64, 'batch_size': 32, 'num_epochs': 2,
-            'model.channels': (4, 8, 8), 'model.groups': 2, 'optimizer.schedule': 'constant', 'log_every_steps': 3,
-            'steps_per_call': 2}
+  fields = {
+    'data.num_train': 96,
+    'data.num_eval': 64,
+    'eval_batch_size': 64,
+    'batch_size': 32,
+    'num_epochs': 2,
+    'model.channels': (4, 8, 8),
+    'model.groups': 2,
+    'optimizer.schedule': 'constant',
+    'log_every_steps': 3,
+    'steps_per_call': 2,
+  }
   fields.update(overrides)
   return override(config, **fields)
 

@@ -11,7 +11,12 @@ from cnn_caption import checkpoint
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
-from conftest import kill_after_checkpoint, override, needs_fmnist, read_jsonl, run_launch, strip_timing
+from conftest import kill_after_checkpoint
+from conftest import needs_fmnist
+from conftest import override
+from conftest import read_jsonl
+from conftest import run_launch
+from conftest import strip_timing
 
 pytestmark = needs_fmnist
 
@@ -41,8 +46,14 @@ def assert_same_params(a, b):
 def test_smoke_run_writes_every_file(tmp_path):
   result = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr[-2000:]
-  for name in ('metrics.jsonl', 'results.json', 'plots/train_loss.png', 'plots/val_accuracy.png',
-               'plots/filters_conv1.png', 'plots/filters_conv2.png'):
+  for name in (
+    'metrics.jsonl',
+    'results.json',
+    'plots/train_loss.png',
+    'plots/val_accuracy.png',
+    'plots/filters_conv1.png',
+    'plots/filters_conv2.png',
+  ):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert os.listdir(tmp_path / 'checkpoints')
   history = read_jsonl(tmp_path / 'metrics.jsonl')
@@ -73,12 +84,17 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert step_a == step_b == 40
   assert_same_params(params_a, params_b)
   assert strip_timing(read_jsonl(os.path.join(full, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(os.path.join(part, 'metrics.jsonl')))
+    read_jsonl(os.path.join(part, 'metrics.jsonl'))
+  )
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-  args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=800', '--config.checkpoint.every_steps=16',
-          '--config.num_epochs=2']
+  args = [
+    '--config=configs/classifier.py:smoke',
+    '--config.data.num_train=800',
+    '--config.checkpoint.every_steps=16',
+    '--config.num_epochs=2',
+  ]
   killed, clean = str(tmp_path / 'killed'), str(tmp_path / 'clean')
   steps = kill_after_checkpoint(args, killed, min_step=32)
   assert steps[-1] < 200, f'kill came too late to test anything: {steps}'
@@ -88,7 +104,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   assert run_launch(*args, f'--workdir={clean}').returncode == 0
   assert_same_params(final_params(killed)[1], final_params(clean)[1])
   assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
-      read_jsonl(os.path.join(clean, 'metrics.jsonl')))
+    read_jsonl(os.path.join(clean, 'metrics.jsonl'))
+  )
 
 
 def test_two_devices_match_one_device(tmp_path):
@@ -106,8 +123,9 @@ def test_two_devices_match_one_device(tmp_path):
 
 
 def test_batch_size_not_divisible_by_devices(tmp_path):
-  result = run_launch('--config=configs/classifier.py:smoke', '--config.batch_size=3', f'--workdir={tmp_path}',
-                      devices=2)
+  result = run_launch(
+    '--config=configs/classifier.py:smoke', '--config.batch_size=3', f'--workdir={tmp_path}', devices=2
+  )
   assert result.returncode == 2
   assert 'config.batch_size=3 is not divisible by the 2 devices' in result.stderr
   assert 'Traceback' not in result.stderr
@@ -120,8 +138,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   metrics_before = (tmp_path / 'metrics.jsonl').read_text()
   with pytest.raises(UserError, match='loss became .* at step'):
     # Resuming with another learning rate is a config change: allowed on purpose here.
-    train.train_and_evaluate(smoke_config(**{'num_epochs': 2, 'optimizer.learning_rate': 1e30,
-                                             'checkpoint.allow_config_change': True}), workdir)
+    train.train_and_evaluate(
+      smoke_config(**{'num_epochs': 2, 'optimizer.learning_rate': 1e30, 'checkpoint.allow_config_change': True}),
+      workdir,
+    )
   step_after, params_after = final_params(workdir)
   assert step_after == step
   assert_same_params(params, params_after)
@@ -129,25 +149,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
-  args = ['--config.data.num_eval=50', '--config.eval_batch_size=50',
-          '--config.num_epochs=1']
+  args = ['--config.data.num_eval=50', '--config.eval_batch_size=50', '--config.num_epochs=1']
   result = run_launch('--config=configs/classifier.py:smoke_sweep', *args, f'--workdir={tmp_path / "sweep"}')
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads((tmp_path / 'sweep' / 'results.json').read_text())
   assert [r['learning_rate'] for r in results['runs']] == [0.001, 0.01, 0.1]
   assert results['best']['val_accuracy'] == max(r['val_accuracy'] for r in results['runs'])
   assert os.path.exists(tmp_path / 'sweep' / 'plots' / 'val_accuracy.png')
-  alone = run_launch('--config=configs/classifier.py:smoke', *args, '--config.optimizer.learning_rate=0.1',
-                     f'--workdir={tmp_path / "alone"}')
+  alone = run_launch(
+    '--config=configs/classifier.py:smoke',
+    *args,
+    '--config.optimizer.learning_rate=0.1',
+    f'--workdir={tmp_path / "alone"}',
+  )
   assert alone.returncode == 0, alone.stderr[-2000:]
   assert strip_timing(read_jsonl(tmp_path / 'alone' / 'metrics.jsonl')) == strip_timing(
-      read_jsonl(tmp_path / 'sweep' / 'lr_0.1' / 'metrics.jsonl'))
+    read_jsonl(tmp_path / 'sweep' / 'lr_0.1' / 'metrics.jsonl')
+  )
   member = json.loads((tmp_path / 'sweep' / 'lr_0.1' / 'results.json').read_text())
   assert member['test_accuracy'] == json.loads((tmp_path / 'alone' / 'results.json').read_text())['test_accuracy']
 
 
 def test_early_stopping_rule_also_holds_on_resume():
   import types  # pylint: disable=g-import-not-at-top
+
   fake = types.SimpleNamespace(config=smoke_config(early_stopping_patience=2))
   history = lambda n: [{'epoch': i + 1} for i in range(n)]
   meta = lambda n, best: train.RunMeta(history=history(n), best_epoch=best)
@@ -161,6 +186,7 @@ def test_early_stopping_rule_also_holds_on_resume():
 def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
   """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(), workdir)
   step, params = final_params(workdir)

@@ -7,24 +7,36 @@ import numpy as np
 import pytest
 
 from cnn_caption.data.captions import ImageEntry
-from cnn_caption.data.vocab import Vocab
 from cnn_caption.data.vocab import encode_captions
 from cnn_caption.data.vocab import references
+from cnn_caption.data.vocab import Vocab
 from cnn_caption.errors import UserError
 
 CAPTIONS = [
-    ['A', 'red', 'circle'],
-    ['a', 'blue', 'square'],
-    ['two', 'Red', 'squares', 'a'],
-    ['zebra'],
+  ['A', 'red', 'circle'],
+  ['a', 'blue', 'square'],
+  ['two', 'Red', 'squares', 'a'],
+  ['zebra'],
 ]
 
 
 def test_build_orders_by_count_then_word_and_lowercases():
   vocab = Vocab.build(CAPTIONS)
   # a: 3, red: 2, then the count-1 words alphabetically.
-  assert vocab.words == ('<pad>', '<bos>', '<eos>', '<unk>', 'a', 'red',
-                         'blue', 'circle', 'square', 'squares', 'two', 'zebra')
+  assert vocab.words == (
+    '<pad>',
+    '<bos>',
+    '<eos>',
+    '<unk>',
+    'a',
+    'red',
+    'blue',
+    'circle',
+    'square',
+    'squares',
+    'two',
+    'zebra',
+  )
   assert len(vocab) == 12
   assert (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2, 3)
   assert 'Red' in vocab and 'green' not in vocab
@@ -95,9 +107,8 @@ def test_load_missing_or_corrupt(tmp_path):
 
 def _entries():
   return [
-      ImageEntry('x.png', '/x.png', 'train',
-                 (('a', 'red', 'circle'), ('two', 'red', 'squares', 'a', 'zebra'))),
-      ImageEntry('y.png', '/y.png', 'train', (('A', 'Purple', 'square'),)),
+    ImageEntry('x.png', '/x.png', 'train', (('a', 'red', 'circle'), ('two', 'red', 'squares', 'a', 'zebra'))),
+    ImageEntry('y.png', '/y.png', 'train', (('A', 'Purple', 'square'),)),
   ]
 
 
@@ -106,11 +117,14 @@ def test_encode_captions_layout():
   image_index, tokens, lengths = encode_captions(_entries(), vocab, max_len=4)
   bos, eos, unk = vocab.bos_id, vocab.eos_id, vocab.unk_id
   np.testing.assert_array_equal(image_index, [0, 0, 1])
-  np.testing.assert_array_equal(tokens, [
-      [bos, 4, 5, 7, eos, 0],     # a red circle
-      [bos, 10, 5, 9, 4, eos],    # two red squares a (zebra cut: max_len=4)
-      [bos, 4, unk, 8, eos, 0],   # a <unk> square
-  ])
+  np.testing.assert_array_equal(
+    tokens,
+    [
+      [bos, 4, 5, 7, eos, 0],  # a red circle
+      [bos, 10, 5, 9, 4, eos],  # two red squares a (zebra cut: max_len=4)
+      [bos, 4, unk, 8, eos, 0],  # a <unk> square
+    ],
+  )
   np.testing.assert_array_equal(lengths, [4, 5, 4])
   assert image_index.dtype == tokens.dtype == lengths.dtype == np.int32
   # The targets tokens[:, 1:] hold exactly `lengths` non-pad tokens, the last being EOS.
@@ -123,8 +137,8 @@ def test_encode_captions_layout():
 
 def test_encode_captions_uses_all_five_captions():
   entries = [
-      ImageEntry(f'{k}.png', f'/{k}.png', 'train', tuple((f'img{k}', 'word', f'w{j}') for j in range(5)))
-      for k in range(3)
+    ImageEntry(f'{k}.png', f'/{k}.png', 'train', tuple((f'img{k}', 'word', f'w{j}') for j in range(5)))
+    for k in range(3)
   ]
   vocab = Vocab.build(c for e in entries for c in e.captions)
   image_index, tokens, lengths = encode_captions(entries, vocab, max_len=30)
@@ -137,5 +151,4 @@ def test_encode_captions_uses_all_five_captions():
 
 def test_references_are_lowercased_per_image():
   refs = references(_entries())
-  assert refs == [[['a', 'red', 'circle'], ['two', 'red', 'squares', 'a', 'zebra']],
-                  [['a', 'purple', 'square']]]
+  assert refs == [[['a', 'red', 'circle'], ['two', 'red', 'squares', 'a', 'zebra']], [['a', 'purple', 'square']]]

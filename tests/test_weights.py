@@ -54,7 +54,6 @@ def test_missing_file_names_it(tmp_path):
 
 
 class _Evil:
-
   def __init__(self, marker):
     self.marker = marker
 
@@ -71,8 +70,7 @@ def test_malicious_pickle_is_rejected_without_running_it(tmp_path, fmt):
     with zipfile.ZipFile(path, 'w') as z:
       z.writestr('evil/data.pkl', payload)
   else:
-    header = b''.join(pickle.dumps(v, protocol=2) for v in
-                      (0x1950a86a20f9469cfc6c, 1001, {'little_endian': True}))
+    header = b''.join(pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, {'little_endian': True}))
     path.write_bytes(header + payload + pickle.dumps([], protocol=2))
   with pytest.raises(UserError, match='refusing to load (posix|os|nt).system'):
     weights.load_torch_state_dict(str(path))

@@ -23,8 +23,9 @@ event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.ev
 
 
 def read_events(workdir):
-  acc = event_accumulator.EventAccumulator(os.path.join(str(workdir), 'tensorboard'),
-                                           size_guidance={'scalars': 0, 'images': 0, 'tensors': 0})
+  acc = event_accumulator.EventAccumulator(
+    os.path.join(str(workdir), 'tensorboard'), size_guidance={'scalars': 0, 'images': 0, 'tensors': 0}
+  )
   acc.Reload()
   return acc
 
@@ -35,9 +36,20 @@ def steps_of(acc, tag):
 
 def classifier_config_for_test(num_epochs):
   config = classifier_config.get_config('smoke')
-  return override(config, **{'data.num_train': 160, 'data.num_eval': 100, 'num_epochs': num_epochs,
-                             'steps_per_call': 2, 'log_every_steps': 5, 'eval_every_steps': 10,
-                             'ema_decay': 0.9, 'test_params': 'ema', 'profile_steps': (2, 4)})
+  return override(
+    config,
+    **{
+      'data.num_train': 160,
+      'data.num_eval': 100,
+      'num_epochs': num_epochs,
+      'steps_per_call': 2,
+      'log_every_steps': 5,
+      'eval_every_steps': 10,
+      'ema_decay': 0.9,
+      'test_params': 'ema',
+      'profile_steps': (2, 4),
+    },
+  )
 
 
 @pytest.fixture(scope='module')
@@ -102,9 +114,16 @@ def test_profiler_trace_of_two_steps(classifier_run):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # steps 2..3 of the first start only
 
 
-@pytest.mark.parametrize('field, value', [('ema_decay', 1.0), ('eval_every_steps', -1),
-                                          ('test_params', 'best'), ('profile_steps', (5, 1)),
-                                          ('optimizer.accumulate_steps', 0)])
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('ema_decay', 1.0),
+    ('eval_every_steps', -1),
+    ('test_params', 'best'),
+    ('profile_steps', (5, 1)),
+    ('optimizer.accumulate_steps', 0),
+  ],
+)
 def test_bad_workflow_fields_are_one_line_errors(field, value):
   config = override(classifier_config.get_config('smoke'), **{field: value})
   with pytest.raises(UserError, match=field.replace('.', r'\.')):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def random_crop_flip(images_BxHxWxC: np.ndarray, rng: np.random.Generator, *, pad: int,
-                     flip: bool) -> np.ndarray:
+def random_crop_flip(images_BxHxWxC: np.ndarray, rng: np.random.Generator, *, pad: int, flip: bool) -> np.ndarray:
   """Each image shifted by up to `pad` pixels each way (zeros fill in) and, if `flip`, mirrored with p = 1/2.
 
   Same dtype and shape in and out; `pad` = 0 and `flip` = False return the images unchanged. The caller

@@ -22,6 +22,7 @@ _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 @dataclasses.dataclass(frozen=True)
 class ImageEntry:
   """One image with its lower-cased reference captions."""
+
   name: str  # the entry's `filename`
   path: str  # where the image file is
   split: str  # 'train' | 'val' | 'test'
@@ -42,8 +43,9 @@ def _read_json(json_path: str) -> Any:
     with open(json_path, encoding='utf-8') as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise UserError(f'{json_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); '
-                    'repair or re-download the file') from None
+    raise UserError(
+      f'{json_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); repair or re-download the file'
+    ) from None
   except UnicodeDecodeError as e:
     raise UserError(f'{json_path}: not UTF-8 text ({e.reason}); repair or re-download the file') from None
   except OSError as e:
@@ -93,13 +95,16 @@ def _entry(item: Any, i: int, dataset_dir: str, image_dir: str) -> ImageEntry:
   if not os.path.exists(path):
     raise _BadEntry(f'{where} image file {path} not found (fix "filepath"/"filename" or image_dir)')
   if not os.path.isfile(path):
-    raise _BadEntry(f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
-                    'not an image file (fix "filepath"/"filename")')
+    raise _BadEntry(
+      f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
+      'not an image file (fix "filepath"/"filename")'
+    )
   return ImageEntry(name=filename, path=path, split=split, captions=captions)
 
 
-def load_karpathy(dataset_dir: str, image_dir: str | None = None,
-                  on_error: str = 'raise') -> dict[str, list[ImageEntry]]:
+def load_karpathy(
+  dataset_dir: str, image_dir: str | None = None, on_error: str = 'raise'
+) -> dict[str, list[ImageEntry]]:
   """Reads `dataset_dir/dataset.json` (Karpathy format) into per-split image entries.
 
   Captions are lower-cased `tokens` (or the lower-cased words of `raw` when an
@@ -121,8 +126,10 @@ def load_karpathy(dataset_dir: str, image_dir: str | None = None,
   if on_error not in _ON_ERROR:
     raise UserError(f'on_error={on_error!r} is unknown; use one of {list(_ON_ERROR)}')
   if not os.path.isdir(dataset_dir):
-    raise UserError(f'{dataset_dir}: data directory not found; '
-                    'point config.data.dir at a folder holding a Karpathy-style dataset.json')
+    raise UserError(
+      f'{dataset_dir}: data directory not found; '
+      'point config.data.dir at a folder holding a Karpathy-style dataset.json'
+    )
   json_path = os.path.join(dataset_dir, 'dataset.json')
   if os.path.isdir(json_path):
     raise UserError(f'{json_path}: is a directory; the data directory must hold a Karpathy-style dataset.json file')
@@ -155,8 +162,14 @@ def load_karpathy(dataset_dir: str, image_dir: str | None = None,
     splits[entry.split].append(entry)
 
   if skipped:
-    logging.warning('%s: skipped %d of %d entries (on_error=skip); first: %s',
-                    json_path, len(skipped), len(data['images']), skipped[0])
-  logging.info('%s: %d train / %d val / %d test images', json_path,
-               len(splits['train']), len(splits['val']), len(splits['test']))
+    logging.warning(
+      '%s: skipped %d of %d entries (on_error=skip); first: %s',
+      json_path,
+      len(skipped),
+      len(data['images']),
+      skipped[0],
+    )
+  logging.info(
+    '%s: %d train / %d val / %d test images', json_path, len(splits['train']), len(splits['val']), len(splits['test'])
+  )
   return splits

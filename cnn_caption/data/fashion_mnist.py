@@ -13,17 +13,18 @@ from cnn_caption.errors import UserError
 
 SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 _FILES = {
-    'train_images': 'train-images-idx3-ubyte',
-    'train_labels': 'train-labels-idx1-ubyte',
-    'test_images': 't10k-images-idx3-ubyte',
-    'test_labels': 't10k-labels-idx1-ubyte',
+  'train_images': 'train-images-idx3-ubyte',
+  'train_labels': 'train-labels-idx1-ubyte',
+  'test_images': 't10k-images-idx3-ubyte',
+  'test_labels': 't10k-labels-idx1-ubyte',
 }
 NUM_DEV = 10_000
 SPLIT_SEED = 42
-CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
-               'Bag', 'Ankle boot')
-_INSTALL_HINT = ('install it with `apt-get install dataset-fashion-mnist` (IDX files in '
-                 f'{SYSTEM_DIR}), or pass --config.data.dir=<folder with the four IDX files>')
+CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+_INSTALL_HINT = (
+  'install it with `apt-get install dataset-fashion-mnist` (IDX files in '
+  f'{SYSTEM_DIR}), or pass --config.data.dir=<folder with the four IDX files>'
+)
 
 
 def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
@@ -40,16 +41,19 @@ def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
     raise UserError(f'{path} is not a uint8 IDX file (bad magic number); {_INSTALL_HINT}')
   file_ndim = data[3]
   if ndim is not None and file_ndim != ndim:
-    raise UserError(f'{path} has {file_ndim} dimensions, expected {ndim} '
-                    f'({"images x rows x columns" if ndim == 3 else "one label per image"}); {_INSTALL_HINT}')
+    raise UserError(
+      f'{path} has {file_ndim} dimensions, expected {ndim} '
+      f'({"images x rows x columns" if ndim == 3 else "one label per image"}); {_INSTALL_HINT}'
+    )
   offset = 4 + 4 * file_ndim
   if len(data) < offset:
     raise UserError(f'{path} is truncated: the header ends early; {_INSTALL_HINT}')
-  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(file_ndim))
+  dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], 'big') for i in range(file_ndim))
   expected = math.prod(dims)
   if len(data) - offset != expected:
-    raise UserError(f'{path} is truncated or corrupt: {len(data) - offset} bytes of data, expected '
-                    f'{expected}; {_INSTALL_HINT}')
+    raise UserError(
+      f'{path} is truncated or corrupt: {len(data) - offset} bytes of data, expected {expected}; {_INSTALL_HINT}'
+    )
   return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
 
 
@@ -76,18 +80,24 @@ def check_arrays(arrays: dict[str, np.ndarray], source: str, num_classes: int = 
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-      raise UserError(f'{source}: the {split} images have shape {images.shape}, expected (N, 28, 28); '
-                      + _INSTALL_HINT)
+      raise UserError(f'{source}: the {split} images have shape {images.shape}, expected (N, 28, 28); ' + _INSTALL_HINT)
     if labels.shape != (images.shape[0],):
-      raise UserError(f'{source}: {labels.shape[0] if labels.ndim else 0} {split} labels for '
-                      f'{images.shape[0]} {split} images; the labels and images files must match '
-                      f'({_INSTALL_HINT})')
+      raise UserError(
+        f'{source}: {labels.shape[0] if labels.ndim else 0} {split} labels for '
+        f'{images.shape[0]} {split} images; the labels and images files must match '
+        f'({_INSTALL_HINT})'
+      )
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:
-      fix = (f'the labels file is corrupt; {_INSTALL_HINT}' if num_classes >= len(CLASS_NAMES) else
-             f'set --config.model.num_classes={len(CLASS_NAMES)} (Fashion-MNIST has {len(CLASS_NAMES)} classes)')
-      raise UserError(f'{source}: {bad.size} {split} labels are outside 0..{num_classes - 1} (first: '
-                      f'label {int(labels[bad[0]])} at index {int(bad[0])}); {fix}')
+      fix = (
+        f'the labels file is corrupt; {_INSTALL_HINT}'
+        if num_classes >= len(CLASS_NAMES)
+        else f'set --config.model.num_classes={len(CLASS_NAMES)} (Fashion-MNIST has {len(CLASS_NAMES)} classes)'
+      )
+      raise UserError(
+        f'{source}: {bad.size} {split} labels are outside 0..{num_classes - 1} (first: '
+        f'label {int(labels[bad[0]])} at index {int(bad[0])}); {fix}'
+      )
 
 
 def _load_tfds() -> dict[str, np.ndarray] | None:
@@ -99,12 +109,12 @@ def _load_tfds() -> dict[str, np.ndarray] | None:
   builder = tfds.builder('fashion_mnist')
   if not builder.is_prepared():
     import socket  # pylint: disable=g-import-not-at-top
+
     # TFDS retries an offline download for minutes: ask the network first and fail at once.
     try:
       socket.create_connection(('storage.googleapis.com', 443), timeout=3).close()
     except OSError:
-      raise UserError('Fashion-MNIST not found and TFDS cannot download it (no network); '
-                      + _INSTALL_HINT) from None
+      raise UserError('Fashion-MNIST not found and TFDS cannot download it (no network); ' + _INSTALL_HINT) from None
     builder.download_and_prepare()
   arrays = {}
   for split in ('train', 'test'):
@@ -138,8 +148,9 @@ def _load_raw(data_dir: str | None) -> tuple[dict[str, np.ndarray], str]:
       return arrays, SYSTEM_DIR
   arrays = _load_tfds()
   if arrays is None:
-    raise UserError(f'Fashion-MNIST not found in {SYSTEM_DIR} and tensorflow-datasets is not installed; '
-                    + _INSTALL_HINT)
+    raise UserError(
+      f'Fashion-MNIST not found in {SYSTEM_DIR} and tensorflow-datasets is not installed; ' + _INSTALL_HINT
+    )
   logging.info('Fashion-MNIST from TFDS')
   return arrays, 'TFDS fashion_mnist'
 
@@ -155,8 +166,9 @@ def to_float(images_u8: np.ndarray) -> np.ndarray:
   return images_u8.astype(np.float32) / 256.0
 
 
-def load_splits(data_dir: str | None = None, num_train: int = 0, num_eval: int = 0,
-                num_classes: int = len(CLASS_NAMES)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_splits(
+  data_dir: str | None = None, num_train: int = 0, num_eval: int = 0, num_classes: int = len(CLASS_NAMES)
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train', 'val', 'test'} -> (images uint8 (N, 28, 28, 1), labels int32); num_* > 0 truncates.
 
   Pixels stay uint8 here; `to_float` scales a batch. Labels must lie in [0, num_classes).
@@ -165,13 +177,14 @@ def load_splits(data_dir: str | None = None, num_train: int = 0, num_eval: int =
     raise UserError(f'num_train={num_train} and num_eval={num_eval} must be >= 0 (0 = all)')
   raw = load_raw(data_dir, num_classes)
   if raw['train_images'].shape[0] != 60_000:
-    raise UserError(f'the Fashion-MNIST training file has {raw["train_images"].shape[0]} images, '
-                    f'expected 60000; {_INSTALL_HINT}')
+    raise UserError(
+      f'the Fashion-MNIST training file has {raw["train_images"].shape[0]} images, expected 60000; {_INSTALL_HINT}'
+    )
   train_idx, dev_idx = split_indices()
   splits = {
-      'train': (raw['train_images'][train_idx], raw['train_labels'][train_idx]),
-      'val': (raw['train_images'][dev_idx], raw['train_labels'][dev_idx]),
-      'test': (raw['test_images'], raw['test_labels']),
+    'train': (raw['train_images'][train_idx], raw['train_labels'][train_idx]),
+    'val': (raw['train_images'][dev_idx], raw['train_labels'][dev_idx]),
+    'test': (raw['test_images'], raw['test_labels']),
   }
   out = {}
   for name, (x, y) in splits.items():

@@ -11,16 +11,18 @@ from cnn_caption.errors import UserError
 
 # encoder name -> per-channel (mean, std) on the 0..255 pixel scale; see each encoder's docstring.
 NORMALIZATION = {
-    'efficientnet_lite0': ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
-    'resnet18': ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
+  'efficientnet_lite0': ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+  'resnet18': ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
 }
 
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
 def _resize_float(pixels: np.ndarray, size: int) -> np.ndarray:
-  channels = [Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode='F')
-              .resize((size, size), Image.BICUBIC) for c in range(pixels.shape[-1])]
+  channels = [
+    Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode='F').resize((size, size), Image.BICUBIC)
+    for c in range(pixels.shape[-1])
+  ]
   return np.stack([np.asarray(c) for c in channels], axis=-1)
 
 
@@ -34,8 +36,9 @@ def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
       gray = _resize_float(gray[..., None], size)[..., 0]
     return np.repeat(gray[..., None], 3, axis=-1)
   if mode == 'F':
-    raise UserError(f'image {image.filename} is floating-point (mode F), whose range is '
-                    'ambiguous; convert it to 8- or 16-bit first')
+    raise UserError(
+      f'image {image.filename} is floating-point (mode F), whose range is ambiguous; convert it to 8- or 16-bit first'
+    )
   if mode == 'P' and 'transparency' in image.info:
     image = image.convert('RGBA')
   if image.mode != 'RGB':
@@ -76,8 +79,7 @@ def load_image(path: str, size: int, normalization: str = 'efficientnet_lite0') 
     UserError: the file is missing, unreadable or truncated (the message names it).
   """
   if normalization not in NORMALIZATION:
-    raise UserError(f'no input normalisation for encoder {normalization!r}; '
-                    f'choose one of {sorted(NORMALIZATION)}')
+    raise UserError(f'no input normalisation for encoder {normalization!r}; choose one of {sorted(NORMALIZATION)}')
   _check_image_path(path)
   try:
     with Image.open(path) as image:

@@ -31,16 +31,21 @@ COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), '
 SHAPES = ('circle', 'square', 'triangle')
 # position -> (row, column) of its cell in a 3x3 grid.
 POSITIONS = {'left': (1, 0), 'right': (1, 2), 'top': (0, 1), 'bottom': (2, 1), 'center': (1, 1)}
-_POSITION_PHRASES = {'left': 'on the left', 'right': 'on the right', 'top': 'at the top',
-                     'bottom': 'at the bottom', 'center': 'in the center'}
+_POSITION_PHRASES = {
+  'left': 'on the left',
+  'right': 'on the right',
+  'top': 'at the top',
+  'bottom': 'at the bottom',
+  'center': 'in the center',
+}
 BACKGROUNDS = ('plain', 'striped', 'checkered')
 _NUMBERS = {1: 'a', 2: 'two', 3: 'three'}
 # count -> shape centres (x, y) and size as fractions of a cell.
 # Sizes and jitter leave a gap of >= 6 % of a cell between shapes of a group (1 px at 64 px).
 _LAYOUTS = {
-    1: (((0.5, 0.5),), 0.62),
-    2: (((0.25, 0.5), (0.75, 0.5)), 0.38),
-    3: (((0.25, 0.24), (0.75, 0.24), (0.5, 0.76)), 0.36),
+  1: (((0.5, 0.5),), 0.62),
+  2: (((0.25, 0.5), (0.75, 0.5)), 0.38),
+  3: (((0.25, 0.24), (0.75, 0.24), (0.5, 0.76)), 0.36),
 }
 _SIZE_JITTER = (0.92, 1.05)  # factor on a shape's size
 _POSITION_JITTER = 0.02  # fraction of a cell
@@ -52,8 +57,10 @@ def _sample_scene(rng: np.random.Generator) -> dict[str, Any]:
   num_groups = 1 if rng.random() < 0.6 else 2
   counts = _GROUP_COUNTS[num_groups][rng.integers(len(_GROUP_COUNTS[num_groups]))]
   positions = rng.choice(list(POSITIONS), size=num_groups, replace=False)
-  groups = [{'count': int(n), 'color': str(rng.choice(list(COLORS))), 'shape': str(rng.choice(SHAPES)),
-             'position': str(p)} for n, p in zip(counts, positions)]
+  groups = [
+    {'count': int(n), 'color': str(rng.choice(list(COLORS))), 'shape': str(rng.choice(SHAPES)), 'position': str(p)}
+    for n, p in zip(counts, positions)
+  ]
   return {'background': str(rng.choice(BACKGROUNDS)), 'objects': groups}
 
 
@@ -93,7 +100,7 @@ def _render(scene: dict[str, Any], size: int, rng: np.random.Generator) -> Image
 
 def _noun_phrase(group: dict[str, Any]) -> str:
   n = group['count']
-  return f"{_NUMBERS[n]} {group['color']} {group['shape']}{'s' if n > 1 else ''}"
+  return f'{_NUMBERS[n]} {group["color"]} {group["shape"]}{"s" if n > 1 else ""}'
 
 
 def _caption(scene: dict[str, Any], template: int, rng: np.random.Generator) -> str:
@@ -103,7 +110,7 @@ def _caption(scene: dict[str, Any], template: int, rng: np.random.Generator) -> 
   nps = [_noun_phrase(g) for g in groups]
   where = [_POSITION_PHRASES[g['position']] for g in groups]
   located = ' and '.join(f'{n} {w}' for n, w in zip(nps, where))
-  background = f"on a {scene['background']} background"
+  background = f'on a {scene["background"]} background'
   if template == 0:
     return f'there {be[0]} {located}'
   if template == 1:
@@ -164,11 +171,19 @@ def _write(out_dir: str, params: dict[str, Any]) -> None:
     sentences = []
     for j, template in enumerate(templates):
       raw = _caption(scene, int(template), rng)
-      sentences.append({'tokens': raw.split(), 'raw': raw, 'imgid': i,
-                        'sentid': CAPTIONS_PER_IMAGE * i + j})
+      sentences.append({'tokens': raw.split(), 'raw': raw, 'imgid': i, 'sentid': CAPTIONS_PER_IMAGE * i + j})
     split = 'train' if i < num_train else 'val' if i < num_train + num_val else 'test'
-    entries.append({'imgid': i, 'sentids': [s['sentid'] for s in sentences], 'filename': f'{i}.png',
-                    'filepath': 'images', 'split': split, 'sentences': sentences, 'scene': scene})
+    entries.append(
+      {
+        'imgid': i,
+        'sentids': [s['sentid'] for s in sentences],
+        'filename': f'{i}.png',
+        'filepath': 'images',
+        'split': split,
+        'sentences': sentences,
+        'scene': scene,
+      }
+    )
   with open(os.path.join(out_dir, 'dataset.json'), 'w', encoding='utf-8') as f:
     json.dump({'dataset': 'synthetic', 'synthetic': params, 'images': entries}, f)
 
@@ -204,8 +219,10 @@ def make_synthetic_dataset(out_dir: str, num_images: int, image_size: int = 224,
   replace = os.path.exists(out_dir)
   replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir) or _read_params(out_dir) is not None)
   if replace and not replaceable:
-    raise UserError(f'{out_dir}: exists and is not a synthetic captioning set; '
-                    'choose another folder (config.data.synthetic_dir) or remove it')
+    raise UserError(
+      f'{out_dir}: exists and is not a synthetic captioning set; '
+      'choose another folder (config.data.synthetic_dir) or remove it'
+    )
 
   parent, base = os.path.split(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)

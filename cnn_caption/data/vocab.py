@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
+from collections.abc import Sequence
 import json
 import os
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -96,9 +97,12 @@ class Vocab:
 
   def save(self, path: str) -> None:
     """Writes JSON atomically (temp file in the same folder, then os.replace)."""
-    payload = {'format': _FORMAT, 'min_count': self.min_count,
-               'words': list(self._itos[len(SPECIALS):]),
-               'counts': list(self._counts) if self._counts is not None else None}
+    payload = {
+      'format': _FORMAT,
+      'min_count': self.min_count,
+      'words': list(self._itos[len(SPECIALS) :]),
+      'counts': list(self._counts) if self._counts is not None else None,
+    }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     io_utils.atomic_write(path, lambda f: json.dump(payload, f, ensure_ascii=False), binary=False)
@@ -115,9 +119,13 @@ class Vocab:
       raise UserError(f'{path}: corrupt vocabulary file ({e}); {_REBUILD}') from None
     words = payload.get('words') if isinstance(payload, dict) else None
     counts = payload.get('counts') if isinstance(payload, dict) else None
-    if (not isinstance(payload, dict) or payload.get('format') != _FORMAT
-        or not isinstance(words, list) or not all(isinstance(w, str) for w in words)
-        or (counts is not None and (not isinstance(counts, list) or len(counts) != len(words)))):
+    if (
+      not isinstance(payload, dict)
+      or payload.get('format') != _FORMAT
+      or not isinstance(words, list)
+      or not all(isinstance(w, str) for w in words)
+      or (counts is not None and (not isinstance(counts, list) or len(counts) != len(words)))
+    ):
       raise UserError(f'{path}: not a {_FORMAT} vocabulary file; {_REBUILD}')
     try:
       return cls(words, counts, int(payload.get('min_count', 1)))
@@ -125,8 +133,9 @@ class Vocab:
       raise UserError(f'{path}: corrupt vocabulary file ({e}); {_REBUILD}') from None
 
 
-def encode_captions(entries: Sequence[ImageEntry], vocab: Vocab,
-                    max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_captions(
+  entries: Sequence[ImageEntry], vocab: Vocab, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Training rows: one per (image, caption) pair, every caption of every image.
 
   Args:
@@ -152,7 +161,7 @@ def encode_captions(entries: Sequence[ImageEntry], vocab: Vocab,
       k = len(ids)
       image_index[row] = i
       tokens[row, 0] = vocab.bos_id
-      tokens[row, 1:k + 1] = ids
+      tokens[row, 1 : k + 1] = ids
       tokens[row, k + 1] = vocab.eos_id
       lengths[row] = k + 1
       row += 1

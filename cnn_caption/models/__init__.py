@@ -9,9 +9,9 @@ Each entry carries what differs between models, so no caller needs an `if name =
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import importlib
-from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -39,13 +39,16 @@ class Entry:
 
 
 _REGISTRY = {
-    'classifier': Entry('cnn_caption.models.classifier:FashionCNN'),
-    'strong_classifier': Entry('cnn_caption.models.strong_classifier:StrongCNN'),
-    'q1_cnn': Entry('cnn_caption.models.q1:Q1CNN'),
-    'q1_mlp': Entry('cnn_caption.models.q1:Q1MLP'),
-    'self_attention': Entry('cnn_caption.models.attention:MultiHeadSelfAttention'),
-    'captioner': Entry('cnn_caption.models.decoders:CaptionDecoder', _caption_inputs,
-                       lambda config: {'vocab_size': config.model_inputs.vocab_size}),
+  'classifier': Entry('cnn_caption.models.classifier:FashionCNN'),
+  'strong_classifier': Entry('cnn_caption.models.strong_classifier:StrongCNN'),
+  'q1_cnn': Entry('cnn_caption.models.q1:Q1CNN'),
+  'q1_mlp': Entry('cnn_caption.models.q1:Q1MLP'),
+  'self_attention': Entry('cnn_caption.models.attention:MultiHeadSelfAttention'),
+  'captioner': Entry(
+    'cnn_caption.models.decoders:CaptionDecoder',
+    _caption_inputs,
+    lambda config: {'vocab_size': config.model_inputs.vocab_size},
+  ),
 }
 
 
@@ -69,8 +72,10 @@ def create_model(config: ml_collections.ConfigDict, **overrides):
   kwargs = _model_kwargs(config.model)
   if config.get('half_precision'):  # bfloat16 compute; parameters and optimizer state stay float32
     if 'dtype' not in {f.name for f in dataclasses.fields(cls)}:
-      raise UserError(f'config.half_precision=True: model {config.model.name!r} has no bfloat16 mode; '
-                      'set --config.half_precision=False')
+      raise UserError(
+        f'config.half_precision=True: model {config.model.name!r} has no bfloat16 mode; '
+        'set --config.half_precision=False'
+      )
     kwargs['dtype'] = jnp.bfloat16
   kwargs.update(overrides)
   return cls(**kwargs)

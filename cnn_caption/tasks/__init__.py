@@ -12,8 +12,8 @@ from cnn_caption.tasks.base import Task
 
 # name -> 'module:Class'; imported on demand so a classifier run never imports the captioning stack.
 _REGISTRY = {
-    'classification': 'cnn_caption.tasks.classification:ClassificationTask',
-    'captioning': 'cnn_caption.tasks.captioning:CaptioningTask',
+  'classification': 'cnn_caption.tasks.classification:ClassificationTask',
+  'captioning': 'cnn_caption.tasks.captioning:CaptioningTask',
 }
 
 

@@ -45,15 +45,17 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   out = config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
   logging.info('no --config.data.dir: using the SYNTHETIC captioned-scenes set in %s', out)
   # Process 0 writes it; the others then find it complete.
-  return parallel.main_first(lambda: synthetic.make_synthetic_dataset(
-      out, config.data.synthetic_num_images, image_size=config.data.image_size, seed=config.seed))
+  return parallel.main_first(
+    lambda: synthetic.make_synthetic_dataset(
+      out, config.data.synthetic_num_images, image_size=config.data.image_size, seed=config.seed
+    )
+  )
 
 
 def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
   """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens."""
   inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
-  logits_BxTxV, alphas_BxTxN = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train,
-                                        rngs=rngs)
+  logits_BxTxV, alphas_BxTxN = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train, rngs=rngs)
   mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
   num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
@@ -86,9 +88,14 @@ class CaptioningTask:
     # One extraction call for all splits: one encoder compilation, one progress log.
     all_entries = [e for split in ('train', 'val', 'test') for e in splits[split]]
     feats, ok = features_lib.extract_features(
-        config.encoder.name, config.encoder.weights, [e.path for e in all_entries], config.data.image_size,
-        config.encoder.cache_dir or os.path.join(workdir, 'features'), config.encoder.batch_size,
-        config.data.on_error)
+      config.encoder.name,
+      config.encoder.weights,
+      [e.path for e in all_entries],
+      config.data.image_size,
+      config.encoder.cache_dir or os.path.join(workdir, 'features'),
+      config.encoder.batch_size,
+      config.data.on_error,
+    )
     self.feats, self.entries = {}, {}
     start = 0
     for split in ('train', 'val', 'test'):
@@ -100,14 +107,19 @@ class CaptioningTask:
         raise UserError(f'every {split} image of {data_dir} failed to load; see the warnings above')
     self.references = {split: vocab_lib.references(self.entries[split]) for split in ('val', 'test')}
     self.image_index, self.tokens, _ = vocab_lib.encode_captions(
-        self.entries['train'], self.vocab, config.data.max_caption_len)
+      self.entries['train'], self.vocab, config.data.max_caption_len
+    )
     self.num_train = len(self.tokens)
     self.model = models.create_model(config, vocab_size=len(self.vocab))
     self.loss = functools.partial(caption_loss, doubly_stochastic=config.loss.doubly_stochastic)
-    logging.info('captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, '
-                 'features %s', 'SYNTHETIC' if self.synthetic else data_dir,
-                 *(len(self.entries[s]) for s in ('train', 'val', 'test')), self.num_train,
-                 len(self.vocab), self.feats['train'].shape[1:])
+    logging.info(
+      'captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, features %s',
+      'SYNTHETIC' if self.synthetic else data_dir,
+      *(len(self.entries[s]) for s in ('train', 'val', 'test')),
+      self.num_train,
+      len(self.vocab),
+      self.feats['train'].shape[1:],
+    )
     self._decoders = {}
 
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
@@ -117,8 +129,10 @@ class CaptioningTask:
     if os.path.exists(path):
       saved = vocab_lib.Vocab.load(path)
       if saved != built:
-        raise UserError(f'{path} differs from the vocabulary of this data/config; use a fresh --workdir '
-                        'or the data the workdir was trained on')
+        raise UserError(
+          f'{path} differs from the vocabulary of this data/config; use a fresh --workdir '
+          'or the data the workdir was trained on'
+        )
       return saved
     return built
 
@@ -127,13 +141,16 @@ class CaptioningTask:
 
   def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
     del step  # no random augmentation
-    return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32),
-            'tokens': self.tokens[indices]}
+    return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32), 'tokens': self.tokens[indices]}
 
   @staticmethod
   def metrics(loss, aux, grads) -> dict:
-    return {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'num_tokens': aux['num_tokens'],
-            'loss_weight': aux['num_tokens']}  # the epoch loss is a mean over tokens, not over batches
+    return {
+      'loss': loss,
+      'grad_norm': optax.tree.norm(grads),
+      'num_tokens': aux['num_tokens'],
+      'loss_weight': aux['num_tokens'],
+    }  # the epoch loss is a mean over tokens, not over batches
 
   def _decode_fn(self, method: str):
     if method not in self._decoders:
@@ -142,8 +159,9 @@ class CaptioningTask:
       if method == 'greedy':
         fn = lambda params, feats: decoders.greedy_decode(self.model, params, feats, **kwargs)[0]
       else:
-        fn = lambda params, feats: decoders.beam_search(self.model, params, feats, beam_size=d.beam_size,
-                                                        length_penalty=d.length_penalty, **kwargs)
+        fn = lambda params, feats: decoders.beam_search(
+          self.model, params, feats, beam_size=d.beam_size, length_penalty=d.length_penalty, **kwargs
+        )
       # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
       self._decoders[method] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
     return self._decoders[method]
@@ -159,8 +177,7 @@ class CaptioningTask:
       out.extend(self.vocab.decode(row.tolist()) for row in tokens)
     return out
 
-  def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False,
-              per_image: bool = False) -> dict:
+  def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False, per_image: bool = False) -> dict:
     """BLEU-1..4, mean sentence BLEU-4, ROUGE-L, CIDEr-D (and METEOR) of the split's captions."""
     refs = self.references[split]
     scores = metrics_lib.coco_scores(refs, hypotheses, meteor=meteor, per_image=per_image)
@@ -181,9 +198,12 @@ class CaptioningTask:
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
-    results['decoding'] = {'method': method, 'beam_size': self.config.decoding.beam_size if method == 'beam' else 1,
-                           'max_len': self.config.decoding.max_len,
-                           'length_penalty': self.config.decoding.length_penalty}
+    results['decoding'] = {
+      'method': method,
+      'beam_size': self.config.decoding.beam_size if method == 'beam' else 1,
+      'max_len': self.config.decoding.max_len,
+      'length_penalty': self.config.decoding.length_penalty,
+    }
     if method != 'greedy':
       greedy = self._scores('test', self.decode(best_params, 'test', 'greedy'))
       results.update({f'test_greedy_{k}': v for k, v in greedy.items()})
@@ -191,8 +211,10 @@ class CaptioningTask:
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
     # Per-image CIDEr-D and ROUGE-L: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci).
-    captions = [{'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
-                for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])]
+    captions = [
+      {'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
+      for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])
+    ]
     if parallel.is_main_process():
       io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
@@ -203,10 +225,13 @@ class CaptioningTask:
       return {}
     if 'attention' not in self._decoders:
       d = self.config.decoding
-      self._decoders['attention'] = jax.jit(lambda p, f: decoders.greedy_decode(
-          self.model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len))
+      self._decoders['attention'] = jax.jit(
+        lambda p, f: decoders.greedy_decode(
+          self.model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len
+        )
+      )
     entries = self.entries['val'][:num_images]
-    tokens, alphas = self._decoders['attention'](params, self.feats['val'][:len(entries)].astype(np.float32))
+    tokens, alphas = self._decoders['attention'](params, self.feats['val'][: len(entries)].astype(np.float32))
     images = {}
     for entry, row, alphas_LxN in zip(entries, np.asarray(tokens), np.asarray(alphas)):
       words = self.vocab.decode(row.tolist())
@@ -216,13 +241,24 @@ class CaptioningTask:
   def make_plots(self, history: list[dict], params, workdir: str) -> None:
     del params
     plot_dir = os.path.join(workdir, 'plots')
-    plots.plot_curves({'train': [r['train_loss'] for r in history]}, 'training loss (token cross-entropy)',
-                      os.path.join(plot_dir, 'train_loss.png'))
-    plots.plot_curves({'corpus BLEU-4': [r['val_bleu4'] for r in history],
-                       'mean sentence BLEU-4': [r['val_bleu4_sentence_mean'] for r in history]},
-                      'validation BLEU-4 (greedy)', os.path.join(plot_dir, 'val_bleu4.png'))
-    plots.plot_curves({'CIDEr-D': [r['val_cider'] for r in history]}, 'validation CIDEr-D (greedy)',
-                      os.path.join(plot_dir, 'val_cider.png'))
+    plots.plot_curves(
+      {'train': [r['train_loss'] for r in history]},
+      'training loss (token cross-entropy)',
+      os.path.join(plot_dir, 'train_loss.png'),
+    )
+    plots.plot_curves(
+      {
+        'corpus BLEU-4': [r['val_bleu4'] for r in history],
+        'mean sentence BLEU-4': [r['val_bleu4_sentence_mean'] for r in history],
+      },
+      'validation BLEU-4 (greedy)',
+      os.path.join(plot_dir, 'val_bleu4.png'),
+    )
+    plots.plot_curves(
+      {'CIDEr-D': [r['val_cider'] for r in history]},
+      'validation CIDEr-D (greedy)',
+      os.path.join(plot_dir, 'val_cider.png'),
+    )
 
 
 def load_trained(workdir: str):
@@ -236,8 +272,10 @@ def load_trained(workdir: str):
     if not isinstance(saved, dict) or 'encoder' not in saved or 'model' not in saved:
       raise ValueError('not a captioning config (no "encoder" or "model" group)')
   except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    raise UserError(f'{config_path} is not a readable captioning config ({str(e).splitlines()[0]}); '
-                    'it is written by --mode=train: retrain or restore the file') from None
+    raise UserError(
+      f'{config_path} is not a readable captioning config ({str(e).splitlines()[0]}); '
+      'it is written by --mode=train: retrain or restore the file'
+    ) from None
   config = ml_collections.ConfigDict(saved)
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, VOCAB_FILE))
   model = models.create_model(config, vocab_size=len(vocab))
@@ -262,8 +300,11 @@ class Captioner:
     self.config, self.vocab, model, self.params = load_trained(workdir)
     encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
     self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True))
-    self._decode = jax.jit(lambda p, f: decoders.greedy_decode(
-        model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len))
+    self._decode = jax.jit(
+      lambda p, f: decoders.greedy_decode(
+        model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len
+      )
+    )
 
   def caption(self, path: str) -> tuple[list[str], np.ndarray | None]:
     """(words, attention TxN or None) for one image file; UserError if it cannot be read."""

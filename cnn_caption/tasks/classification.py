@@ -26,8 +26,9 @@ class ClassificationTask:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     del workdir
     self.config, self.mesh = config, mesh
-    self.splits = fashion_mnist.load_splits(config.data.dir, config.data.num_train, config.data.num_eval,
-                                              config.model.num_classes)
+    self.splits = fashion_mnist.load_splits(
+      config.data.dir, config.data.num_train, config.data.num_eval, config.model.num_classes
+    )
     self.model = models.create_model(config)
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -43,9 +44,14 @@ class ClassificationTask:
     if pad or flip:
       # One generator per step, seeded by (seed, step): the same crops after a resume, whatever the chunking.
       b = self.config.batch_size
-      x = np.concatenate([
-          augment.random_crop_flip(x[i:i + b], np.random.default_rng([self.config.seed, step + i // b]), pad=pad,
-                                   flip=flip) for i in range(0, len(x), b)])
+      x = np.concatenate(
+        [
+          augment.random_crop_flip(
+            x[i : i + b], np.random.default_rng([self.config.seed, step + i // b]), pad=pad, flip=flip
+          )
+          for i in range(0, len(x), b)
+        ]
+      )
     return {'image': fashion_mnist.to_float(x), 'label': labels[indices]}
 
   @staticmethod
@@ -71,9 +77,9 @@ class ClassificationTask:
     fetch = lambda rows: {'image': fashion_mnist.to_float(images[rows]), 'label': labels[rows]}
     correct, nll = 0, 0.0
     for batch, _ in parallel.padded_batches(len(labels), self.config.eval_batch_size, fetch):
-      c, l = self._eval_fn(params, parallel.shard_batch(batch, self.mesh))
+      c, batch_nll = self._eval_fn(params, parallel.shard_batch(batch, self.mesh))
       correct += int(c)
-      nll += float(l)
+      nll += float(batch_nll)
     return {'accuracy': correct / len(labels), 'loss': nll / len(labels)}
 
   def save_assets(self, workdir: str) -> None:
@@ -83,23 +89,39 @@ class ClassificationTask:
     del workdir
     test = self.evaluate(params, 'test')
     test_best = self.evaluate(best_params, 'test')
-    return {'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-            'test_accuracy_at_best_epoch': test_best['accuracy'],
-            'num_train': self.num_train, 'num_val': len(self.splits['val'][1]),
-            'num_test': len(self.splits['test'][1])}
+    return {
+      'test_accuracy': test['accuracy'],
+      'test_loss': test['loss'],
+      'test_accuracy_at_best_epoch': test_best['accuracy'],
+      'num_train': self.num_train,
+      'num_val': len(self.splits['val'][1]),
+      'num_test': len(self.splits['test'][1]),
+    }
 
   def tensorboard_images(self, params) -> dict[str, np.ndarray]:
     """The learned convolution kernels as RGB mosaics."""
-    return {f'filters/{layer}': plots.filter_image(np.asarray(params[layer]['kernel']))
-            for layer in ('conv1', 'conv2') if layer in params}
+    return {
+      f'filters/{layer}': plots.filter_image(np.asarray(params[layer]['kernel']))
+      for layer in ('conv1', 'conv2')
+      if layer in params
+    }
 
   def make_plots(self, history: list[dict], params, workdir: str) -> None:
     plot_dir = os.path.join(workdir, 'plots')
-    plots.plot_curves({'train': [r['train_loss'] for r in history]}, 'training loss (epoch mean)',
-                      os.path.join(plot_dir, 'train_loss.png'))
-    plots.plot_curves({'validation': [r['val_accuracy'] for r in history]}, 'validation accuracy',
-                      os.path.join(plot_dir, 'val_accuracy.png'))
+    plots.plot_curves(
+      {'train': [r['train_loss'] for r in history]},
+      'training loss (epoch mean)',
+      os.path.join(plot_dir, 'train_loss.png'),
+    )
+    plots.plot_curves(
+      {'validation': [r['val_accuracy'] for r in history]},
+      'validation accuracy',
+      os.path.join(plot_dir, 'val_accuracy.png'),
+    )
     for layer in ('conv1', 'conv2'):
       if layer in params:
-        plots.plot_filters(np.asarray(params[layer]['kernel']), os.path.join(plot_dir, f'filters_{layer}.png'),
-                           f'{layer} kernels (rows: output channels, cols: input channels)')
+        plots.plot_filters(
+          np.asarray(params[layer]['kernel']),
+          os.path.join(plot_dir, f'filters_{layer}.png'),
+          f'{layer} kernels (rows: output channels, cols: input channels)',
+        )
