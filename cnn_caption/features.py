@@ -261,7 +261,9 @@ def extract_features(
         ok_mask[i] = True
   if failures:
     logging.warning('features: skipped %d unreadable image(s), e.g. %s', len(failures), failures[:3])
-  store = os.path.join(folder, f'store-{_digest([e if ok else None for e, ok in zip(entries, ok_mask)])[:32]}.npy')
+  # Named by the images it holds (entry names, not paths), so the same images give the same store anywhere.
+  names = [os.path.basename(e) if ok else None for e, ok in zip(entries, ok_mask)]
+  store = os.path.join(folder, f'store-{_digest(names)[:32]}.npy')
 
   def write_store():
     if not os.path.exists(store):

@@ -127,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
       'config.sweep.learning_rates is set: a sweep is several runs; start it with launch.py '
       '(--mode=train) or cnn_caption.sweep.run_sweep(config, workdir)'
     )
-  io_utils.prepare_workdir(workdir)
+  # Process 0 creates and probes the workdir; the others must then see it (check_shared_workdir).
+  parallel.same_verdict(lambda: io_utils.prepare_workdir(workdir) if parallel.is_main_process() else None)
   # Every check below gives one verdict on every process, so none goes on alone into a collective.
   parallel.check_shared_workdir(workdir)
   checkpoint_lib.quiet_library_logs()
