@@ -45,11 +45,8 @@ class Checkpointer:
 
   def restore(self, step: int, target):
     """(state, meta) at step, restored into the shapes and shardings of target."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-      )
+      restored = self.manager.restore(step, args=_restore_args(target))
     except (ValueError, KeyError, TypeError) as e:
       raise UserError(
         f'checkpoint {self.directory}/{step} does not match this config '
@@ -101,7 +98,7 @@ class Checkpointer:
       )
     candidates = [step] if step is not None else steps[::-1]
     want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(target))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    args = _restore_args(target)
     damaged = []
     for candidate in candidates:
       try:
@@ -111,9 +108,7 @@ class Checkpointer:
             f'checkpoint {self.directory}/{candidate} holds arrays of other shapes than this '
             "config's model; use the config it was trained with or a fresh --workdir"
           )
-        restored = self.manager.restore(
-          candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
+        restored = self.manager.restore(candidate, args=args)
       except DAMAGE as e:
         reason = _first_line(e)
         logging.warning('checkpoint %s/%d is damaged (%s); trying an older one', self.directory, candidate, reason)
@@ -152,6 +147,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _restore_args(target) -> ocp.args.Composite:
+  """The state into target's shapes and shardings, and the JSON metadata."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
 
 
 # What reading a damaged checkpoint raises (tensorstore errors are ValueErrors; missing items KeyErrors).

@@ -159,26 +159,24 @@ def summary(config: ml_collections.ConfigDict) -> int:
   return 0
 
 
-def attention_check(config: ml_collections.ConfigDict) -> int:
-  """--mode=attention_check: PASS/FAIL per identity; exit 0 only if all pass."""
-  print(check_lib.describe(config))
-  checks = check_lib.attention_checks(config)
+def _report_checks(header: str, checks) -> int:
+  """Prints a header, one PASS/FAIL line per check and the tally; exit code 0 only if all pass."""
+  print(header)
   for c in checks:
     print(f'  [{"PASS" if c.passed else "FAIL"}] {c.name}: {c.detail}')
   failed = sum(not c.passed for c in checks)
   print(f'{len(checks) - failed} of {len(checks)} checks passed.')
   return 1 if failed else 0
+
+
+def attention_check(config: ml_collections.ConfigDict) -> int:
+  """--mode=attention_check: PASS/FAIL per identity; exit 0 only if all pass."""
+  return _report_checks(check_lib.describe(config), check_lib.attention_checks(config))
 
 
 def equivariance_check(config: ml_collections.ConfigDict) -> int:
   """--mode=equivariance_check: question 2.1, PASS/FAIL per statement with its measured difference."""
-  print(equivariance.describe(config))
-  checks = equivariance.equivariance_checks(config)
-  for c in checks:
-    print(f'  [{"PASS" if c.passed else "FAIL"}] {c.name}: {c.detail}')
-  failed = sum(not c.passed for c in checks)
-  print(f'{len(checks) - failed} of {len(checks)} checks passed.')
-  return 1 if failed else 0
+  return _report_checks(equivariance.describe(config), equivariance.equivariance_checks(config))
 
 
 def imagenet_predict(config: ml_collections.ConfigDict, image_paths: list[str]) -> int:

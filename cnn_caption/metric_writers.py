@@ -12,14 +12,12 @@ import json
 import os
 
 from absl import logging
-import jax
 import numpy as np
 
 from cnn_caption import io_utils
+from cnn_caption import parallel
 
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
+is_main_process = parallel.is_main_process  # a module attribute, so tests can stand in for process 0
 
 
 def _to_image_hwc(image: np.ndarray) -> np.ndarray:

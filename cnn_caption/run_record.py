@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from cnn_caption import io_utils
+from cnn_caption import parallel
 
 CONFIG_FILE = 'config.json'
 
@@ -61,6 +62,6 @@ def config_text(config: ml_collections.ConfigDict) -> str:
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Logs the resolved config and writes <workdir>/config.json (process 0) before any training."""
   logging.info('config:\n%s', config_text(config))
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     io_utils.write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())

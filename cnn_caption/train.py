@@ -193,9 +193,11 @@ class Trainer:
     config, task = self.config, self.task
     restore_step = config.checkpoint.get('restore_step')
     steps = self.ckpt.all_steps()
+    checked = None  # the step whose config was compared before building anything
     if steps:
       try:  # compare configs before building anything: a changed model fails here, in one line
         self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
+        checked = restore_step or steps[-1]
       except checkpoint_lib.DAMAGE:
         pass  # a damaged newest checkpoint: restore_intact reports it and falls back
     run_record.record_config(config, self.workdir)
@@ -216,7 +218,8 @@ class Trainer:
     found = self.ckpt.restore_intact(state, restore_step)
     if found is not None:
       step, state, saved = found
-      self._check_resume_config(saved, step)
+      if step != checked:  # fell back past a damaged checkpoint: compare with the one restored
+        self._check_resume_config(saved, step)
       meta = RunMeta.from_json(saved)
       saved_on = meta.devices or jax.device_count()
       logging.info(

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from cnn_caption import checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 UCM_DIR = os.environ.get('CNN_CAPTION_UCM_DIR', os.path.join(ROOT, '..', 'shared', 'data', 'ucm_captions'))
@@ -56,6 +58,15 @@ def override(config, **fields):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def final_params(workdir: str):
+  """(step, params) of the newest checkpoint in workdir/checkpoints."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
+  step = ckpt.latest_step()
+  params = ckpt.restore_params(step)
+  ckpt.close()
+  return step, params
 
 
 def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout: float = 240) -> list[int]:

@@ -26,6 +26,7 @@ from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
+from conftest import override
 from conftest import ROOT
 
 pytestmark = needs_fmnist
@@ -35,13 +36,7 @@ SMALL = ['--config.data.num_train=64', '--config.data.num_eval=32', '--config.ev
 def small_config(**fields):
   config = classifier_config.get_config('smoke')
   config.data.num_train, config.data.num_eval, config.eval_batch_size = 64, 32, 32
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **fields)
 
 
 def params_at(workdir, step, sub='checkpoints'):

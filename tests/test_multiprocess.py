@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import checkpoint
+from conftest import final_params
 from conftest import needs_fmnist
 from conftest import read_jsonl
 from conftest import ROOT
@@ -141,14 +141,6 @@ def wait_for_checkpoint(workdir, min_step: int, procs, timeout=600) -> int:
     assert all(p.poll() is None for p in procs), 'a process ended before the checkpoint'
     time.sleep(0.05)
   pytest.fail(f'no checkpoint >= {min_step} in {directory} after {timeout} s')
-
-
-def final_params(workdir):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
-  step = ckpt.latest_step()
-  params = ckpt.restore_params(step)
-  ckpt.close()
-  return step, params
 
 
 def results(workdir) -> dict:

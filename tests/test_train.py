@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import checkpoint
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
+from conftest import final_params
 from conftest import kill_after_checkpoint
 from conftest import needs_fmnist
 from conftest import override
@@ -26,14 +26,6 @@ def smoke_config(**overrides):
   config.data.num_train = 160
   config.data.num_eval = 100
   return override(config, **overrides)
-
-
-def final_params(workdir):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
-  step = ckpt.latest_step()
-  params = ckpt.restore_params(step)
-  ckpt.close()
-  return step, params
 
 
 def assert_same_params(a, b):
