@@ -154,6 +154,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for i, lr in enumerate(_get(config, 'sweep.learning_rates') or ()):
     if not _finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')
+  _check(config, 'scst.num_samples', int_in(2, 2**16), 'an integer >= 2 (samples per image)')
+  _check(config, 'scst.baseline', lambda v: v in ('mean', 'greedy'), "'mean' or 'greedy'")
+  init_from = _get(config, 'init_from')
+  if init_from is not None and not os.path.isdir(init_from):
+    raise UserError(
+      f'config.init_from={init_from!r} is not a directory; point it at a finished captioning training workdir'
+    )
   data_dir = _get(config, 'data.dir')
   if data_dir is not None and not os.path.isdir(data_dir):
     raise UserError(

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_caption import io_utils
+from cnn_caption import memory
 from cnn_caption import parallel
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
@@ -288,7 +289,12 @@ def _compute(
 ) -> list[str]:
   """Runs the encoder over image_paths[todo], filling ok_mask and the per-image cache entries."""
   module, variables = encoders.load_encoder(encoder_name, weights_path)
-  forward = functools.partial(jax.jit(_encode, static_argnums=0), module)
+  forward = memory.CheckedJit(
+    _encode, static=(module,), knob='encoder.batch_size', value=batch_size, what='feature extraction'
+  )
+  x_spec = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32)
+  # Before any batch is decoded (and two more are prepared ahead): a too-large batch stops in one line.
+  forward.check(variables, x_spec, host_bytes=3 * batch_size * image_size * image_size * 3 * 4)
   batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
   failures: list[str] = []
   start, done, last_log = time.time(), 0, time.time()

@@ -71,6 +71,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -
   return shard_local_batch({k: v[rows] for k, v in batch.items()}, mesh, n, batch_axis)
 
 
+def abstract_batch(example: dict[str, np.ndarray], rows: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes, dtypes and sharding shard_batch gives a batch of `rows` rows like `example` (no data)."""
+  sharding = _sharding(mesh, 0)
+  return {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=sharding) for k, v in example.items()}
+
+
 def replicate(tree, mesh: Mesh):
   """Copies a pytree onto every device; typed PRNG keys travel as their key data (they cannot span processes)."""
   sharding = NamedSharding(mesh, P())

@@ -7,11 +7,13 @@ One SCST step, in three parts:
      mean of the image's other K-1 samples), giving one advantage per sample;
   3. `scst_loss` (inside the generic train step): -advantage * log p(sample), teacher-forced on the
      sampled tokens, so the same train_step that minimises cross-entropy does the policy gradient.
+
+`OnPolicyBatcher` runs 1 and 2 for a batch of images with the current parameters; the task
+`cnn_caption.tasks.scst.ScstTask` hands its batches to the Trainer (config: configs/captioner_scst.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
 from typing import Any
 
@@ -132,23 +134,23 @@ class SelfCriticalRewards:
 def scst_loss(params, batch, *, apply_fn, rngs, train: bool):
   """-advantage * log p(sampled caption), per token, mean over real tokens: the SCST policy gradient.
 
-  batch: 'feats' (BK x N x C, each image's features once per sample), 'tokens' (BK x (L+1),
-  [BOS, sample..., EOS, PAD...]), 'advantage' (BK), 'reward' (BK, logged only). The advantage is a
-  constant: no gradient flows into the rewards or the baseline.
+  batch (image-major, K samples per image): 'feats' (B x N x C, each image once), 'tokens'
+  (B x K x (L+1), [BOS, sample..., EOS, PAD...]), 'advantage' (B x K), 'reward' (B x K, logged only).
+  The advantage is a constant: no gradient flows into the rewards or the baseline. The decoder runs
+  without dropout (train is ignored): the samples were drawn without it, so the gradient is on-policy.
   """
-  inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
-  logits_BxTxV, _ = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train, rngs=rngs)
+  del train
+  num_samples, length = batch['tokens'].shape[1:]
+  tokens_BKxL = batch['tokens'].reshape(-1, length)
+  feats_BKxNxC = jnp.repeat(batch['feats'], num_samples, axis=0)
+  inputs_BxT, targets_BxT = tokens_BKxL[:, :-1], tokens_BKxL[:, 1:]
+  logits_BxTxV, _ = apply_fn({'params': params}, feats_BKxNxC, inputs_BxT, train=False, rngs=rngs)
   mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
   logp_BxT = -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
-  advantage_B = jax.lax.stop_gradient(batch['advantage'])
+  advantage_B = jax.lax.stop_gradient(batch['advantage'].reshape(-1))
   num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
   loss = -(advantage_B[:, None] * logp_BxT * mask_BxT).sum() / num_tokens
   return loss, {'num_tokens': num_tokens, 'mean_reward': batch['reward'].mean()}
-
-
-def repeat_images(values: Sequence | np.ndarray, num_samples: int) -> np.ndarray:
-  """Each image's row repeated K times, image-major, to line up with `sample_captions`' rows."""
-  return np.repeat(np.asarray(values), num_samples, axis=0)
 
 
 class OnPolicyBatcher:
@@ -188,8 +190,10 @@ class OnPolicyBatcher:
     samples = np.asarray(self._sample(params, feats_BxNxC, jax.random.fold_in(self.rng, step)))
     greedy = np.asarray(self._greedy(params, feats_BxNxC)) if self.baseline == 'greedy' else None
     scored = self.rewards(references, samples, greedy)
+    num_images = len(feats_BxNxC)
     return {
-      'feats': repeat_images(feats_BxNxC, self.num_samples),
-      'tokens': teacher_forcing_tokens(samples, self.bos_id),
-      **scored,
+      'feats': np.asarray(feats_BxNxC),
+      'tokens': teacher_forcing_tokens(samples, self.bos_id).reshape(num_images, self.num_samples, -1),
+      'advantage': scored['advantage'].reshape(num_images, self.num_samples),
+      'reward': scored['reward'].reshape(num_images, self.num_samples),
     }

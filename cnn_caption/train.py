@@ -214,6 +214,7 @@ class Trainer:
     state = parallel.replicate(state, self.mesh)
     dropout_rng = parallel.replicate(dropout_rng, self.mesh)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    task.check_memory(state.params)  # a too-large eval batch stops here, before any training
     meta = RunMeta(config=config.to_dict())
     found = self.ckpt.restore_intact(state, restore_step)
     if found is not None:
@@ -239,6 +240,11 @@ class Trainer:
       if best is not None and best > step:
         self.best_ckpt.set_aside([best], 'superseded')
       meta.config = config.to_dict()
+    elif config.get('init_from'):
+      state = state.replace(params=self._init_params(state.params, config.init_from))
+      if state.ema_params is not None:
+        state = state.replace(ema_params=state.params)
+      logging.info('no checkpoint, starting from the best parameters of %s', config.init_from)
     else:
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     meta.devices, meta.processes = jax.device_count(), jax.process_count()
@@ -254,6 +260,32 @@ class Trainer:
       learning_rate_fn=optim.learning_rate_at(config.optimizer, self.total_steps),
     )
     return state, meta, dropout_rng, num_params
+
+  def _init_params(self, params, init_from: str):
+    """Parameters of another workdir (its best epoch, else its newest step), checked against this model."""
+    for sub in ('checkpoints_best', 'checkpoints'):
+      directory = os.path.join(init_from, sub)
+      if not os.path.isdir(directory):
+        continue
+      reader = checkpoint_lib.Checkpointer(directory, 1)  # only read: nothing is saved, so nothing is pruned
+      try:
+        step = reader.latest_step()
+        loaded = None if step is None else reader.restore_params(step)
+      finally:
+        reader.close()
+      if loaded is not None:
+        break
+    else:
+      raise UserError(f'config.init_from={init_from} holds no checkpoint: point it at a finished training workdir')
+    want = jax.tree.map(lambda p: (tuple(p.shape), str(p.dtype)), params)
+    got = jax.tree.map(lambda p: (tuple(p.shape), str(p.dtype)), loaded)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise UserError(
+        f'the parameters in {directory}/{step} do not fit this model (other sizes or layers); '
+        'config.init_from must be trained with the same model settings'
+      )
+    logging.info('init_from: parameters of %s/%d', directory, step)
+    return parallel.replicate(loaded, self.mesh)
 
   def _check_resume_config(self, saved: dict, step: int) -> None:
     """UserError listing the fields that differ from the checkpoint's config in a way that changes the numbers."""
@@ -287,11 +319,17 @@ class Trainer:
       self._step_fns[num_steps] = jax.jit(fn, donate_argnums=0)
     return self._step_fns[num_steps]
 
-  def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the next num_steps global batches: it reads and preprocesses only those."""
+  def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int, params) -> dict[str, np.ndarray]:
+    """This process's rows of the next num_steps global batches: it reads and preprocesses only those.
+
+    An on-policy task (task.on_policy, e.g. SCST) builds its batch with the current parameters.
+    """
     b = self.config.batch_size
     idx_SxB = order[start * b : (start + num_steps) * b].reshape(num_steps, b)[:, parallel.local_rows(self.mesh, b)]
-    batch = self.task.train_batch(idx_SxB.reshape(-1), step)
+    if getattr(self.task, 'on_policy', False):
+      batch = self.task.train_batch(idx_SxB.reshape(-1), step, params=params)
+    else:
+      batch = self.task.train_batch(idx_SxB.reshape(-1), step)
     return {k: v.reshape(*idx_SxB.shape, *v.shape[1:]) for k, v in batch.items()}
 
   def _train_epoch(
@@ -311,7 +349,9 @@ class Trainer:
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
       n = min(config.steps_per_call, self.steps_per_epoch - pos)
-      batch = parallel.shard_local_batch(self._host_batches(order, pos, n, step), self.mesh, config.batch_size, 1)
+      batch = parallel.shard_local_batch(
+        self._host_batches(order, pos, n, step, state.params), self.mesh, config.batch_size, 1
+      )
       self.monitor.before_call(step)
       state, metrics = self._compile(n)(state, batch, dropout_rng)
       self.monitor.after_call(step + n, state)

@@ -386,3 +386,24 @@ def test_subprocess_boundary(tmp_path):
   """The real process: exit code 2 and exactly one stderr line (the in-process cases share its code path)."""
   result = run_launch(CLASSIFIER, f'--workdir={tmp_path}', '--config.seed=-1', timeout=120)
   assert_one_clear_line(result.returncode, result.stderr, 'config.seed=-1')
+
+
+def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys, tmp_path):
+  """An evaluation batch that cannot fit is refused when compiled, before the first step (nothing trained)."""
+  if not has_fashion_mnist():
+    pytest.skip(f'Fashion-MNIST not in {FMNIST_DIR}')
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={tmp_path}', '--config.eval_batch_size=40000000')
+  assert_one_clear_line(code, err, 'config.eval_batch_size=40000000 needs about')
+  assert 'lower --config.eval_batch_size' in err
+  assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_encoder_batch_larger_than_memory_stops_before_extraction(monkeypatch, capsys, tmp_path):
+  from cnn_caption import memory  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(memory, 'available_bytes', lambda device: 2**20)  # a machine with 1 MiB free
+  code, err = run_cli(monkeypatch, capsys, CAPTIONER, f'--workdir={tmp_path}')
+  assert_one_clear_line(code, err, 'feature extraction with config.encoder.batch_size=16 needs about')
+  assert not os.path.exists(tmp_path / 'features') or not any(
+    name.endswith('.npy') for _, _, files in os.walk(tmp_path / 'features') for name in files
+  )

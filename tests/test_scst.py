@@ -1,6 +1,7 @@
 """Self-critical training: baselines by hand, the policy-gradient sign, sampling layout, CIDEr-D rewards."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,13 @@ import numpy as np
 import pytest
 
 from cnn_caption import scst
+from cnn_caption import train
+from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
+from conftest import final_params
+from conftest import override
+from conftest import read_jsonl
+from conftest import strip_timing
 
 BOS, EOS = 1, 2
 VOCAB, REGIONS, CHANNELS, IMAGES, K, MAX_LEN = 9, 4, 5, 3, 4, 6
@@ -78,12 +85,13 @@ def test_policy_gradient_sign_on_the_decoder():
       max_len=MAX_LEN,
     )
   )
-  batch = {
-    'feats': jnp.asarray(scst.repeat_images(feats, K)),
-    'tokens': jnp.asarray(scst.teacher_forcing_tokens(samples, BOS)),
-    'reward': jnp.zeros(IMAGES * K),
+  batch = {  # image-major: each image's features once, its K samples beside them
+    'feats': jnp.asarray(feats),
+    'tokens': jnp.asarray(scst.teacher_forcing_tokens(samples, BOS).reshape(IMAGES, K, -1)),
+    'reward': jnp.zeros((IMAGES, K)),
   }
-  before = _log_prob(model, params, batch['feats'], batch['tokens'])
+  feats_bk, tokens_bk = jnp.repeat(batch['feats'], K, axis=0), batch['tokens'].reshape(IMAGES * K, -1)
+  before = _log_prob(model, params, feats_bk, tokens_bk)
 
   @jax.jit
   def step(advantage):
@@ -93,14 +101,14 @@ def test_policy_gradient_sign_on_the_decoder():
     return grads, jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
 
   # Only sample 0 rewarded above its baseline: a gradient step makes it more likely ...
-  advantage = jnp.zeros(IMAGES * K).at[0].set(1.0)
+  advantage = jnp.zeros((IMAGES, K)).at[0, 0].set(1.0)
   _, stepped = step(advantage)
-  assert _log_prob(model, stepped, batch['feats'], batch['tokens'])[0] > before[0]
+  assert _log_prob(model, stepped, feats_bk, tokens_bk)[0] > before[0]
   # ... and below its baseline: less likely.
   _, stepped = step(-advantage)
-  assert _log_prob(model, stepped, batch['feats'], batch['tokens'])[0] < before[0]
+  assert _log_prob(model, stepped, feats_bk, tokens_bk)[0] < before[0]
   # A sample exactly at its baseline teaches nothing.
-  grads, _ = step(jnp.zeros(IMAGES * K))
+  grads, _ = step(jnp.zeros((IMAGES, K)))
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
@@ -136,10 +144,69 @@ def test_on_policy_batch_is_seeded_by_the_step_and_lines_up():
     seed=0,
   )
   batch = batcher(params, np.asarray(feats), refs, step=7)
-  assert batch['feats'].shape == (IMAGES * K, REGIONS, CHANNELS)
-  np.testing.assert_array_equal(batch['feats'][K], np.asarray(feats)[1])  # rows image-major
-  assert batch['tokens'].shape == (IMAGES * K, MAX_LEN + 1) and (batch['tokens'][:, 0] == BOS).all()
-  assert batch['advantage'].shape == batch['reward'].shape == (IMAGES * K,)
-  np.testing.assert_allclose(batch['advantage'].reshape(IMAGES, K).sum(1), 0.0, atol=1e-5)
+  np.testing.assert_array_equal(batch['feats'], np.asarray(feats))  # each image once, image-major
+  assert batch['tokens'].shape == (IMAGES, K, MAX_LEN + 1) and (batch['tokens'][..., 0] == BOS).all()
+  assert batch['advantage'].shape == batch['reward'].shape == (IMAGES, K)
+  np.testing.assert_allclose(batch['advantage'].sum(1), 0.0, atol=1e-5)
   np.testing.assert_array_equal(batch['tokens'], batcher(params, np.asarray(feats), refs, step=7)['tokens'])
   assert not np.array_equal(batch['tokens'], batcher(params, np.asarray(feats), refs, step=8)['tokens'])
+
+
+# ---- the SCST task through the generic Trainer ----
+
+
+@pytest.fixture(scope='module')
+def xe_workdir(tmp_path_factory):
+  """A cross-entropy smoke run of the plain decoder: what SCST starts from (its features are reused)."""
+  from configs import captioner as captioner_config  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp('xe'))
+  config = captioner_config.get_config('smoke')
+  config.data.synthetic_num_images = 30
+  config.num_epochs = 1
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _scst_config(xe_workdir, **overrides):
+  from configs import captioner_scst  # pylint: disable=g-import-not-at-top
+
+  config = captioner_scst.get_config('plain_smoke')
+  config.data.synthetic_num_images = 30
+  config.init_from = xe_workdir
+  config.meteor_at_test = False
+  return override(config, **overrides)
+
+
+def test_scst_starts_from_init_from_and_resumes_exactly(xe_workdir, tmp_path):
+  straight = str(tmp_path / 'straight')
+  results = train.train_and_evaluate(_scst_config(xe_workdir), straight)
+  assert results['epochs_trained'] == 2 and 'test_cider' in results and 'best_val_cider' in results
+  # The first SCST step starts from the cross-entropy run's best parameters: one epoch at a vanishing
+  # learning rate leaves them (to float precision) where init_from put them.
+  _, xe_params = final_params(xe_workdir)
+  tiny = str(tmp_path / 'tiny')
+  train.train_and_evaluate(_scst_config(xe_workdir, num_epochs=1, **{'optimizer.learning_rate': 1e-12}), tiny)
+  _, tiny_params = final_params(tiny)
+  for a, b in zip(jax.tree.leaves(xe_params), jax.tree.leaves(tiny_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # Stopped after epoch 1 and resumed: the same samples (seeded by the step) and the same parameters.
+  resumed = str(tmp_path / 'resumed')
+  train.train_and_evaluate(_scst_config(xe_workdir, num_epochs=1), resumed)
+  train.train_and_evaluate(_scst_config(xe_workdir), resumed)
+  (s1, p1), (s2, p2) = final_params(straight), final_params(resumed)
+  assert s1 == s2
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert strip_timing(read_jsonl(os.path.join(straight, 'metrics.jsonl'))) == strip_timing(
+    read_jsonl(os.path.join(resumed, 'metrics.jsonl'))
+  )
+
+
+def test_scst_refuses_a_model_other_than_init_from(xe_workdir, tmp_path):
+  with pytest.raises(UserError, match='do not fit this model'):
+    train.train_and_evaluate(_scst_config(xe_workdir, **{'model.hidden_dim': 32}), str(tmp_path / 'w'))
+  with pytest.raises(UserError, match='steps_per_call=1'):
+    train.train_and_evaluate(_scst_config(xe_workdir, steps_per_call=2), str(tmp_path / 'w2'))
+  with pytest.raises(UserError, match='init_from is not set'):
+    train.train_and_evaluate(_scst_config(xe_workdir, init_from=None), str(tmp_path / 'w3'))

@@ -14,6 +14,7 @@ from cnn_caption.tasks.base import Task
 _REGISTRY = {
   'classification': 'cnn_caption.tasks.classification:ClassificationTask',
   'captioning': 'cnn_caption.tasks.captioning:CaptioningTask',
+  'scst': 'cnn_caption.tasks.scst:ScstTask',
 }
 
 

@@ -39,6 +39,12 @@ class Task(Protocol):
     the epoch and log-interval means.
     """
 
+  def check_memory(self, params: Params) -> None:
+    """Compiles the evaluation calls for their batch sizes; UserError if one cannot fit (cnn_caption.memory).
+
+    Called once before training, so a too-large config.eval_batch_size stops the run before its first step.
+    """
+
   def evaluate(self, params: Params, split: str) -> dict[str, float]:
     """Metrics of `params` on 'val' or 'test' (must include selection_metric)."""
 

@@ -21,6 +21,7 @@ import optax
 from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import features as features_lib
 from cnn_caption import io_utils
+from cnn_caption import memory
 from cnn_caption import metrics as metrics_lib
 from cnn_caption import models
 from cnn_caption import parallel
@@ -163,8 +164,22 @@ class CaptioningTask:
           self.model, params, feats, beam_size=d.beam_size, length_penalty=d.length_penalty, **kwargs
         )
       # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
-      self._decoders[method] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
+      self._decoders[method] = memory.CheckedJit(
+        fn,
+        knob='eval_batch_size',
+        value=self.config.eval_batch_size,
+        what=f'{method} decoding',
+        out_shardings=parallel.replicated(self.mesh),
+      )
     return self._decoders[method]
+
+  def check_memory(self, params) -> None:
+    """Compiles greedy decoding (and config.decoding.method's) for eval_batch_size; one line if it cannot fit."""
+    b = self.config.eval_batch_size
+    feats = {'feats': np.zeros((1, *self.feats['val'].shape[1:]), np.float32)}
+    spec = parallel.abstract_batch(feats, b, self.mesh)['feats']
+    for method in sorted({'greedy', self.config.decoding.method}):
+      self._decode_fn(method).check(params, spec, host_bytes=b * feats['feats'].nbytes)
 
   def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
     """Captions (word lists) for every image of a split."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
 
+from cnn_caption import memory
 from cnn_caption import models
 from cnn_caption import parallel
 from cnn_caption import plots
@@ -32,7 +32,9 @@ class ClassificationTask:
     self.model = models.create_model(config)
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-    self._eval_fn = jax.jit(self._eval_counts)
+    self._eval_fn = memory.CheckedJit(
+      self._eval_counts, knob='eval_batch_size', value=config.eval_batch_size, what='evaluation'
+    )
 
   def example_inputs(self) -> tuple:
     return models.example_inputs(self.config)
@@ -72,9 +74,21 @@ class ClassificationTask:
     nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
     return correct.sum(), jnp.where(mask, nll, 0.0).sum()
 
-  def evaluate(self, params, split: str) -> dict[str, float]:
+  def _fetch(self, split: str):
     images, labels = self.splits[split]
-    fetch = lambda rows: {'image': fashion_mnist.to_float(images[rows]), 'label': labels[rows]}
+    return lambda rows: {'image': fashion_mnist.to_float(images[rows]), 'label': labels[rows]}
+
+  def check_memory(self, params) -> None:
+    """Compiles evaluation for config.eval_batch_size and stops with one line if a call cannot fit."""
+    b = self.config.eval_batch_size
+    example = {**self._fetch('val')(slice(0, 1)), 'mask': np.ones(1, bool)}
+    self._eval_fn.check(
+      params, parallel.abstract_batch(example, b, self.mesh), host_bytes=b * sum(v[0].nbytes for v in example.values())
+    )
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    labels = self.splits[split][1]
+    fetch = self._fetch(split)
     correct, nll = 0, 0.0
     for batch, _ in parallel.padded_batches(len(labels), self.config.eval_batch_size, fetch):
       c, batch_nll = self._eval_fn(params, parallel.shard_batch(batch, self.mesh))
