@@ -49,6 +49,7 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
   sys.path.insert(0, ROOT)
   from cnn_caption import models  # pylint: disable=g-import-not-at-top
   from cnn_caption import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption import parallel  # pylint: disable=g-import-not-at-top
   from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
 
@@ -95,10 +96,15 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
   # The task's own decoding closures, jitted as CaptioningTask._decode_fn does, on a stand-in task object
   # (the real one needs a dataset); eos_id = VOCAB is never emitted, so all LEN steps run.
   stand_in = types.SimpleNamespace(
-    config=config, model=model, _decoders={}, vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB)
+    config=config,
+    model=model,
+    mesh=parallel.make_mesh(),
+    _decoders={},
+    vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB),
   )
   decode_fn = captioning.CaptioningTask._decode_fn  # pylint: disable=protected-access
-  decode = {method: decode_fn(stand_in, method) for method in ('greedy', 'beam')}
+  d = config.decoding
+  decode = {'greedy': decode_fn(stand_in, 1), 'beam': decode_fn(stand_in, d.beam_size, d.length_penalty)}
   feats_dev = jnp.asarray(feats)
   for f in decode.values():
     jax.block_until_ready(f(params, feats_dev))

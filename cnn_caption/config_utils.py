@@ -135,6 +135,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'decoding.method', lambda v: v in ('greedy', 'beam'), "'greedy' or 'beam'")
   _check(config, 'decoding.beam_size', pos_int, 'a positive integer')
   _check(config, 'decoding.max_len', pos_int, 'a positive integer')
+  _check(config, 'decoding.val_beam_sizes', lambda v: not v or pos_ints(v), 'a tuple of positive beam sizes')
+  _check(
+    config,
+    'decoding.val_length_penalties',
+    lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+    'a tuple of finite numbers',
+  )
   _check(config, 'data.augment_pad', nonneg_int, 'an integer >= 0 (0 = no random crops)')
   _check(
     config,

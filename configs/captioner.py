@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.decoding.beam_size = 3  # beam search width
   config.decoding.length_penalty = 1.0  # beam score = logp / len**alpha
   config.decoding.max_len = 30  # generated tokens at most
+  # Non-empty: the test decoding is the (beam size, length penalty) of these that scores best on VAL by
+  # selection_metric (beam size 1 = greedy), replacing method / beam_size / length_penalty above.
+  config.decoding.val_beam_sizes = ()  # e.g. (1, 3, 5)
+  config.decoding.val_length_penalties = ()  # e.g. (0.0, 0.5, 1.0); () = length_penalty above
 
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept

@@ -133,6 +133,18 @@ def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
   assert json.loads(open(os.path.join(full, 'test_captions.json')).read()) == json.loads(
     open(os.path.join(part, 'test_captions.json')).read()
   )
+  # The finished run again, its test decoding chosen on val: only re-decodes (no training).
+  history = read_jsonl(os.path.join(full, 'metrics.jsonl'))
+  choose = {'decoding.val_beam_sizes': (1, 2), 'decoding.val_length_penalties': (0.0, 1.0)}
+  results = train.train_and_evaluate(smoke(captioner_config, shared_dirs, **choose), full)
+  assert read_jsonl(os.path.join(full, 'metrics.jsonl')) == history
+  tried = results['decoding']['chosen_on_val_from']
+  assert [(t['beam_size'], t['length_penalty']) for t in tried] == [(1, 0.0), (2, 0.0), (2, 1.0)]
+  best = max(tried, key=lambda t: t['val_bleu4'])
+  assert (results['decoding']['beam_size'], results['decoding']['length_penalty']) == (
+    best['beam_size'],
+    best['length_penalty'],
+  )
 
 
 def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, shared_dirs):

@@ -153,37 +153,50 @@ class CaptioningTask:
       'loss_weight': aux['num_tokens'],
     }  # the epoch loss is a mean over tokens, not over batches
 
-  def _decode_fn(self, method: str):
-    if method not in self._decoders:
-      d = self.config.decoding
-      kwargs = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len)
-      if method == 'greedy':
+  def _decode_fn(self, beam_size: int = 1, length_penalty: float = 1.0):
+    """Jitted decoding: greedy for beam_size 1, else beam search (compiled once per setting)."""
+    key = (1, 0.0) if beam_size == 1 else (beam_size, float(length_penalty))
+    if key not in self._decoders:
+      kwargs = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len)
+      if beam_size == 1:
         fn = lambda params, feats: decoders.greedy_decode(self.model, params, feats, **kwargs)[0]
       else:
         fn = lambda params, feats: decoders.beam_search(
-          self.model, params, feats, beam_size=d.beam_size, length_penalty=d.length_penalty, **kwargs
+          self.model, params, feats, beam_size=beam_size, length_penalty=length_penalty, **kwargs
         )
       # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
-      self._decoders[method] = memory.CheckedJit(
+      self._decoders[key] = memory.CheckedJit(
         fn,
         knob='eval_batch_size',
         value=self.config.eval_batch_size,
-        what=f'{method} decoding',
+        what='greedy decoding' if beam_size == 1 else f'beam-{beam_size} decoding',
         out_shardings=parallel.replicated(self.mesh),
       )
-    return self._decoders[method]
+    return self._decoders[key]
+
+  def _configured_decoding(self) -> tuple[int, float]:
+    """(beam_size, length_penalty) of config.decoding; beam size 1 is greedy."""
+    d = self.config.decoding
+    return (d.beam_size, d.length_penalty) if d.method == 'beam' else (1, d.length_penalty)
+
+  def _decoding_candidates(self) -> list[tuple[int, float]]:
+    """config.decoding.val_beam_sizes x val_length_penalties (beam size 1 once), or [] to use config.decoding."""
+    d = self.config.decoding
+    sizes = tuple(d.get('val_beam_sizes') or ())
+    penalties = tuple(d.get('val_length_penalties') or ()) or (d.length_penalty,)
+    return sorted({(1, 0.0) if b == 1 else (b, float(lp)) for b in sizes for lp in penalties})
 
   def check_memory(self, params) -> None:
-    """Compiles greedy decoding (and config.decoding.method's) for eval_batch_size; one line if it cannot fit."""
+    """Compiles greedy decoding (and the test decodings) for eval_batch_size; one line if one cannot fit."""
     b = self.config.eval_batch_size
     feats = {'feats': np.zeros((1, *self.feats['val'].shape[1:]), np.float32)}
     spec = parallel.abstract_batch(feats, b, self.mesh)['feats']
-    for method in sorted({'greedy', self.config.decoding.method}):
-      self._decode_fn(method).check(params, spec, host_bytes=b * feats['feats'].nbytes)
+    for setting in {(1, 0.0), self._configured_decoding(), *self._decoding_candidates()}:
+      self._decode_fn(*setting).check(params, spec, host_bytes=b * feats['feats'].nbytes)
 
-  def decode(self, params, split: str, method: str = 'greedy') -> list[list[str]]:
-    """Captions (word lists) for every image of a split."""
-    fn = self._decode_fn(method)
+  def decode(self, params, split: str, beam_size: int = 1, length_penalty: float = 1.0) -> list[list[str]]:
+    """Captions (word lists) for every image of a split: greedy, or beam search for beam_size > 1."""
+    fn = self._decode_fn(beam_size, length_penalty)
     feats = self.feats[split]
     fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
     out = []
@@ -200,27 +213,47 @@ class CaptioningTask:
     return scores
 
   def evaluate(self, params, split: str) -> dict[str, float]:
-    return self._scores(split, self.decode(params, split, 'greedy'))
+    return self._scores(split, self.decode(params, split))
 
   def save_assets(self, workdir: str) -> None:
     self.vocab.save(os.path.join(workdir, VOCAB_FILE))  # config.json: written by the trainer for every task
 
+  def _choose_decoding(self, params) -> tuple[tuple[int, float], list[dict]]:
+    """The (beam size, length penalty) best on VAL by the selection metric, and every candidate's score."""
+    candidates = self._decoding_candidates()
+    if not candidates:
+      return self._configured_decoding(), []
+    metric = self.selection_metric
+    tried = []
+    for beam_size, length_penalty in candidates:
+      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty))[metric]
+      tried.append({'beam_size': beam_size, 'length_penalty': length_penalty, f'val_{metric}': value})
+      logging.info('decoding on val: beam %d, length penalty %.2f: %s %.4f', beam_size, length_penalty, metric, value)
+    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: the smaller beam
+    return (best['beam_size'], best['length_penalty']), tried
+
   def final_results(self, params, best_params, workdir: str) -> dict:
-    """Test metrics (METEOR too) of the best epoch's parameters with config.decoding.method (and greedy)."""
+    """Test metrics (METEOR too) of the best epoch's parameters with the test decoding (and greedy).
+
+    The test decoding is config.decoding's, or, when config.decoding.val_beam_sizes is set, the beam size
+    and length penalty that score best on val (the selection metric): never chosen on test.
+    """
     del params
-    method = self.config.decoding.method
-    hyps = self.decode(best_params, 'test', method)
+    (beam_size, length_penalty), tried = self._choose_decoding(best_params)
+    hyps = self.decode(best_params, 'test', beam_size, length_penalty)
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
     results['decoding'] = {
-      'method': method,
-      'beam_size': self.config.decoding.beam_size if method == 'beam' else 1,
+      'method': 'greedy' if beam_size == 1 else 'beam',
+      'beam_size': beam_size,
       'max_len': self.config.decoding.max_len,
-      'length_penalty': self.config.decoding.length_penalty,
+      'length_penalty': length_penalty,
     }
-    if method != 'greedy':
-      greedy = self._scores('test', self.decode(best_params, 'test', 'greedy'))
+    if tried:
+      results['decoding']['chosen_on_val_from'] = tried
+    if beam_size != 1:
+      greedy = self._scores('test', self.decode(best_params, 'test'))
       results.update({f'test_greedy_{k}': v for k, v in greedy.items()})
     results['dataset'] = 'synthetic' if self.synthetic else self.config.data.dir
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
