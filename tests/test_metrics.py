@@ -1,5 +1,6 @@
 """Caption metrics: BLEU, ROUGE-L and CIDEr-D against hand-worked values and pycocoevalcap; METEOR."""
 
+import json
 import math
 from unittest import mock
 import warnings
@@ -199,3 +200,21 @@ def test_paired_bootstrap_ci():
   assert 0.0 < out['p_a_not_better'] < 0.5
   with pytest.raises(ValueError, match='equal-length'):
     metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])
+
+
+def test_compare_two_workdirs_pairs_images_by_name(tmp_path, capsys):
+  from cnn_caption import compare  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0, 5, 60)
+  for name, shift, order in (('a', 0.5, slice(None)), ('b', 0.0, slice(None, None, -1))):
+    rows = [{'image_name': f'{i}.jpg', 'caption': ['x'], 'cider': base[i] + shift, 'rouge_l': 0.5} for i in range(60)]
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'test_captions.json').write_text(json.dumps(rows[order]))  # B lists them in reverse
+  out = compare.compare(str(tmp_path / 'a'), str(tmp_path / 'b'), resamples=500)
+  assert out['cider']['mean_diff'] == pytest.approx(0.5) and out['cider']['low'] == pytest.approx(0.5)
+  assert out['rouge_l']['mean_diff'] == 0.0
+  assert compare.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--resamples=100']) == 0
+  assert 'A-B +0.5000' in capsys.readouterr().out
+  assert compare.main([str(tmp_path / 'a'), str(tmp_path / 'missing')]) == 2
+  assert capsys.readouterr().err.count('\n') == 1

@@ -1,0 +1,78 @@
+"""Are two captioners different on the same test images? A paired bootstrap over their per-image scores.
+
+  python -m cnn_caption.compare WORKDIR_A WORKDIR_B [--resamples=10000] [--seed=0]
+
+Reads each workdir's test_captions.json (written by every captioning run: per-image CIDEr-D and ROUGE-L),
+pairs the images by name and prints, per metric, both means, the mean difference A - B, its 95%
+percentile-bootstrap interval and the fraction of resamples in which A is not better. Exit code 2 with
+one line when a workdir lacks the file or the two were scored on different images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from cnn_caption import metrics
+from cnn_caption.errors import UserError
+
+METRICS = ('cider', 'rouge_l')
+
+
+def _per_image(workdir: str) -> dict[str, dict]:
+  path = os.path.join(workdir, 'test_captions.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      rows = json.load(f)
+    return {r['image_name']: r for r in rows}
+  except OSError as e:
+    raise UserError(f'{path}: {e.strerror}; pass the workdir of a finished captioning run') from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path} is not a test_captions.json ({e}); rerun the captioning command to rewrite it') from None
+
+
+def compare(workdir_a: str, workdir_b: str, *, resamples: int = 10000, seed: int = 0) -> dict[str, dict]:
+  """{metric: {'mean_a', 'mean_b', 'mean_diff', 'low', 'high', 'p_a_not_better'}} over the shared test images."""
+  a, b = _per_image(workdir_a), _per_image(workdir_b)
+  if set(a) != set(b):
+    raise UserError(
+      f'{workdir_a} and {workdir_b} captioned different test images ({len(set(a) ^ set(b))} differ): '
+      'compare runs on the same data and split'
+    )
+  names = sorted(a)
+  out = {}
+  for metric in METRICS:
+    sa = np.array([a[n][metric] for n in names], np.float64)
+    sb = np.array([b[n][metric] for n in names], np.float64)
+    ci = metrics.paired_bootstrap_ci(sa, sb, num_resamples=resamples, seed=seed)
+    out[metric] = {'mean_a': float(sa.mean()), 'mean_b': float(sb.mean()), **ci}
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdir_a')
+  parser.add_argument('workdir_b')
+  parser.add_argument('--resamples', type=int, default=10000)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    result = compare(args.workdir_a, args.workdir_b, resamples=args.resamples, seed=args.seed)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'A = {args.workdir_a}\nB = {args.workdir_b}\npaired bootstrap over test images, {args.resamples} resamples')
+  for metric, r in result.items():
+    print(
+      f'  {metric}: A {r["mean_a"]:.4f}  B {r["mean_b"]:.4f}  A-B {r["mean_diff"]:+.4f}  '
+      f'95% CI [{r["low"]:+.4f}, {r["high"]:+.4f}]  P(A not better) {r["p_a_not_better"]:.3f}'
+    )
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
