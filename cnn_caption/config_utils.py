@@ -181,6 +181,7 @@ RESUME_SAFE_FIELDS = (
   'eval_batch_size',
   'steps_per_call',
   'early_stopping_patience',
+  'meteor_at_test',
   'checkpoint',
   'decoding',
   'sweep',
