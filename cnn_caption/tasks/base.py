@@ -27,6 +27,10 @@ class Task(Protocol):
 
     `indices` holds len(indices) // batch_size consecutive steps' examples, the first being global step
     `step`: random augmentation seeded by (seed, step) repeats exactly on resume.
+
+    A task with the class attribute `on_policy = True` (self-critical training, tasks/scst.py) is called
+    as train_batch(indices, step, params=the current parameters), one step per call: its batches are
+    sampled from the model being trained.
     """
 
   def loss(self, params: Params, batch: Batch, *, apply_fn, rngs: dict, train: bool) -> tuple[jax.Array, dict]:
