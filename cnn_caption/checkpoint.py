@@ -149,6 +149,25 @@ class Checkpointer:
     self.manager.close()
 
 
+def best_params(workdir: str) -> tuple[str, int, Any] | None:
+  """(directory, step, params) of a training workdir's best epoch, else its newest step; None if it has none.
+
+  Only reads (nothing is saved, so nothing is pruned): captioning from a workdir, SCST's init_from.
+  """
+  for sub in ('checkpoints_best', 'checkpoints'):
+    directory = os.path.join(workdir, sub)
+    if not os.path.isdir(directory):
+      continue
+    reader = Checkpointer(directory, 1)
+    try:
+      step = reader.latest_step()
+      if step is not None:
+        return directory, step, reader.restore_params(step)
+    finally:
+      reader.close()
+  return None
+
+
 def _restore_args(target) -> ocp.args.Composite:
   """The state into target's shapes and shardings, and the JSON metadata."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)

@@ -263,20 +263,10 @@ class Trainer:
 
   def _init_params(self, params, init_from: str):
     """Parameters of another workdir (its best epoch, else its newest step), checked against this model."""
-    for sub in ('checkpoints_best', 'checkpoints'):
-      directory = os.path.join(init_from, sub)
-      if not os.path.isdir(directory):
-        continue
-      reader = checkpoint_lib.Checkpointer(directory, 1)  # only read: nothing is saved, so nothing is pruned
-      try:
-        step = reader.latest_step()
-        loaded = None if step is None else reader.restore_params(step)
-      finally:
-        reader.close()
-      if loaded is not None:
-        break
-    else:
+    found = checkpoint_lib.best_params(init_from)
+    if found is None:
       raise UserError(f'config.init_from={init_from} holds no checkpoint: point it at a finished training workdir')
+    directory, step, loaded = found
     want = jax.tree.map(lambda p: (tuple(p.shape), str(p.dtype)), params)
     got = jax.tree.map(lambda p: (tuple(p.shape), str(p.dtype)), loaded)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:

@@ -327,17 +327,11 @@ def load_trained(workdir: str):
   config = ml_collections.ConfigDict(saved)
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, VOCAB_FILE))
   model = models.create_model(config, vocab_size=len(vocab))
-  for sub in ('checkpoints_best', 'checkpoints'):
-    directory = os.path.join(workdir, sub)
-    if os.path.isdir(directory):
-      ckpt = checkpoint_lib.Checkpointer(directory, config.checkpoint.max_to_keep)
-      step = ckpt.latest_step()
-      if step is not None:
-        params = ckpt.restore_params(step)
-        ckpt.close()
-        logging.info('caption: parameters from %s/%d', directory, step)
-        return config, vocab, model, params
-      ckpt.close()
+  found = checkpoint_lib.best_params(workdir)
+  if found is not None:
+    directory, step, params = found
+    logging.info('caption: parameters from %s/%d', directory, step)
+    return config, vocab, model, params
   raise UserError(f'no checkpoint in {workdir}: train first with --mode=train --workdir={workdir}')
 
 
