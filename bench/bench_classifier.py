@@ -177,6 +177,15 @@ def main():
         'classifier_train', f'train_b{batch_size}', 'samples/s', results['project'], peers, flops, peak, **extra
       )
     )
+    if args.profile:
+      trace_dir = os.path.join(args.profile, f'classifier_train_b{batch_size}')
+      common.emit(
+        {
+          'bench': 'classifier_train',
+          'path': f'train_b{batch_size}',
+          'profile': common.profiled(trace_dir, sides['project']),
+        }
+      )
   os.sched_setaffinity(0, cores)
   if args.sweep:
     common.emit(sweep(args.sweep_args.split(), args.sweep_workdir))

@@ -191,6 +191,10 @@ def main():
     )
     record['cost_vs_greedy'] = round(sorted(greedy)[len(greedy) // 2] / sorted(beam)[len(beam) // 2], 2)
     common.emit(record)
+    if args.profile:
+      for phase in ('train', 'greedy', 'beam'):
+        trace = common.profiled(os.path.join(args.profile, f'{variant}_{phase}'), project[variant][phase])
+        common.emit({'bench': 'decoders', 'path': f'{variant}_{phase}', 'profile': trace})
 
 
 if __name__ == '__main__':

@@ -1,18 +1,20 @@
 """Feature store cost as the data set grows: peak RSS of training and feature extraction speed. JSON lines.
 
-  python bench/bench_feature_store.py --sizes=1000,5000,20000 --image_size=32
+  python bench/bench_feature_store.py --sizes=1000,5000,20000 --image_size=96
   python bench/bench_feature_store.py --sizes=1000 --peer_python=/work/peer-venv/bin/python   # + torch Lite0
 
-For each size a fresh pinned child process builds the synthetic captioned-scenes set
-(cnn_caption/data/synthetic.py), constructs the real captioning task (which extracts the features into the
-on-disk store; images/s of that extraction is reported per core), resets its peak-RSS counter
-(/proc/self/clear_refs), then trains `--steps` jitted train steps reading every batch through the task's
-`train_batch` (a random permutation of the captions, so reads are spread over the whole store) and reports
-the training peak RSS (VmHWM) and steps/s. With --peer_python, a PyTorch EfficientNet-Lite0 forward written
-here (same layer layout, random weights, channels-last, one thread) gives images/s on the same core.
+For each size, two fresh pinned child processes. The first builds the synthetic captioned-scenes set
+(cnn_caption/data/synthetic.py) and constructs the real captioning task, which extracts the features into
+the on-disk store (images/s of that extraction is reported per core). The second is a training process as a
+resumed run starts one: it constructs the task (finding the store), then trains `--steps` jitted train steps
+reading every batch through the task's `train_batch` (a random permutation of the captions, so reads are
+spread over the whole store). Its peak RSS (VmHWM, the whole process from start to end) and steps/s are
+reported. With --peer_python, a PyTorch EfficientNet-Lite0 forward written here (same layer layout, random
+weights, channels-last, one thread) gives images/s on the same core.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = common.ROOT
+
+
+def _rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    status = dict(line.split(':', 1) for line in f if ':' in line)
+  return round(int(status['VmRSS'].split()[0]) / 1024, 1)
 
 
 def child(args) -> None:
@@ -49,18 +57,27 @@ def child(args) -> None:
   config.data.synthetic_dir = os.path.join(args.workdir, f'synthetic_{args.size}_{args.image_size}')
   config.encoder.cache_dir = os.path.join(args.workdir, 'features')
   config.batch_size = args.batch_size
-  t0 = time.time()
-  synthetic.make_synthetic_dataset(config.data.synthetic_dir, args.size, args.image_size, config.seed)
-  data_s = time.time() - t0
-  t0 = time.time()
+  if args.phase == 'extract':
+    t0 = time.time()
+    synthetic.make_synthetic_dataset(config.data.synthetic_dir, args.size, args.image_size, config.seed)
+    data_s = time.time() - t0
+    t0 = time.time()
+    captioning.CaptioningTask(config, args.workdir, parallel.make_mesh())
+    extract_s = time.time() - t0
+    common.emit(
+      {
+        'data_s': round(data_s, 1),
+        'extract_and_task_s': round(extract_s, 1),
+        'extract_images_per_s_per_core': round(args.size / extract_s, 1),
+      }
+    )
+    return
   task = captioning.CaptioningTask(config, args.workdir, parallel.make_mesh())
-  extract_s = time.time() - t0
+  task_rss_mb = _rss_mb()
   tx = optim.make_optimizer(config.optimizer, 1000)
   state = train.create_train_state(task.model, task.example_inputs(), jax.random.key(0), tx)
   step = jax.jit(functools.partial(train.train_step, task=task), donate_argnums=0)
   order = np.random.default_rng(0).permutation(task.num_train)
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')  # resets VmHWM: the peak below is training's, not extraction's
   key = jax.random.key(1)
   state, m = step(state, task.train_batch(order[: config.batch_size], 0), key)
   jax.block_until_ready(m)
@@ -88,9 +105,7 @@ def child(args) -> None:
         / 2**20,
         1,
       ),
-      'data_s': round(data_s, 1),
-      'extract_and_task_s': round(extract_s, 1),
-      'extract_images_per_s_per_core': round(args.size / extract_s, 1),
+      'task_rss_mb': task_rss_mb,
       'train_peak_rss_mb': round(int(status['VmHWM'].split()[0]) / 1024, 1),
       'train_steps_per_s': round(steps_s, 2),
       'batch_size': config.batch_size,
@@ -108,6 +123,7 @@ def main():
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--workdir', default=None, help='default: a temporary folder')
   parser.add_argument('--size', type=int, default=0, help=argparse.SUPPRESS)  # child mode
+  parser.add_argument('--phase', default='train', help=argparse.SUPPRESS)  # child mode: extract | train
   args = parser.parse_args()
   if args.size:
     child(args)
@@ -116,22 +132,27 @@ def main():
   common.pin(args.core)
   common.emit(common.header(args, 'feature_store'))
   for size in (int(s) for s in args.sizes.split(',')):
-    cmd = [
-      sys.executable,
-      __file__,
-      f'--size={size}',
-      f'--core={args.core}',
-      f'--image_size={args.image_size}',
-      f'--steps={args.steps}',
-      f'--batch_size={args.batch_size}',
-      f'--workdir={workdir}',
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith('{')]
-    if out.returncode or not lines:
-      common.emit({'bench': 'feature_store', 'images': size, 'error': out.stderr[-800:]})
-    for line in lines:
-      print(line, flush=True)
+    record = {}
+    for phase in ('extract', 'train'):
+      cmd = [
+        sys.executable,
+        __file__,
+        f'--size={size}',
+        f'--phase={phase}',
+        f'--core={args.core}',
+        f'--image_size={args.image_size}',
+        f'--steps={args.steps}',
+        f'--batch_size={args.batch_size}',
+        f'--workdir={workdir}',
+      ]
+      out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+      if out.returncode or not lines:
+        record = {'bench': 'feature_store', 'images': size, 'phase': phase, 'error': out.stderr[-800:]}
+        break
+      for line in lines:
+        record.update(line)
+    common.emit(record)
   if args.peer_python:
     rate = common.torch_lite0(args, args.image_size)
     common.emit(

@@ -30,6 +30,9 @@ def add_common_flags(parser) -> None:
     help='python of the PyTorch peer venv (e.g. /work/peer-venv/bin/python); none -> no peer',
   )
   parser.add_argument('--peers_dir', default=DEFAULT_PEERS, help='folder with torch_cnn.py, torch_captioner.py')
+  parser.add_argument(
+    '--profile', default=None, help='folder: after the timings, trace one more project run of each path there'
+  )
 
 
 def pin(core: int) -> None:
@@ -186,3 +189,54 @@ def torch_lite0(args, image_size: int, batch: int = 32, reps: int = 10) -> float
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
   return lines[0]['images_per_s'] if lines else None
+
+
+def profiled(trace_dir: str, fn: Callable[[], object]) -> dict:
+  """Runs `fn` once inside a jax.profiler trace and summarises where XLA's time went.
+
+  The trace (TensorBoard profile plugin / Perfetto) stays in `trace_dir`. The summary adds up the duration
+  of every executed XLA:CPU thunk (trace events carrying an `hlo_op`), per op and per kind of op (the name
+  without its numeric suffix: fusion, convolution, ynn_fusion (a YNNPACK matmul fusion), while, copy, ...),
+  and gives each one's share of the total thunk time and the wall time of the call.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  before = set(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True))
+  t0 = time.perf_counter()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    fn()
+  wall_us = (time.perf_counter() - t0) * 1e6
+  (path,) = set(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)) - before
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data['traceEvents'] if isinstance(data, dict) else data
+  per_op, per_kind, calls = collections.Counter(), collections.Counter(), collections.Counter()
+  for e in events:
+    op = (e.get('args') or {}).get('hlo_op')
+    if e.get('ph') != 'X' or not op:
+      continue
+    per_op[op] += e['dur']
+    calls[op] += 1
+    per_kind[re.sub(r'[._]\d+$', '', op)] += e['dur']
+  total = sum(per_op.values()) or 1.0
+  # A while op's duration contains its body's thunks: report it, but do not count it twice in the shares.
+  loops = {op for op in per_op if op.startswith('while')}
+  inner = sum(v for op, v in per_op.items() if op not in loops) or 1.0
+  return {
+    'trace': path,
+    'wall_ms': round(wall_us / 1e3, 1),
+    'xla_ms': round(sum(v for op, v in per_op.items() if op not in loops) / 1e3, 1),
+    'loop_ms': {op: round(per_op[op] / 1e3, 1) for op in sorted(loops)},
+    'top_ops': [
+      {'op': op, 'share': round(v / inner, 3), 'ms': round(v / 1e3, 1), 'calls': calls[op]}
+      for op, v in per_op.most_common(14)
+      if op not in loops
+    ][:12],
+    'kinds': {k: round(v / inner, 3) for k, v in per_kind.most_common() if not k.startswith('while')},
+    'total_including_loops_ms': round(total / 1e3, 1),
+  }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -65,12 +66,35 @@ def _entry_path(folder: str, image_path: str) -> str:
   return os.path.join(folder, _digest(_file_identity(image_path))[:32] + '.npy')
 
 
-def _read_entry(path: str, shape: tuple[int, int]) -> np.ndarray | None:
+@functools.lru_cache(maxsize=8)
+def _entry_header(shape: tuple[int, ...]) -> bytes:
+  """The exact .npy header np.save writes for a float16 array of `shape` (every entry of a folder has it)."""
+  buf = io.BytesIO()
+  np.save(buf, np.zeros(shape, FEATURE_DTYPE), allow_pickle=False)
+  return buf.getvalue()[: buf.tell() - int(np.prod(shape)) * np.dtype(FEATURE_DTYPE).itemsize]
+
+
+def _entry_ok(path: str, shape: tuple[int, ...]) -> bool:
+  """Whether a cache entry is complete: np.save's header for `shape` and the full data length after it.
+
+  Reads the header bytes only, so checking a large cache neither reads nor holds its features.
+  """
+  header = _entry_header(shape)
   try:
-    feats = np.load(path, allow_pickle=False)
-  except (OSError, ValueError):
-    return None
-  return feats if feats.shape == shape and feats.dtype == FEATURE_DTYPE else None
+    with open(path, 'rb', buffering=0) as f:
+      if os.fstat(f.fileno()).st_size != len(header) + int(np.prod(shape)) * np.dtype(FEATURE_DTYPE).itemsize:
+        return False
+      return f.read(len(header)) == header
+  except OSError:
+    return False
+
+
+def _read_entry_into(path: str, out: np.ndarray) -> None:
+  """Reads an entry that `_entry_ok` accepted into `out` (float16 of its shape), with no new buffer."""
+  with open(path, 'rb', buffering=0) as f:
+    got = os.preadv(f.fileno(), [memoryview(out).cast('B')], len(_entry_header(out.shape)))
+  if got != out.nbytes:
+    raise UserError(f'feature cache entry {path} changed while it was read; run again')
 
 
 class FeatureStore:
@@ -224,7 +248,7 @@ def extract_features(
         raise UserError(f'image {path} does not exist') from None
       failures.append(f'image {path} does not exist')
       continue
-    if os.path.exists(entries[i]) and _read_entry(entries[i], tuple(regions_shape)) is not None:
+    if _entry_ok(entries[i], tuple(regions_shape)):
       ok_mask[i] = True
     else:
       todo.append(i)
@@ -256,7 +280,7 @@ def extract_features(
     by_others = set(todo) - set(mine)
     cached_late = {i for i in range(num) if entries[i] and not ok_mask[i]} - set(todo)  # after this one looked
     for i in sorted(by_others | cached_late):
-      if _read_entry(entries[i], tuple(regions_shape)) is None:
+      if not _entry_ok(entries[i], tuple(regions_shape)):
         failures.append(f"image {image_paths[i]} could not be encoded (see the other processes' warnings)")
       else:
         ok_mask[i] = True
@@ -266,14 +290,19 @@ def extract_features(
   names = [os.path.basename(e) if ok else None for e, ok in zip(entries, ok_mask)]
   store = os.path.join(folder, f'store-{_digest(names)[:32]}.npy')
 
+  def rows():
+    # One reused buffer: streaming a large cache into the store leaves no per-image allocations behind.
+    row = np.zeros(regions_shape, FEATURE_DTYPE)
+    for e, ok in zip(entries, ok_mask):
+      if ok:
+        _read_entry_into(e, row)
+      else:
+        row[...] = 0
+      yield row
+
   def write_store():
     if not os.path.exists(store):
-      zeros = np.zeros(regions_shape, FEATURE_DTYPE)
-      _write_store(
-        store,
-        (num, *regions_shape),
-        (_read_entry(e, tuple(regions_shape)) if ok else zeros for e, ok in zip(entries, ok_mask)),
-      )
+      _write_store(store, (num, *regions_shape), rows())
 
   parallel.main_first(write_store)  # one writer; the other processes then read it
   return FeatureStore(store), ok_mask

@@ -155,6 +155,40 @@ def test_dataset_level_errors(tmp_path):
     captions.load_karpathy(root, on_error='ignore')
 
 
+@pytest.mark.parametrize(
+  'text',
+  [
+    '{"images": [{"a": 1}, {"b": [1, {"c": "]}"}]}], "dataset": "x"}',
+    ' {"dataset": "x" ,\n "images" : [ ] }\n',
+    '{"images": [1], "images_extra": {"images": [2]}}',
+    '{"images": [{"a": 1}, ',
+    '{"images": [1] } x',
+    '{"images": [1,]}',
+    '{"images": [1] "x": 2}',
+    '{"images": [1], }',
+    '',
+    'nul',
+  ],
+)
+def test_dataset_json_is_decoded_item_by_item_like_json_load(text):
+  """The item-by-item reader gives json's items for valid files and json's message (and position) for bad ones."""
+  try:
+    expected = json.loads(text)['images']
+  except json.JSONDecodeError as e:
+    with pytest.raises(json.JSONDecodeError) as got:
+      list(captions._karpathy_images(text))  # pylint: disable=protected-access
+    assert (got.value.msg, got.value.pos) == (e.msg, e.pos)
+  else:
+    assert list(captions._karpathy_images(text)) == expected  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('text', ['{}', '[1, 2]', '{"images": {"a": 1}}', '"images"'])
+def test_valid_json_without_an_images_list_is_named(tmp_path, text):
+  (tmp_path / 'dataset.json').write_text(text)
+  with pytest.raises(UserError, match='expected a JSON object with an "images" list'):
+    captions.load_karpathy(str(tmp_path))
+
+
 def test_duplicate_image_is_a_bad_entry(tmp_path):
   images = _good_images()
   images[3]['filename'] = 'a.jpg'

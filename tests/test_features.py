@@ -130,6 +130,33 @@ def test_stale_entries_are_rebuilt(tmp_path, images_dir, monkeypatch):
   assert len(os.listdir(cache)) == 2
 
 
+def test_damaged_entries_are_recomputed_and_good_ones_are_not_read(tmp_path, images_dir, monkeypatch):
+  counter = _Counter(monkeypatch)
+  cache = str(tmp_path / 'cache')
+  first, _ = features.extract_features('efficientnet_lite0', None, images_dir[:3], 32, cache, 2)
+  want = np.asarray(first)
+  folder = glob.glob(os.path.join(cache, '*'))[0]
+  entries = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith('.npy') and 'store-' not in n)
+  assert len(entries) == 3 and counter.images == 3
+  with open(entries[0], 'r+b') as f:
+    f.truncate(os.path.getsize(entries[0]) - 2)  # cut short
+  with open(entries[1], 'r+b') as f:
+    f.seek(20)
+    f.write(b'X')  # header changed, length kept
+  for store in glob.glob(os.path.join(folder, 'store-*')):
+    os.remove(store)
+  real_load = np.load
+
+  def no_entry_loads(path, *args, **kwargs):
+    assert 'store-' in os.path.basename(path), f'np.load of the cache entry {path}'  # the store's header is fine
+    return real_load(path, *args, **kwargs)
+
+  monkeypatch.setattr(np, 'load', no_entry_loads)
+  again, ok = features.extract_features('efficientnet_lite0', None, images_dir[:3], 32, cache, 2)
+  assert ok.all() and counter.images == 3 + 2  # the two damaged entries were encoded again, the good one not
+  np.testing.assert_array_equal(np.asarray(again), want)
+
+
 def test_a_crash_mid_write_leaves_no_entry(tmp_path, images_dir, monkeypatch):
   cache = str(tmp_path / 'cache')
 

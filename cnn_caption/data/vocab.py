@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -170,4 +171,5 @@ def encode_captions(
 
 def references(entries: Sequence[ImageEntry]) -> list[list[list[str]]]:
   """Lower-cased reference token lists per image, the BLEU references."""
-  return [[[w.lower() for w in caption] for caption in entry.captions] for entry in entries]
+  # Words are interned by the loader: sys.intern shares one string per word across the references.
+  return [[[sys.intern(w.lower()) for w in caption] for caption in entry.captions] for entry in entries]
