@@ -100,6 +100,7 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
     model=model,
     mesh=parallel.make_mesh(),
     _decoders={},
+    ensemble=False,
     vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB),
   )
   decode_fn = captioning.CaptioningTask._decode_fn  # pylint: disable=protected-access

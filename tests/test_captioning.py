@@ -173,3 +173,32 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
   assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
     read_jsonl(os.path.join(clean, 'metrics.jsonl'))
   )
+
+
+def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path, shared_dirs, capsys):
+  from cnn_caption import ensemble  # pylint: disable=g-import-not-at-top
+
+  # Two members of one architecture and vocabulary (the synthetic data follow config.seed, so the members
+  # differ in their training length instead of their seed).
+  runs = [str(tmp_path / f'member{i}') for i in (0, 1)]
+  for epochs, workdir in zip((2, 1), runs):
+    train.train_and_evaluate(smoke(captioner_config, shared_dirs, num_epochs=epochs), workdir)
+  out = str(tmp_path / 'ens')
+  assert ensemble.main([*runs, f'--out={out}', '--val_beam_sizes=1,2']) == 0
+  results = json.load(open(os.path.join(out, 'results.json')))
+  assert results['ensemble_of'] == [os.path.abspath(r) for r in runs]
+  tried = results['decoding']['chosen_on_val_from']
+  assert [t['beam_size'] for t in tried] == [1, 2]
+  assert results['decoding']['beam_size'] == max(tried, key=lambda t: t['val_bleu4'])['beam_size']
+  for key in ('test_bleu1', 'test_bleu4', 'test_rouge_l', 'test_cider'):
+    assert 0.0 <= results[key] <= 10.0
+  captions = json.load(open(os.path.join(out, 'test_captions.json')))
+  assert len(captions) == results['num_images']['test'] and {'cider', 'rouge_l'} <= set(captions[0])
+  # Bad input: one line each, exit code 2, nothing written.
+  capsys.readouterr()
+  assert ensemble.main([runs[0], f'--out={tmp_path / "one"}']) == 2
+  assert ensemble.main([runs[0], runs[0], f'--out={tmp_path / "same"}']) == 2
+  assert ensemble.main([*runs, f'--out={tmp_path / "bad"}', '--val_beam_sizes=0']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith('error: ') for line in err), err
+  assert not any(os.path.exists(tmp_path / d) for d in ('one', 'same', 'bad'))

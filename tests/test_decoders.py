@@ -21,9 +21,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 B, T = 8, 8  # one batch shape for most tests, so that jitted functions compile once per variant
 
-greedy = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len'))
+greedy = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'ensemble'))
 beam = jax.jit(
-  decoders.beam_search, static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty')
+  decoders.beam_search,
+  static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty', 'ensemble'),
 )
 
 
@@ -307,3 +308,31 @@ def test_registry_builds_from_configs(config_file):
   (logits, alphas) = jax.eval_shape(functools.partial(model.apply, train=False), shapes, *inputs)
   assert logits.shape == (2, config.data.max_caption_len + 1, config.model_inputs.vocab_size)
   assert (alphas is None) == (config.model.attention_dim is None)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_ensemble_of_copies_is_the_model_and_of_two_follows_the_mean_probability(variant):
+  model, params, feats, _ = _setup(variant)
+  kw = dict(bos_id=BOS, eos_id=EOS, max_len=T)
+  twice = jax.tree.map(lambda p: jnp.stack([p, p]), params)
+  want, want_alphas = greedy(model, params, feats, **kw)
+  got, got_alphas = greedy(model, twice, feats, ensemble=True, **kw)
+  np.testing.assert_array_equal(got, want)
+  if variant == 'attention':
+    np.testing.assert_allclose(got_alphas, want_alphas, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+    beam(model, twice, feats, beam_size=3, length_penalty=1.0, ensemble=True, **kw),
+    beam(model, params, feats, beam_size=3, length_penalty=1.0, **kw),
+  )
+  # Two different members: every greedy choice is the argmax of the mean of their teacher-forced
+  # probabilities along the ensemble's own caption, which neither member alone produces everywhere.
+  other = _init(model, feats, _data(seed=2)[1], seed=5, scale=3.0)
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, other)
+  out, _ = greedy(model, pair, feats, ensemble=True, bos_id=BOS, eos_id=VOCAB, max_len=T)
+  inputs = jnp.concatenate([jnp.full((B, 1), BOS), out[:, :-1]], axis=1)
+  mean_p = (
+    jax.nn.softmax(_apply(model, params, feats, inputs)[0]) + jax.nn.softmax(_apply(model, other, feats, inputs)[0])
+  ) / 2
+  np.testing.assert_array_equal(out, jnp.argmax(mean_p, -1))
+  alone = [greedy(model, p, feats, bos_id=BOS, eos_id=VOCAB, max_len=T)[0] for p in (params, other)]
+  assert all((np.asarray(out) != np.asarray(a)).any() for a in alone)

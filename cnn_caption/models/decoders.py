@@ -216,16 +216,38 @@ class CaptionDecoder(nn.Module):
     return carry, self.out(h_BxH), alpha_BxN
 
 
-def _decode_start(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, repeat: int):
-  return model.apply({'params': params}, feats_BxNxC, repeat, method=CaptionDecoder.init_state)
+def _decode_start(model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, repeat: int, ensemble: bool = False):
+  """init_state's (cache, carry); with `ensemble`, params carry a leading model axis and so do the outputs."""
+  start = lambda p: model.apply({'params': p}, feats_BxNxC, repeat, method=CaptionDecoder.init_state)
+  return jax.vmap(start)(params) if ensemble else start(params)
 
 
-def _decode_step(model: CaptionDecoder, params: Any, cache: Cache, carry: Carry, token_B: jax.Array):
-  return model.apply({'params': params}, cache, carry, token_B, method=CaptionDecoder.step)
+def _decode_step(
+  model: CaptionDecoder, params: Any, cache: Cache, carry: Carry, token_B: jax.Array, ensemble: bool = False
+):
+  """One step: (carry, scores_BxV, alpha_BxN or None).
+
+  A single model's scores are its logits. An ensemble (params, cache and carry with a leading axis of M
+  models) scores by the log of the mean of the models' probabilities, and its alpha is the models' mean.
+  """
+  step = lambda p, ca, cr: model.apply({'params': p}, ca, cr, token_B, method=CaptionDecoder.step)
+  if not ensemble:
+    return step(params, cache, carry)
+  carry, logits_MxBxV, alpha_MxBxN = jax.vmap(step)(params, cache, carry)
+  logp_MxBxV = jax.nn.log_softmax(logits_MxBxV.astype(jnp.float32), axis=-1)
+  logp_BxV = jax.nn.logsumexp(logp_MxBxV, axis=0) - jnp.log(jnp.float32(logp_MxBxV.shape[0]))
+  return carry, logp_BxV, None if alpha_MxBxN is None else alpha_MxBxN.mean(0)
 
 
 def greedy_decode(
-  model: CaptionDecoder, params: Any, feats_BxNxC: jax.Array, *, bos_id: int, eos_id: int, max_len: int
+  model: CaptionDecoder,
+  params: Any,
+  feats_BxNxC: jax.Array,
+  *,
+  bos_id: int,
+  eos_id: int,
+  max_len: int,
+  ensemble: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Greedy captions (argmax fed back) in one while loop that ends early once every caption has ended.
 
@@ -239,13 +261,15 @@ def greedy_decode(
     bos_id: first input token.
     eos_id: end token; it is kept in the output, every position after it is PAD (0).
     max_len: generated tokens at most (BOS not counted).
+    ensemble: params stack M models of this architecture (leading axis; e.g. seeds): each step takes the
+      argmax of their mean probability, and alphas are their mean.
 
   Returns:
     (tokens_BxL int32, alphas_BxLxN or None): alphas[:, t] is the attention used to choose token t,
     zero after EOS.
   """
   batch, num_regions = feats_BxNxC.shape[:2]
-  cache, carry = _decode_start(model, params, feats_BxNxC, 1)
+  cache, carry = _decode_start(model, params, feats_BxNxC, 1, ensemble)
   with_alphas = model.attention_dim is not None
   state = {
     't': jnp.int32(0),
@@ -261,7 +285,7 @@ def greedy_decode(
     return (s['t'] < max_len) & ~jnp.all(s['done'])
 
   def body(s):
-    carry, logits_BxV, alpha_BxN = _decode_step(model, params, cache, s['carry'], s['last'])
+    carry, logits_BxV, alpha_BxN = _decode_step(model, params, cache, s['carry'], s['last'], ensemble)
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     token_B = jnp.where(s['done'], PAD_ID, token_B)
     new = {
@@ -290,6 +314,7 @@ def beam_search(
   max_len: int,
   beam_size: int,
   length_penalty: float = 1.0,
+  ensemble: bool = False,
 ) -> jax.Array:
   """Best caption per image by beam search; batched over images, one while loop.
 
@@ -301,6 +326,7 @@ def beam_search(
   counting generated tokens up to and including EOS. beam_size=1 is exactly greedy decoding for every
   length_penalty. Like greedy decoding it may emit any id, PAD included, from an untrained model.
   Jit at the call site with model, bos_id, eos_id, max_len, beam_size and length_penalty static.
+  `ensemble`: params stack M models (leading axis), scored by the log of their mean probability.
 
   Returns:
     tokens_BxL int32, EOS kept, PAD (0) after it.
@@ -309,7 +335,8 @@ def beam_search(
   if not 1 <= k < vocab:
     raise UserError(f'config.decoding.beam_size={beam_size} must be in [1, vocabulary size {vocab})')
   batch = feats_BxNxC.shape[0]
-  cache, carry = _decode_start(model, params, feats_BxNxC, k)
+  cache, carry = _decode_start(model, params, feats_BxNxC, k, ensemble)
+  rows = (lambda x, i: x[:, i]) if ensemble else (lambda x, i: x[i])  # carry rows sit behind the model axis
   neg_inf = jnp.float32(-jnp.inf)
   image_B1 = jnp.arange(batch)[:, None]
   state = {
@@ -329,7 +356,7 @@ def beam_search(
 
   def body(s):
     t = s['t']
-    carry, logits, _ = _decode_step(model, params, cache, s['carry'], s['last'].reshape(-1))
+    carry, logits, _ = _decode_step(model, params, cache, s['carry'], s['last'].reshape(-1), ensemble)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k * vocab)
     cand_logp_Bx2K, cand_BxK2 = jax.lax.top_k(s['logp'].repeat(vocab, 1) + logprobs, 2 * k)
     cand_beam, cand_token = cand_BxK2 // vocab, (cand_BxK2 % vocab).astype(jnp.int32)
@@ -345,7 +372,7 @@ def beam_search(
     fin_logp, keep = jax.lax.top_k(pool_logp, k)
     return {
       't': t + 1,
-      'carry': jax.tree.map(lambda x: x[(image_B1 * k + beam_BxK).reshape(-1)], carry),
+      'carry': jax.tree.map(lambda x: rows(x, (image_B1 * k + beam_BxK).reshape(-1)), carry),
       'last': cand_token[image_B1, pick],
       'logp': logp_BxK,
       'tokens': cand_tokens[image_B1, pick],

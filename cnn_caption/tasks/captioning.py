@@ -53,6 +53,27 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   )
 
 
+def share_data_of(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """Unless set, the feature cache and the synthetic data of the workdir `source` are used (nothing recomputed)."""
+  cache_dir = os.path.join(source, 'features')
+  try:
+    with open(os.path.join(source, CONFIG_FILE), encoding='utf-8') as f:
+      cache_dir = json.load(f)['encoder']['cache_dir'] or cache_dir  # where source's features went
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # no readable config there: its default place
+  shared = {
+    ('encoder', 'cache_dir'): cache_dir,
+    ('data', 'synthetic_dir'): os.path.join(source, 'synthetic_data'),
+  }
+  updates = {k: v for k, v in shared.items() if config[k[0]].get(k[1]) is None and os.path.isdir(v)}
+  if not updates:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for (group, field), path in updates.items():
+    config[group][field] = path
+  return config
+
+
 def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
   """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens."""
   inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
@@ -72,6 +93,7 @@ class CaptioningTask:
   """Implements tasks.base.Task: frozen-encoder features -> LSTM decoder (plain or attention), coco metrics."""
 
   selection_metric = 'bleu4'  # overridden by config.selection_metric when the config has it
+  ensemble = False  # decoding params stack several models (cnn_caption.ensemble sets it before decoding)
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     self.config = config
@@ -157,7 +179,9 @@ class CaptioningTask:
     """Jitted decoding: greedy for beam_size 1, else beam search (compiled once per setting)."""
     key = (1, 0.0) if beam_size == 1 else (beam_size, float(length_penalty))
     if key not in self._decoders:
-      kwargs = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len)
+      kwargs = dict(
+        bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len, ensemble=self.ensemble
+      )
       if beam_size == 1:
         fn = lambda params, feats: decoders.greedy_decode(self.model, params, feats, **kwargs)[0]
       else:

@@ -12,7 +12,6 @@ It starts from a cross-entropy workdir's best parameters (config.init_from; see 
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -24,29 +23,8 @@ from cnn_caption import scst
 from cnn_caption.data import vocab as vocab_lib
 from cnn_caption.errors import UserError
 from cnn_caption.tasks.captioning import CaptioningTask
-from cnn_caption.tasks.captioning import CONFIG_FILE
+from cnn_caption.tasks.captioning import share_data_of
 from cnn_caption.tasks.captioning import VOCAB_FILE
-
-
-def _share_init_from_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Unless set, the feature cache and the synthetic data of config.init_from are used (nothing recomputed)."""
-  cache_dir = os.path.join(config.init_from, 'features')
-  try:
-    with open(os.path.join(config.init_from, CONFIG_FILE), encoding='utf-8') as f:
-      cache_dir = json.load(f)['encoder']['cache_dir'] or cache_dir  # where init_from's features went
-  except (OSError, ValueError, KeyError, TypeError):
-    pass  # no readable config there: its default place
-  shared = {
-    ('encoder', 'cache_dir'): cache_dir,
-    ('data', 'synthetic_dir'): os.path.join(config.init_from, 'synthetic_data'),
-  }
-  updates = {k: v for k, v in shared.items() if config[k[0]].get(k[1]) is None and os.path.isdir(v)}
-  if not updates:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  for (group, field), path in updates.items():
-    config[group][field] = path
-  return config
 
 
 class ScstTask(CaptioningTask):
@@ -70,7 +48,7 @@ class ScstTask(CaptioningTask):
         'config.init_from is not set: SCST fine-tunes a cross-entropy model; pass '
         '--config.init_from=WORKDIR of a finished captioning run'
       )
-    config = _share_init_from_data(config)
+    config = share_data_of(config, config.init_from)
     super().__init__(config, workdir, mesh)
     self._check_init_vocab(config.init_from)
     s = config.scst
