@@ -15,10 +15,8 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,23 +85,6 @@ def make_peer(args, batch_size: int, setup: str, steps: int):
   return lambda: common.run_peer(args, 'torch_cnn.py', flags)[0]['samples_per_s']
 
 
-def _tree_rss_mb(pid: int) -> float:
-  """Resident memory of a process and all its descendants, from /proc."""
-  total, stack = 0, [pid]
-  while stack:
-    p = stack.pop()
-    try:
-      with open(f'/proc/{p}/status') as f:
-        for line in f:
-          if line.startswith('VmRSS:'):
-            total += int(line.split()[1])
-      with open(f'/proc/{p}/task/{p}/children') as f:
-        stack.extend(int(c) for c in f.read().split())
-    except (FileNotFoundError, ProcessLookupError):
-      pass
-  return total / 1024
-
-
 def sweep(extra: list[str], workdir: str | None = None) -> dict:
   """Wall time and peak memory (process tree) of the homework sweep on all cores."""
   workdir = workdir or tempfile.mkdtemp(prefix='bench_sweep_')
@@ -114,26 +95,9 @@ def sweep(extra: list[str], workdir: str | None = None) -> dict:
     f'--workdir={workdir}',
     *extra,
   ]
-  t0 = time.time()
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  peak = [0.0]
-
-  def sample():
-    while proc.poll() is None:
-      peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
-      time.sleep(0.5)
-
-  threading.Thread(target=sample, daemon=True).start()
-  rc = proc.wait()
-  out = {
-    'bench': 'classifier_sweep',
-    'rc': rc,
-    'wall_s': round(time.time() - t0, 1),
-    'peak_rss_mb': round(peak[0], 1),
-    'workdir': workdir,
-    'cores': sorted(os.sched_getaffinity(0)),
-  }
-  if rc == 0:
+  out = {'bench': 'classifier_sweep', **common.finish_job(common.start_job(cmd))}
+  out.update(workdir=workdir, cores=sorted(os.sched_getaffinity(0)))
+  if out['rc'] == 0:
     with open(os.path.join(workdir, 'results.json')) as f:
       r = json.load(f)
     out['runs'] = [{k: run[k] for k in ('learning_rate', 'val_accuracy', 'test_accuracy')} for run in r['runs']]

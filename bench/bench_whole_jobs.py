@@ -15,11 +15,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_classifier  # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -32,23 +30,13 @@ def start(root: str, config: str, workdir: str, core: int | None, extra: list[st
   ]
   if core is not None:
     cmd = ['taskset', '-c', str(core), *cmd]
-  job = {'root': root, 'config': config, 'workdir': workdir, 'core': core, 'peak': 0.0, 't0': time.time()}
-  job['proc'] = subprocess.Popen([*cmd, *extra], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-  def sample():
-    while job['proc'].poll() is None:
-      job['peak'] = max(job['peak'], bench_classifier._tree_rss_mb(job['proc'].pid))  # pylint: disable=protected-access
-      time.sleep(0.5)
-
-  job['sampler'] = threading.Thread(target=sample, daemon=True)
-  job['sampler'].start()
+  job = common.start_job([*cmd, *extra], cwd=root)
+  job.update(root=root, config=config, workdir=workdir, core=core)
   return job
 
 
 def finish(job: dict, label: str) -> dict:
-  rc = job['proc'].wait()
-  wall = time.time() - job['t0']
-  job['sampler'].join()
+  measured = common.finish_job(job)
   out = {
     'bench': 'whole_jobs',
     'checkout': label,
@@ -57,12 +45,10 @@ def finish(job: dict, label: str) -> dict:
     ).stdout.strip(),
     'config': job['config'],
     'core': job['core'],
-    'rc': rc,
-    'wall_s': round(wall, 1),
-    'peak_rss_mb': round(job['peak'], 1),
+    **measured,
   }
   results = os.path.join(job['workdir'], 'results.json')
-  if rc == 0 and os.path.exists(results):
+  if measured['rc'] == 0 and os.path.exists(results):
     with open(results) as f:
       r = json.load(f)
     if 'runs' in r:

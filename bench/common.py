@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,3 +241,48 @@ def profiled(trace_dir: str, fn: Callable[[], object]) -> dict:
     'kinds': {k: round(v / inner, 3) for k, v in per_kind.most_common() if not k.startswith('while')},
     'total_including_loops_ms': round(total / 1e3, 1),
   }
+
+
+def median_ratio(values: list[float], base: list[float] | None) -> float | None:
+  """Ratio of the medians of two sides' repetitions (None without a base)."""
+  return round(statistics.median(values) / statistics.median(base), 2) if base else None
+
+
+def tree_rss_mb(pid: int) -> float:
+  """Resident memory of a process and all its descendants, from /proc."""
+  total, stack = 0, [pid]
+  while stack:
+    p = stack.pop()
+    try:
+      with open(f'/proc/{p}/status') as f:
+        for line in f:
+          if line.startswith('VmRSS:'):
+            total += int(line.split()[1])
+      with open(f'/proc/{p}/task/{p}/children') as f:
+        stack.extend(int(c) for c in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+      pass
+  return total / 1024
+
+
+def start_job(cmd: list[str], cwd: str | None = None) -> dict:
+  """Starts a whole job (quiet) and samples its process tree's peak RSS every 0.5 s until it ends."""
+  job = {'peak': 0.0, 't0': time.time()}
+  job['proc'] = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  def sample():
+    while job['proc'].poll() is None:
+      job['peak'] = max(job['peak'], tree_rss_mb(job['proc'].pid))
+      time.sleep(0.5)
+
+  job['sampler'] = threading.Thread(target=sample, daemon=True)
+  job['sampler'].start()
+  return job
+
+
+def finish_job(job: dict) -> dict:
+  """Waits for a start_job job: {'rc', 'wall_s', 'peak_rss_mb'}."""
+  rc = job['proc'].wait()
+  wall = time.time() - job['t0']
+  job['sampler'].join()
+  return {'rc': rc, 'wall_s': round(wall, 1), 'peak_rss_mb': round(job['peak'], 1)}

@@ -9,7 +9,6 @@ alternately. Prints one JSON line per variant and factor: samples/s median and s
 
 import argparse
 import os
-import statistics
 import sys
 import types
 
@@ -49,12 +48,9 @@ def main():
       sides[(variant, unroll)] = bench_decoders.make_project(variant, bench_args)['train']
   results = common.interleave(args.reps, sides)
   for (variant, unroll), values in results.items():
-    base = statistics.median(results[(variant, 1)]) if (variant, 1) in results else None
     record = {'bench': 'scan_unroll', 'variant': variant, 'unroll': unroll, 'unit': 'samples/s'}
-    record.update(common.spread(values))
-    if base:
-      record['ratio_to_unroll_1'] = round(statistics.median(values) / base, 2)
-    common.emit(record)
+    record.update(common.spread(values), ratio_to_unroll_1=common.median_ratio(values, results.get((variant, 1))))
+    common.emit({key: v for key, v in record.items() if v is not None})
 
 
 if __name__ == '__main__':

@@ -12,7 +12,6 @@ swaps a kernel library) would need the 15-epoch accuracy check before becoming a
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -76,12 +75,10 @@ def main():
           results[name].setdefault(path, []).append(rate)
   for name in names:
     for path, values in results[name].items():
-      base = statistics.median(results['default'][path]) if 'default' in results else None
       record = {'bench': 'xla_flags', 'flags': name, 'xla_flags': FLAG_SETS[name], 'path': path}
-      record.update(common.spread(values))
-      if base:
-        record['ratio_to_default'] = round(statistics.median(values) / base, 2)
-      common.emit(record)
+      base = results.get('default', {}).get(path)
+      record.update(common.spread(values), ratio_to_default=common.median_ratio(values, base))
+      common.emit({key: v for key, v in record.items() if v is not None})
 
 
 if __name__ == '__main__':

@@ -21,10 +21,6 @@ import sys
 from cnn_caption.errors import UserError
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-  return tuple(float(v) for v in text.split(',') if v)
-
-
 def ensemble_results(workdirs: list[str], out: str, beam_sizes=(1,), length_penalties=(1.0,)) -> dict:
   """Chooses the decoding on val, scores test, writes OUT/results.json and OUT/test_captions.json."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     try:
       sizes = tuple(int(v) for v in args.val_beam_sizes.split(',') if v)
-      penalties = _float_list(args.val_length_penalties)
+      penalties = tuple(float(v) for v in args.val_length_penalties.split(',') if v)
     except ValueError:
       raise UserError(
         f'--val_beam_sizes={args.val_beam_sizes!r} / --val_length_penalties={args.val_length_penalties!r} '
