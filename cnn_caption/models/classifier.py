@@ -22,6 +22,29 @@ class MaxPool2x2(nn.Module):
     return max_pool_2x2(x_BxHxWxC)
 
 
+class ShiftedSlicesConv3x3(nn.Module):
+  """3x3 'SAME' convolution as 9 shifted slices and one (9*C)xF matmul; nn.Conv's parameter names and init.
+
+  For the one-channel first layer this is 1.27x faster on the whole training step than lax.conv on XLA:CPU
+  (bench/probe_conv1.py, batch 64, one pinned core): a convolution with one input channel is a poor fit for the
+  convolution kernel, a 9-deep matmul is not.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    channels = x_BxHxWxC.shape[-1]
+    kernel_3x3xCxF = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, channels, self.features))
+    bias_F = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x_BxHxWxC, kernel_3x3xCxF, bias_F = nn.dtypes.promote_dtype(x_BxHxWxC, kernel_3x3xCxF, bias_F, dtype=self.dtype)
+    b, h, w, _ = x_BxHxWxC.shape
+    padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Tap order (di, dj, c) matches the HWIO kernel flattened to (9*C, F).
+    taps_BxHxWx9xC = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3)
+    return taps_BxHxWx9xC.reshape(b, h, w, 9 * channels) @ kernel_3x3xCxF.reshape(9 * channels, -1) + bias_F
+
+
 class FashionCNN(nn.Module):
   """conv16 3x3 same -> ReLU -> pool2 -> conv32 3x3 valid -> ReLU -> pool2 -> 600 -> 120 -> 10, log-softmax."""
 
@@ -35,7 +58,7 @@ class FashionCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv1')(x_BxHxWx1)
+    x = ShiftedSlicesConv3x3(self.conv1_channels, dtype=self.dtype, name='conv1')(x_BxHxWx1)
     x = MaxPool2x2(name='pool1')(nn.relu(x))
     x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', dtype=self.dtype, name='conv2')(x)
     x = MaxPool2x2(name='pool2')(nn.relu(x))
