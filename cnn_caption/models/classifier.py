@@ -29,6 +29,7 @@ class ShiftedSlicesConv3x3(nn.Module):
   (bench/probe_conv1.py, batch 64, one pinned core): a convolution with one input channel is a poor fit for the
   convolution kernel, a 9-deep matmul is not.
   """
+
   features: int
   dtype: Any = jnp.float32
 
@@ -41,7 +42,7 @@ class ShiftedSlicesConv3x3(nn.Module):
     b, h, w, _ = x_BxHxWxC.shape
     padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
     # Tap order (di, dj, c) matches the HWIO kernel flattened to (9*C, F).
-    taps_BxHxWx9xC = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3)
+    taps_BxHxWx9xC = jnp.stack([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=3)
     return taps_BxHxWx9xC.reshape(b, h, w, 9 * channels) @ kernel_3x3xCxF.reshape(9 * channels, -1) + bias_F
 
 
