@@ -213,6 +213,8 @@ def computation_differences(saved: dict, current: dict) -> list[str]:
   for path in sorted(set(old) | set(new)):
     if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):
       continue
+    if path not in old and new[path] is False:
+      continue  # a switch added after the checkpoint was written, left off: the computation it had
     if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
       continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
     diffs.append(f'{path}: {old.get(path, "<absent>")!r} -> {new.get(path, "<absent>")!r}')

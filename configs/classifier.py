@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.input_shape = (28, 28, 1)  # H, W, C of one image
   config.model.num_classes = 10  # output classes
   config.model.dropout = 0.5  # after the 600-unit layer
+  config.model.conv1_as_matmul = False  # conv1 as 9 shifted slices + a matmul: faster, other rounding (README)
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = 'sgd'  # sgd | adam | adamw

@@ -61,6 +61,22 @@ def test_max_pool_matches_flax():
   np.testing.assert_array_equal(classifier.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
 
 
+def test_conv1_as_matmul_is_the_same_convolution():
+  """The opt-in conv1 (9 shifted slices + a matmul) has nn.Conv's parameters and computes the same function."""
+  x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+  conv, slices = classifier.FashionCNN(), classifier.FashionCNN(conv1_as_matmul=True)
+  params = conv.init(jax.random.key(1), x)['params']
+  assert jax.tree.map(jnp.shape, slices.init(jax.random.key(1), x)['params']) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(slices.apply({'params': params}, x), conv.apply({'params': params}, x), atol=1e-5)
+  grad = lambda m: jax.grad(lambda p: m.apply({'params': p}, x).sum())(params)['conv1']['kernel']
+  np.testing.assert_allclose(grad(slices), grad(conv), rtol=1e-4, atol=1e-4)
+  # A kernel that is one tap (centre, channel 0 -> filter 5) copies the image into filter 5 and nothing else.
+  tap = jnp.zeros((3, 3, 1, 16)).at[1, 1, 0, 5].set(1.0)
+  out = classifier.ShiftedSlicesConv3x3(16).apply({'params': {'kernel': tap, 'bias': jnp.zeros(16)}}, x)
+  np.testing.assert_array_equal(out[..., 5], x[..., 0])
+  assert not jnp.any(out.at[..., 5].set(0.0))
+
+
 def test_loss_falls_when_one_batch_is_overfit():
   from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
 

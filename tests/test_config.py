@@ -63,3 +63,12 @@ def test_selection_metric_and_augmentation_fields_are_validated():
   config.data.augment_pad = -2
   with pytest.raises(UserError, match='config.data.augment_pad=-2'):
     config_utils.validate(config)
+
+
+def test_a_switch_added_later_and_left_off_is_no_resume_difference():
+  saved = classifier_config.get_config().to_dict()
+  del saved['model']['conv1_as_matmul']  # a checkpoint written before the switch existed
+  current = classifier_config.get_config()
+  assert config_utils.computation_differences(saved, current.to_dict()) == []
+  current.model.conv1_as_matmul = True  # turned on: other floats, so a resume must refuse it
+  assert config_utils.computation_differences(saved, current.to_dict()) == ["model.conv1_as_matmul: '<absent>' -> True"]
