@@ -102,6 +102,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "one of 'constant', 'cosine', 'warmup_cosine'",
   )
   _check(config, 'model.dropout', prob, 'in [0, 1)')
+  _check(config, 'loss.label_smoothing', prob, 'in [0, 1) (0 = off)')
   _check(config, 'checkpoint.max_to_keep', pos_int, 'a positive integer')
   _check(config, 'checkpoint.every_steps', nonneg_int, 'an integer >= 0 (0 = epoch ends only)')
   _check(config, 'data.num_train', nonneg_int, 'an integer >= 0 (0 = all)')
@@ -213,8 +214,8 @@ def computation_differences(saved: dict, current: dict) -> list[str]:
   for path in sorted(set(old) | set(new)):
     if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):
       continue
-    if path not in old and new[path] is False:
-      continue  # a switch added after the checkpoint was written, left off: the computation it had
+    if path not in old and new[path] in (False, 0, None):
+      continue  # a switch added after the checkpoint was written, left off (False / 0): the computation it had
     if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
       continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
     diffs.append(f'{path}: {old.get(path, "<absent>")!r} -> {new.get(path, "<absent>")!r}')

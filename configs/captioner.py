@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.loss = config_dict.ConfigDict()
   config.loss.doubly_stochastic = 0.0  # weight of sum_t alpha regulariser (attention only); 0 = off
+  config.loss.label_smoothing = 0.0  # training targets: 1 - eps on the reference word, eps over the vocabulary
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = 'adam'  # sgd | adam | adamw

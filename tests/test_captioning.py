@@ -48,6 +48,25 @@ def test_loss_ignores_padding_and_matches_a_hand_computation():
   assert float(loss) == pytest.approx(np.mean(picked), rel=1e-5)
 
 
+def test_label_smoothing_matches_a_hand_computation_and_leaves_evaluation_alone():
+  logits = jax.random.normal(jax.random.key(3), (2, 4, 6))
+  tokens = jnp.array([[1, 4, 5, 2, 0], [1, 3, 2, 0, 0]])
+  apply_fn = lambda variables, feats, inputs, train, rngs: (logits, None)
+  batch = {'feats': None, 'tokens': tokens}
+  loss = lambda train, eps: float(
+    captioning.caption_loss(None, batch, apply_fn=apply_fn, rngs={}, train=train, label_smoothing=eps)[0]
+  )
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  targets = np.asarray(tokens[:, 1:])
+  real = [(b, t) for b in range(2) for t in range(4) if targets[b, t] != 0]
+  # target 1 - eps + eps/V on the reference word, eps/V on each of the V=6 words
+  hand = np.mean([-(0.9 * logp[b, t, targets[b, t]] + 0.1 * logp[b, t].mean()) for b, t in real])
+  assert loss(True, 0.1) == pytest.approx(hand, rel=1e-5)
+  plain = np.mean([-logp[b, t, targets[b, t]] for b, t in real])
+  assert loss(True, 0.0) == pytest.approx(plain, rel=1e-5) != pytest.approx(hand, rel=1e-3)
+  assert loss(False, 0.1) == pytest.approx(plain, rel=1e-5)  # val/test losses stay the cross-entropy
+
+
 def test_doubly_stochastic_term_adds_to_the_loss():
   logits = jnp.zeros((1, 3, 5))
   alphas = jnp.full((1, 3, 4), 0.25)

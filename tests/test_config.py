@@ -70,5 +70,8 @@ def test_a_switch_added_later_and_left_off_is_no_resume_difference():
   del saved['model']['conv1_as_matmul']  # a checkpoint written before the switch existed
   current = classifier_config.get_config()
   assert config_utils.computation_differences(saved, current.to_dict()) == []
+  saved_captioner = captioner_config.get_config().to_dict()
+  del saved_captioner['loss']['label_smoothing']  # 0.0 = off, the computation the old checkpoint had
+  assert config_utils.computation_differences(saved_captioner, captioner_config.get_config().to_dict()) == []
   current.model.conv1_as_matmul = True  # turned on: other floats, so a resume must refuse it
   assert config_utils.computation_differences(saved, current.to_dict()) == ["model.conv1_as_matmul: '<absent>' -> True"]

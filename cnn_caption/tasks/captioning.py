@@ -74,12 +74,24 @@ def share_data_of(config: ml_collections.ConfigDict, source: str) -> ml_collecti
   return config
 
 
-def caption_loss(params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0):
-  """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens."""
+def caption_loss(
+  params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0, label_smoothing: float = 0.0
+):
+  """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens.
+
+  label_smoothing > 0 (training only): the target puts 1 - eps on the reference word and eps spread evenly
+  over the whole vocabulary; evaluation losses stay the plain cross-entropy.
+  """
   inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
   logits_BxTxV, alphas_BxTxN = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train, rngs=rngs)
   mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  if label_smoothing and train:
+    vocab = logits_BxTxV.shape[-1]
+    soft_BxTxV = optax.smooth_labels(jax.nn.one_hot(targets_BxT, vocab), label_smoothing)
+    nll_BxT = optax.softmax_cross_entropy(logits_BxTxV, soft_BxTxV)
+  else:
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
   loss = (nll_BxT * mask_BxT).sum() / num_tokens
   if doubly_stochastic and alphas_BxTxN is not None:
@@ -134,7 +146,11 @@ class CaptioningTask:
     )
     self.num_train = len(self.tokens)
     self.model = models.create_model(config, vocab_size=len(self.vocab))
-    self.loss = functools.partial(caption_loss, doubly_stochastic=config.loss.doubly_stochastic)
+    self.loss = functools.partial(
+      caption_loss,
+      doubly_stochastic=config.loss.doubly_stochastic,
+      label_smoothing=config.loss.get('label_smoothing', 0.0),
+    )
     logging.info(
       'captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, features %s',
       'SYNTHETIC' if self.synthetic else data_dir,
