@@ -9,7 +9,6 @@ import shutil
 import warnings
 
 from absl import logging
-from nltk.translate import bleu_score
 import numpy as np
 from pycocoevalcap.cider import cider as cider_scorer
 from pycocoevalcap.meteor import meteor as meteor_lib
@@ -43,6 +42,13 @@ def _lower(references: References, hypotheses: Hypotheses) -> tuple[list, list]:
   return refs, hyps
 
 
+def _bleu_score():
+  """nltk's bleu_score, imported at the first BLEU: nltk pulls in scipy.stats (seconds at every launch.py start)."""
+  from nltk.translate import bleu_score  # pylint: disable=g-import-not-at-top
+
+  return bleu_score
+
+
 def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[str, float]:
   """Corpus BLEU-1..4 (nltk corpus_bleu, no smoothing) against all references of each image.
 
@@ -62,7 +68,7 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
   with warnings.catch_warnings():
     # A zero count of some n-gram order makes that BLEU (practically) 0; nltk also warns.
     warnings.simplefilter('ignore', UserWarning)
-    scores = bleu_score.corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
+    scores = _bleu_score().corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
   return {name: float(s) for name, s in zip(_BLEU_WEIGHTS, scores)}
 
 
@@ -84,7 +90,7 @@ def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
   refs, hyps = _lower(references, hypotheses)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)
-    scores = [bleu_score.sentence_bleu(r, h) for r, h in zip(refs, hyps)]
+    scores = [_bleu_score().sentence_bleu(r, h) for r, h in zip(refs, hyps)]
   return float(sum(scores) / len(scores))
 
 

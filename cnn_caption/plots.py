@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from cnn_caption import io_utils
 
 
+@functools.cache
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend, imported at the first plot.
+
+  Imported at module level it added about 2 s to every launch.py start, a bad flag's one-line error included.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
 def _save(fig, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110, bbox_inches='tight'))
-  plt.close(fig)
+  _pyplot().close(fig)
 
 
 def plot_curves(series: dict[str, list[float]], ylabel: str, path: str, title: str = '') -> None:
   """One line per named series against epochs 1..N."""
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
   for name, values in series.items():
     ax.plot(np.arange(1, len(values) + 1), values, marker='o', markersize=3, label=name)
   ax.set_xlabel('epoch')
@@ -59,7 +70,7 @@ def filter_image(kernel_HxWxIxO: np.ndarray, scale: int = 4) -> np.ndarray:
   """The kernel mosaic as an RGB uint8 image (blue negative, white 0, red positive; grey between tiles)."""
   mosaic, _ = filter_mosaic(kernel_HxWxIxO)
   vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
-  rgb = (plt.get_cmap('bwr')((np.nan_to_num(mosaic) / vmax + 1) / 2)[..., :3] * 255).astype(np.uint8)
+  rgb = (_pyplot().get_cmap('bwr')((np.nan_to_num(mosaic) / vmax + 1) / 2)[..., :3] * 255).astype(np.uint8)
   rgb[np.isnan(mosaic)] = 128
   return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
 
@@ -69,7 +80,7 @@ def plot_filters(kernel_HxWxIxO: np.ndarray, path: str, title: str = '') -> None
   mosaic, cin = filter_mosaic(kernel_HxWxIxO)
   rows, cols = mosaic.shape[0] // (kernel_HxWxIxO.shape[0] + 1), mosaic.shape[1] // (kernel_HxWxIxO.shape[1] + 1)
   vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
-  fig, ax = plt.subplots(figsize=(min(2 + cols * 0.35, 14), min(1.5 + rows * 0.35, 14)))
+  fig, ax = _pyplot().subplots(figsize=(min(2 + cols * 0.35, 14), min(1.5 + rows * 0.35, 14)))
   ax.imshow(mosaic, cmap='bwr', vmin=-vmax, vmax=vmax, interpolation='nearest')
   ax.set_xlabel('input channel' if cin > 1 else '')
   ax.set_ylabel('output channel' if cin > 1 else '')
@@ -84,7 +95,7 @@ def figure_to_array(fig) -> np.ndarray:
   """An RGB uint8 array of a matplotlib figure (closes it)."""
   fig.canvas.draw()
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  plt.close(fig)
+  _pyplot().close(fig)
   return rgb
 
 
@@ -105,7 +116,7 @@ def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray, 
   panels = min(len(words), alphas_LxN.shape[0], max_panels or len(words))
   cols = min(panels + 1, 6)
   rows = -(-(panels + 1) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.2), squeeze=False)
+  fig, axes = _pyplot().subplots(rows, cols, figsize=(cols * 2.0, rows * 2.2), squeeze=False)
   for ax in axes.ravel():
     ax.axis('off')
   axes[0, 0].imshow(rgb)

@@ -1,15 +1,28 @@
 """Shared test helpers: paths, data availability, running launch.py in a subprocess."""
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-import pytest
+# One XLA compilation cache for the whole session, this process and every launch.py it starts (they inherit
+# the environment): most of the suite's time is XLA compiling the same smoke programs again in each test.
+# Set before jax is imported, which reads these at import. A cached executable is the compiled program itself,
+# so results are unchanged; only compilations over 0.5 s are written.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix='cnn_caption_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-from cnn_caption import checkpoint
+import pytest  # noqa: E402 (after the cache settings above)
+
+from cnn_caption import checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
