@@ -9,7 +9,6 @@ Prints one JSON line: samples/s of each form (median, spread) and their ratio. N
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -58,23 +57,7 @@ def main():
     return jax.nn.log_softmax(h @ p['fc3']['kernel'] + p['fc3']['bias'])
 
   def make(slices):
-    @jax.jit
-    def step(p):
-      loss = lambda p: -jnp.take_along_axis(forward(p, x, slices), y[:, None], 1).mean()
-      g = jax.grad(loss)(p)
-      return jax.tree.map(lambda a, b: a - 0.01 * b, p, g)
-
-    state = {'p': step(params)}
-
-    def run():
-      n, t0 = 0, time.perf_counter()
-      while time.perf_counter() - t0 < args.seconds:
-        state['p'] = step(state['p'])
-        n += 1
-      jax.block_until_ready(state['p'])
-      return n * args.batch_size / (time.perf_counter() - t0)
-
-    return run
+    return common.timed_sgd_steps(lambda p: forward(p, x, slices), params, y, args.seconds)
 
   diff = float(
     jnp.abs(

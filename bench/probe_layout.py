@@ -12,7 +12,6 @@ Not used by training.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -70,24 +69,8 @@ def main():
     diff_model = float(jnp.abs(forward(params, x, 'NHWC', None) - reference).max())
     diff_layout = float(jnp.abs(forward(params, x, 'NCHW', None) - reference).max())
 
-    def make(layout, x=x, y=y, batch_size=batch_size):
-      @jax.jit
-      def step(p):
-        loss = lambda p: -jnp.take_along_axis(forward(p, x, layout, jax.random.key(2)), y[:, None], 1).mean()
-        g = jax.grad(loss)(p)
-        return jax.tree.map(lambda w, dw: w - 0.01 * dw, p, g)
-
-      state = {'p': step(params)}
-
-      def run():
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < args.seconds:
-          state['p'] = step(state['p'])
-          n += 1
-        jax.block_until_ready(state['p'])
-        return n * batch_size / (time.perf_counter() - t0)
-
-      return run
+    def make(layout, x=x, y=y):
+      return common.timed_sgd_steps(lambda p: forward(p, x, layout, jax.random.key(2)), params, y, args.seconds)
 
     results = common.interleave(args.reps, {'NHWC': make('NHWC'), 'NCHW': make('NCHW')})
     common.emit(
