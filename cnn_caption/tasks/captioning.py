@@ -74,15 +74,44 @@ def share_data_of(config: ml_collections.ConfigDict, source: str) -> ml_collecti
   return config
 
 
+def scheduled_inputs(inputs_BxT: jax.Array, logits_BxTxV: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Scheduled sampling's decoder inputs: some reference words swapped for the model's own samples.
+
+  Each input word after BOS is, with probability `rate`, replaced by a word sampled from the model's
+  prediction for that position (logits[:, t - 1] predicts input t); BOS and PAD stay as they are.
+  """
+  pick_rng, sample_rng = jax.random.split(rng)
+  gold_BxT1 = inputs_BxT[:, 1:]
+  sampled_BxT1 = jax.random.categorical(sample_rng, logits_BxTxV[:, :-1].astype(jnp.float32)).astype(gold_BxT1.dtype)
+  replace_BxT1 = jax.random.bernoulli(pick_rng, rate, gold_BxT1.shape) & (gold_BxT1 != decoders.PAD_ID)
+  return jnp.concatenate([inputs_BxT[:, :1], jnp.where(replace_BxT1, sampled_BxT1, gold_BxT1)], axis=1)
+
+
 def caption_loss(
-  params, batch, *, apply_fn, rngs, train: bool, doubly_stochastic: float = 0.0, label_smoothing: float = 0.0
+  params,
+  batch,
+  *,
+  apply_fn,
+  rngs,
+  train: bool,
+  doubly_stochastic: float = 0.0,
+  label_smoothing: float = 0.0,
+  scheduled_sampling: float = 0.0,
 ):
   """Masked token cross-entropy with teacher forcing (padding ignored), mean over real tokens.
 
   label_smoothing > 0 (training only): the target puts 1 - eps on the reference word and eps spread evenly
   over the whole vocabulary; evaluation losses stay the plain cross-entropy.
+  scheduled_sampling > 0 (training only; parallel scheduled sampling, Duckworth et al. 2019): a first
+  teacher-forced pass without dropout or gradient predicts every position, `scheduled_inputs` swaps that
+  share of the input words for samples of those predictions, and the loss is the teacher-forced
+  cross-entropy of a second pass over the mixed inputs, against the reference words.
   """
   inputs_BxT, targets_BxT = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+  if scheduled_sampling and train:
+    first_BxTxV, _ = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=False)
+    rng = jax.random.fold_in(rngs['dropout'], 0x5C4ED)
+    inputs_BxT = scheduled_inputs(inputs_BxT, jax.lax.stop_gradient(first_BxTxV), scheduled_sampling, rng)
   logits_BxTxV, alphas_BxTxN = apply_fn({'params': params}, batch['feats'], inputs_BxT, train=train, rngs=rngs)
   mask_BxT = (targets_BxT != decoders.PAD_ID).astype(jnp.float32)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
@@ -150,6 +179,7 @@ class CaptioningTask:
       caption_loss,
       doubly_stochastic=config.loss.doubly_stochastic,
       label_smoothing=config.loss.get('label_smoothing', 0.0),
+      scheduled_sampling=config.loss.get('scheduled_sampling', 0.0),
     )
     logging.info(
       'captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, features %s',
