@@ -104,6 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'model.dropout', prob, 'in [0, 1)')
   _check(config, 'loss.label_smoothing', prob, 'in [0, 1) (0 = off)')
   _check(config, 'loss.scheduled_sampling', prob, 'in [0, 1) (0 = off)')
+  _check(config, 'model.encoder_head_dim', nonneg_int, 'an integer >= 0 (0 = off; 1280 fine-tunes the head)')
   _check(config, 'checkpoint.max_to_keep', pos_int, 'a positive integer')
   _check(config, 'checkpoint.every_steps', nonneg_int, 'an integer >= 0 (0 = epoch ends only)')
   _check(config, 'data.num_train', nonneg_int, 'an integer >= 0 (0 = all)')

@@ -50,8 +50,10 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def cache_folder(encoder_name: str, weights_path: str, image_size: int, cache_dir: str) -> tuple[str, dict]:
-  """(folder, key): where this (encoder, weights file, image size)'s entries live, and why."""
+def cache_folder(
+  encoder_name: str, weights_path: str, image_size: int, cache_dir: str, layer: str = 'head'
+) -> tuple[str, dict]:
+  """(folder, key): where this (encoder, weights file, image size, layer)'s entries live, and why."""
   key = {
     'version': _CACHE_VERSION,
     'encoder': encoder_name,
@@ -59,7 +61,11 @@ def cache_folder(encoder_name: str, weights_path: str, image_size: int, cache_di
     'weights': _file_identity(weights_path),
     'normalization': images_lib.NORMALIZATION[encoder_name],
   }
-  return os.path.join(cache_dir, f'{encoder_name}-{image_size}px-{_digest(key)[:16]}'), key
+  name = f'{encoder_name}-{image_size}px'
+  if layer != 'head':  # the head's key is left as it was, so existing caches stay valid
+    key['layer'] = layer
+    name += f'-{layer}'
+  return os.path.join(cache_dir, f'{name}-{_digest(key)[:16]}'), key
 
 
 def _entry_path(folder: str, image_path: str) -> str:
@@ -191,6 +197,7 @@ def extract_features(
   cache_dir: str,
   batch_size: int = 32,
   on_error: str = 'raise',
+  layer: str = 'head',
 ) -> tuple[FeatureStore, np.ndarray]:
   """Frozen region features for every image, from the cache where possible.
 
@@ -202,6 +209,8 @@ def extract_features(
     cache_dir: folder for the on-disk cache (created if needed).
     batch_size: images per encoder call; the last batch is zero-padded to this size.
     on_error: 'raise' stops at the first bad image; 'skip' marks it in ok_mask and logs.
+    layer: 'head' (the encoder's output) or 'before_head' (EfficientNet-Lite's last block, before its 1x1
+      head; for a decoder that fine-tunes the head).
 
   Returns:
     (feats, ok_mask): feats a FeatureStore of float16 (N, R, C), e.g. (N, 49, 1280), read from disk
@@ -222,7 +231,9 @@ def extract_features(
     raise UserError(
       f'encoder weights {weights_path} do not exist; pass --config.encoder.weights=/path/to/{encoder_name}.pth'
     )
-  folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir)
+  if layer not in encoders.FEATURE_LAYERS:
+    raise UserError(f'encoder feature layer {layer!r} is unknown; use one of {list(encoders.FEATURE_LAYERS)}')
+  folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir, layer)
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, 'key.json')
   if parallel.is_main_process() and not os.path.exists(meta_path):
@@ -230,7 +241,7 @@ def extract_features(
 
   module = encoders.create_encoder(encoder_name)
   regions_shape = jax.eval_shape(
-    lambda x: module.init_with_output(jax.random.key(0), x, features_only=True)[0],
+    lambda x: module.init_with_output(jax.random.key(0), x, features_only=True, layer=layer)[0],
     jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
   ).shape[1:]
 
@@ -274,7 +285,7 @@ def extract_features(
       logging.info('features: this process encodes %d of the %d images', len(mine), len(todo))
     failures += parallel.same_verdict(
       lambda: _compute(
-        encoder_name, weights_path, image_paths, mine, entries, image_size, batch_size, on_error, ok_mask
+        encoder_name, weights_path, image_paths, mine, entries, image_size, batch_size, on_error, ok_mask, layer
       )
     )
     by_others = set(todo) - set(mine)
@@ -308,18 +319,18 @@ def extract_features(
   return FeatureStore(store), ok_mask
 
 
-def _encode(module, variables, images_BxHxWx3):
+def _encode(module, layer, variables, images_BxHxWx3):
   """Region features in the cache dtype; a module-level function so jit reuses compilations."""
-  return module.apply(variables, images_BxHxWx3, features_only=True).astype(FEATURE_DTYPE)
+  return module.apply(variables, images_BxHxWx3, features_only=True, layer=layer).astype(FEATURE_DTYPE)
 
 
 def _compute(
-  encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size, on_error, ok_mask
+  encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size, on_error, ok_mask, layer
 ) -> list[str]:
   """Runs the encoder over image_paths[todo], filling ok_mask and the per-image cache entries."""
   module, variables = encoders.load_encoder(encoder_name, weights_path)
   forward = memory.CheckedJit(
-    _encode, static=(module,), knob='encoder.batch_size', value=batch_size, what='feature extraction'
+    _encode, static=(module, layer), knob='encoder.batch_size', value=batch_size, what='feature extraction'
   )
   x_spec = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32)
   # Before any batch is decoded (and two more are prepared ahead): a too-large batch stops in one line.

@@ -246,6 +246,11 @@ class Trainer:
         state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting from the best parameters of %s', config.init_from)
     else:
+      initial_params = getattr(task, 'initial_params', None)  # optional: pretrained parts of a fresh model
+      if initial_params is not None:
+        state = state.replace(params=parallel.replicate(initial_params(state.params), self.mesh))
+        if state.ema_params is not None:
+          state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     meta.devices, meta.processes = jax.device_count(), jax.process_count()
     if parallel.is_main_process():

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.dropout = 0.5  # on the LSTM output before the vocabulary layer
   config.model.attention_dim = config_dict.placeholder(int)  # None -> plain decoder (Q3a)
   config.model.attention_act = 'relu'  # additive-attention nonlinearity: 'relu' (reference) or 'tanh'
+  config.model.encoder_head_dim = 0  # 1280: fine-tune the EfficientNet-Lite head (1x1 conv) with the decoder; 0 = off
 
   # Shapes used only where no data is loaded (e.g. --mode=summary).
   config.model_inputs = config_dict.ConfigDict()

@@ -12,9 +12,12 @@ import pytest
 from cnn_caption import checkpoint
 from cnn_caption import cli
 from cnn_caption import train
+from cnn_caption.errors import UserError
+from cnn_caption.models import encoders
 from cnn_caption.tasks import captioning
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
+from conftest import final_params
 from conftest import kill_after_checkpoint
 from conftest import override
 from conftest import read_jsonl
@@ -177,6 +180,27 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   assert err.count('\n') == 1 and 'missing.jpg' in err
   maps = [os.path.join(workdir, 'captions', n) for n in ('0.png', '0-2.png')]
   assert all(os.path.exists(m) for m in maps) and f'attention map: {maps[1]}' in out
+
+
+def test_fine_tuned_encoder_head_starts_from_imagenet_and_trains(tmp_path, shared_dirs):
+  config = smoke(captioner_config, shared_dirs, **{'model.encoder_head_dim': 1280, 'num_epochs': 1})
+  workdir = str(tmp_path / 'head')
+  results = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(results['test_cider'])
+  # The cache holds the encoder's last block (320 channels), in its own folder beside the head features'.
+  (folder,) = [f for f in os.listdir(shared_dirs[1]) if f.startswith('efficientnet_lite0-64px-before_head-')]
+  (store,) = [f for f in os.listdir(os.path.join(shared_dirs[1], folder)) if f.startswith('store-')]
+  assert np.load(os.path.join(shared_dirs[1], folder, store), mmap_mode='r').shape[1:] == (4, 320)
+  # The head started from the ImageNet head (BatchNorm folded in) and training moved it, a little.
+  _, encoder_variables = encoders.load_encoder('efficientnet_lite0', None)
+  imagenet = encoders.head_as_dense(jax.tree.map(np.asarray, encoder_variables))
+  _, params = final_params(workdir)
+  trained = np.asarray(params['encoder_head']['kernel'])
+  assert trained.shape == imagenet['kernel'].shape == (320, 1280)
+  change = np.abs(trained - imagenet['kernel']).max()
+  assert 0 < change < 0.05 * np.abs(imagenet['kernel']).max()
+  with pytest.raises(UserError, match='encoder_head_dim=512 fine-tunes the head of an EfficientNet-Lite'):
+    train.train_and_evaluate(override(config, **{'model.encoder_head_dim': 512}), str(tmp_path / 'bad'))
 
 
 def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):

