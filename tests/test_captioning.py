@@ -199,6 +199,10 @@ def test_fine_tuned_encoder_head_starts_from_imagenet_and_trains(tmp_path, share
   assert trained.shape == imagenet['kernel'].shape == (320, 1280)
   change = np.abs(trained - imagenet['kernel']).max()
   assert 0 < change < 0.05 * np.abs(imagenet['kernel']).max()
+  # The caption command encodes new images up to the same layer and applies the trained head.
+  image = os.path.join(shared_dirs[0], 'images', '0.png')
+  words, _ = captioning.Captioner(workdir).caption(image)
+  assert isinstance(words, list)
   with pytest.raises(UserError, match='encoder_head_dim=512 fine-tunes the head of an EfficientNet-Lite'):
     train.train_and_evaluate(override(config, **{'model.encoder_head_dim': 512}), str(tmp_path / 'bad'))
 

@@ -87,6 +87,21 @@ def scheduled_inputs(inputs_BxT: jax.Array, logits_BxTxV: jax.Array, rate: float
   return jnp.concatenate([inputs_BxT[:, :1], jnp.where(replace_BxT1, sampled_BxT1, gold_BxT1)], axis=1)
 
 
+def feature_layer(config: ml_collections.ConfigDict) -> str:
+  """The encoder layer a captioner reads: 'before_head' when its decoder trains a copy of the head, else 'head'."""
+  head_dim = config.model.get('encoder_head_dim', 0)
+  if not head_dim:
+    return 'head'
+  name = config.encoder.name
+  if not name.startswith('efficientnet_lite') or head_dim != encoders.FEATURE_DIMS.get(name):
+    raise UserError(
+      f'config.model.encoder_head_dim={head_dim} fine-tunes the head of an EfficientNet-Lite encoder: use it '
+      f'with config.encoder.name=efficientnet_lite0/1/2 and {encoders.FEATURE_DIMS["efficientnet_lite0"]} '
+      f'(the head width), not with {name!r}; 0 turns it off'
+    )
+  return 'before_head'
+
+
 def caption_loss(
   params,
   batch,
@@ -159,7 +174,7 @@ class CaptioningTask:
       config.encoder.cache_dir or os.path.join(workdir, 'features'),
       config.encoder.batch_size,
       config.data.on_error,
-      layer=self._feature_layer(),
+      layer=feature_layer(config),
     )
     self.feats, self.entries = {}, {}
     start = 0
@@ -192,23 +207,9 @@ class CaptioningTask:
     )
     self._decoders = {}
 
-  def _feature_layer(self) -> str:
-    """'before_head' when the decoder trains its own copy of the encoder's head, else 'head'."""
-    head_dim = self.config.model.get('encoder_head_dim', 0)
-    if not head_dim:
-      return 'head'
-    name = self.config.encoder.name
-    if not name.startswith('efficientnet_lite') or head_dim != encoders.FEATURE_DIMS.get(name):
-      raise UserError(
-        f'config.model.encoder_head_dim={head_dim} fine-tunes the head of an EfficientNet-Lite encoder: use it '
-        f'with config.encoder.name=efficientnet_lite0/1/2 and {encoders.FEATURE_DIMS["efficientnet_lite0"]} '
-        f'(the head width), not with {name!r}; 0 turns it off'
-      )
-    return 'before_head'
-
   def initial_params(self, params):
     """A fresh model's trainable encoder head starts from the encoder's ImageNet head (folded BatchNorm)."""
-    if self._feature_layer() == 'head':
+    if feature_layer(self.config) == 'head':
       return params
     _, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
     head = encoders.head_as_dense(jax.tree.map(np.asarray, variables))
@@ -435,7 +436,8 @@ class Captioner:
   def __init__(self, workdir: str):
     self.config, self.vocab, model, self.params = load_trained(workdir)
     encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
-    self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True))
+    layer = feature_layer(self.config)
+    self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True, layer=layer))
     self._decode = jax.jit(
       lambda p, f: decoders.greedy_decode(
         model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len
