@@ -78,11 +78,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.name = 'strong_classifier'  # cnn_caption/models registry key
     config.model.input_shape = (28, 28, 1)  # H, W, C of one image
     config.model.num_classes = 10  # output classes
-    config.model.channels = (32, 64, 128)  # conv channels of the two 2-conv stages and the last conv
-    config.model.groups = 8  # GroupNorm groups
-    config.model.dropout = 0.2  # before the classifier head
+    config.model.space_to_depth = 2  # 28x28x1 -> 14x14x4 before the first conv; 1 = off
+    config.model.channels = (64, 128)  # conv channels of each stage (a stage ends in a 2x2 max-pool)
+    config.model.convs_per_stage = (1, 1)  # 3x3 convs in each stage
+    config.model.hidden = 256  # dense layer after the flattened last stage
+    config.model.norm = 'none'  # after each conv: 'none' or 'group' (GroupNorm)
+    config.model.groups = 8  # GroupNorm groups (norm='group' only)
+    config.model.pool = 'reshape_max'  # 'reshape_max' (fast backward), 'max' (nn.max_pool) or 'avg'
+    config.model.dropout = 0.2  # after the hidden dense layer
     config.data.augment_pad = 2
     config.data.augment_flip = True
+    config.data.eval_flip = True  # val and test: mean of the probabilities of each image and its mirror
     config.optimizer.name = 'adamw'
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 5e-4
