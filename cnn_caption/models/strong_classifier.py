@@ -3,12 +3,13 @@
 Every 3x3 convolution is classifier.ShiftedSlicesConv3x3 (9 shifted slices and one matmul): XLA:CPU runs
 dense matmuls far faster than its convolutions (bench/probe_strong.py). Normalisation is optional ('group'
 or 'none'): the generic train step carries no mutable batch statistics, so BatchNorm is not offered, and
-GroupNorm costs about as much as a convolution on CPU.
+GroupNorm cost 8-17% of the training step in the probe (off in configs/classifier.py:strong).
 
-Pooling is flax's `nn.max_pool`, not classifier.max_pool_2x2: behind GroupNorm + ReLU, the jitted gradient
-of the reshape-and-max pool came out NaN on XLA:CPU (jax 0.10.2; finite without jit and with nn.max_pool),
-presumably a fused recomputation of the window maximum that no longer equals any element, so the
-tie-splitting gradient divides 0 by 0.
+Pooling is 'reshape_max' (classifier.max_pool_2x2 after zero-padding odd sizes; 1.5x faster training step
+than nn.max_pool in the probe) or 'max' (nn.max_pool). With GroupNorm only 'max' is allowed: behind GroupNorm
++ ReLU, the jitted gradient of the reshape-and-max pool came out NaN on XLA:CPU (jax 0.10.2; finite without
+jit and with nn.max_pool), presumably a fused recomputation of the window maximum that no longer equals any
+element, so the tie-splitting gradient divides 0 by 0.
 """
 
 import flax.linen as nn
@@ -36,25 +37,28 @@ class ConvBlock(nn.Module):
 
 
 class StrongCNN(nn.Module):
-  """Stages of [convs_per_stage convs, 2x2 max-pool (SAME)] -> flatten -> dense hidden -> dropout -> dense, log-softmax.
+  """[space-to-depth] -> stages of [convs, 2x2 max-pool (SAME)] -> flatten -> dense -> dropout -> dense, log-softmax.
 
-  Stage i has channels[i] channels; 28x28 input gives 14, 7, 4 after three stages.
+  Stage i has convs_per_stage[i] convs of channels[i]; 28x28 input, space-to-depth 2: stages at 14x14 and 7x7,
+  4x4 after the last pool. Defaults are configs/classifier.py:strong's.
   """
 
   num_classes: int = 10
-  dropout: float = 0.2
-  channels: tuple[int, ...] = (32, 64, 128)
-  convs_per_stage: tuple[int, ...] = (1, 2, 2)
+  dropout: float = 0.0
+  channels: tuple[int, ...] = (64, 128)
+  convs_per_stage: tuple[int, ...] = (1, 1)
   hidden: int = 256
   norm: str = 'none'
   groups: int = 8
-  pool: str = 'max'
-  space_to_depth: int = 1
+  pool: str = 'reshape_max'
+  space_to_depth: int = 2
 
   @nn.compact
   def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
     if len(self.channels) != len(self.convs_per_stage):
       raise ValueError(f'channels={self.channels} and convs_per_stage={self.convs_per_stage} differ in length')
+    if self.norm == 'group' and self.pool == 'reshape_max':
+      raise ValueError("norm='group' needs pool='max' (the reshape-and-max pool's jitted gradient was NaN there)")
     x = x_BxHxWx1
     if self.space_to_depth > 1:
       x = self._space_to_depth(x)
@@ -71,6 +75,8 @@ class StrongCNN(nn.Module):
     """Each k x k block of pixels (row-major) becomes the k*k*C channels of one position."""
     k = self.space_to_depth
     b, h, w, c = x_BxHxWxC.shape
+    if h % k or w % k:
+      raise ValueError(f'space_to_depth={k} does not divide the image size {h}x{w}')
     x = x_BxHxWxC.reshape(b, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // k, w // k, k * k * c)
 
@@ -82,7 +88,4 @@ class StrongCNN(nn.Module):
     x = jnp.pad(x_BxHxWxC, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     if self.pool == 'reshape_max':
       return classifier.max_pool_2x2(x)
-    if self.pool == 'avg':
-      b, h, w, c = x.shape
-      return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-    raise ValueError(f"pool={self.pool!r}: use 'max', 'reshape_max' or 'avg'")
+    raise ValueError(f"pool={self.pool!r}: use 'reshape_max' or 'max'")
