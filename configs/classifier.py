@@ -4,8 +4,10 @@ Variants (`--config=configs/classifier.py:VARIANT`):
   (none)  the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5
   sweep   the homework's learning-rate sweep 0.001 / 0.01 / 0.1, best by validation accuracy
   smoke   a few hundred examples, 2 epochs: tests and quick checks
-  strong  beyond the homework: a GroupNorm CNN (models/strong_classifier.py, 140k parameters), random
-          crops and flips, AdamW with warmup and cosine decay, batch 128, 15 epochs
+  strong  beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 603k parameters:
+          space-to-depth, conv 64 at 14x14, conv 128 at 7x7, dense 256), random 1-pixel crops and flips,
+          flip test-time augmentation, AdamW with warmup and cosine decay, batch 128, 15 epochs; chosen on
+          val; below the issue's 0.945 test target (README)
 """
 
 from ml_collections import config_dict
@@ -78,11 +80,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.name = 'strong_classifier'  # cnn_caption/models registry key
     config.model.input_shape = (28, 28, 1)  # H, W, C of one image
     config.model.num_classes = 10  # output classes
-    config.model.channels = (32, 64, 128)  # conv channels of the two 2-conv stages and the last conv
-    config.model.groups = 8  # GroupNorm groups
-    config.model.dropout = 0.2  # before the classifier head
-    config.data.augment_pad = 2
+    config.model.space_to_depth = 2  # 28x28x1 -> 14x14x4 before the first conv; 1 = off
+    config.model.channels = (64, 128)  # conv channels of each stage (a stage ends in a 2x2 max-pool)
+    config.model.convs_per_stage = (1, 1)  # 3x3 convs in each stage
+    config.model.hidden = 256  # dense layer after the flattened last stage
+    config.model.norm = 'none'  # after each conv: 'none' or 'group' (GroupNorm)
+    config.model.groups = 8  # GroupNorm groups (norm='group' only)
+    config.model.pool = 'reshape_max'  # 'reshape_max' (fast backward) or 'max' (nn.max_pool; needed with 'group')
+    config.model.dropout = 0.0  # after the hidden dense layer; 0.2 was lower on val (it underfits)
+    config.data.augment_pad = 1  # 2 with dropout 0.2 was lower on val
     config.data.augment_flip = True
+    config.data.eval_flip = True  # val and test: mean of the probabilities of each image and its mirror
     config.optimizer.name = 'adamw'
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 5e-4

@@ -2,12 +2,14 @@
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cnn_caption import checkpoint
+from cnn_caption import models
 from cnn_caption import parallel
 from cnn_caption import train
 from cnn_caption.data import augment
@@ -19,23 +21,52 @@ from conftest import needs_fmnist
 from conftest import override
 
 
+def _strong_model(**overrides):
+  return models.create_model(classifier_config.get_config('strong'), **overrides)
+
+
 def test_parameter_count_by_hand_and_output():
-  model = strong_classifier.StrongCNN(channels=(32, 64, 128), groups=8)
+  model = _strong_model()
+  assert (model.space_to_depth, model.channels, model.convs_per_stage, model.hidden) == (2, (64, 128), (1, 1), 256)
   x = jnp.zeros((2, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(0), x)['params']
-  # conv (no bias) 3*3*cin*cout + GroupNorm scale and bias 2*cout per block; head 128*10 + 10.
-  expected = (
-    (9 * 1 * 32 + 64)
-    + (9 * 32 * 32 + 64)
-    + (9 * 32 * 64 + 128)
-    + (9 * 64 * 64 + 128)
-    + (9 * 64 * 128 + 256)
-    + (128 * 10 + 10)
-  )
+  # 28x28x1 -> space-to-depth 14x14x4 -> conv 64, pool -> 7x7 -> conv 128, pool (SAME) -> 4x4x128 = 2048
+  # -> fc 256 -> head 10. A 3x3 conv with bias: 9*cin*cout + cout; a dense layer: din*dout + dout.
+  expected = (9 * 4 * 64 + 64) + (9 * 64 * 128 + 128) + (4 * 4 * 128 * 256 + 256) + (256 * 10 + 10)
   assert sum(p.size for p in jax.tree.leaves(params)) == expected < 1_000_000
   logp = model.apply({'params': params}, jax.random.normal(jax.random.key(1), (2, 28, 28, 1)))
   assert logp.shape == (2, 10)
   np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_space_to_depth_and_same_pooling():
+  # Space-to-depth puts each 2x2 block's pixels, row-major, into the channels of one position.
+  model = strong_classifier.StrongCNN(channels=(1,), convs_per_stage=(0,), hidden=1, space_to_depth=2)
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  s2d = model.apply({}, x, method=lambda m, v: m._space_to_depth(v))
+  np.testing.assert_array_equal(s2d[0, 0, 1], [2.0, 3.0, 6.0, 7.0])
+  # On ReLU outputs (>= 0), the zero-padded reshape-and-max pool equals nn.max_pool with SAME padding.
+  y = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 7, 7, 3)))
+  for pool in ('reshape_max', 'max'):
+    pooled = strong_classifier.StrongCNN(pool=pool).apply({}, y, method=lambda m, v: m._pool(v))
+    np.testing.assert_array_equal(pooled, nn.max_pool(y, (2, 2), strides=(2, 2), padding='SAME'))
+
+
+@needs_fmnist
+def test_eval_flip_averages_the_probabilities_of_the_mirror(tmp_path):
+  config = _strong_smoke(**{'data.num_eval': 8, 'eval_batch_size': 8})
+  task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
+  params = task.model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  images, labels = task.splits['val']
+  x = fashion_mnist.to_float(images[:8])
+  p = np.exp(task.model.apply({'params': params}, x)) + np.exp(task.model.apply({'params': params}, x[:, :, ::-1]))
+  expected_nll = -np.log(p[np.arange(8), labels[:8]] / 2).mean()
+  flip_task = classification.ClassificationTask(
+    override(config, **{'data.eval_flip': True}), str(tmp_path), parallel.make_mesh()
+  )
+  got = flip_task.evaluate(params, 'val')
+  np.testing.assert_allclose(got['loss'], expected_nll, rtol=1e-5)
+  assert got['accuracy'] == np.mean(p.argmax(-1) == labels[:8])
 
 
 def test_crop_flip_is_a_seeded_shift_and_mirror():
@@ -68,8 +99,8 @@ def _strong_smoke(**overrides):
     'eval_batch_size': 64,
     'batch_size': 32,
     'num_epochs': 2,
-    'model.channels': (4, 8, 8),
-    'model.groups': 2,
+    'model.channels': (4, 8),
+    'model.hidden': 8,
     'optimizer.schedule': 'constant',
     'log_every_steps': 3,
     'steps_per_call': 2,
@@ -105,9 +136,12 @@ def _final_params(workdir):
   return params
 
 
-def test_jitted_gradient_is_finite():
-  # Regression: with classifier.max_pool_2x2 in this model the jitted gradient was NaN (see the module doc).
-  model = strong_classifier.StrongCNN(channels=(4, 8, 8), groups=2)
+@pytest.mark.parametrize('norm', ['none', 'group'])
+def test_jitted_gradient_is_finite(norm):
+  # Regression: with the reshape-and-max pool behind GroupNorm the jitted gradient was NaN (see the module doc).
+  model = _strong_model(
+    channels=(4, 8), hidden=8, norm=norm, groups=2, pool='max' if norm == 'group' else 'reshape_max'
+  )
   x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
   grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, x).sum()))(params)

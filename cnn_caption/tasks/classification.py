@@ -69,6 +69,10 @@ class ClassificationTask:
 
   def _eval_counts(self, params, batch):
     logp = self.model.apply({'params': params}, batch['image'], train=False)
+    if self.config.data.get('eval_flip', False):
+      # Test-time augmentation: the mean of the probabilities of each image and its mirror.
+      logp_flip = self.model.apply({'params': params}, batch['image'][:, :, ::-1], train=False)
+      logp = jnp.logaddexp(logp, logp_flip) - jnp.log(2.0)
     labels, mask = batch['label'], batch['mask']
     correct = (jnp.argmax(logp, -1) == labels) & mask
     nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
