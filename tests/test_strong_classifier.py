@@ -14,6 +14,7 @@ from cnn_caption import parallel
 from cnn_caption import train
 from cnn_caption.data import augment
 from cnn_caption.data import fashion_mnist
+from cnn_caption.errors import UserError
 from cnn_caption.models import strong_classifier
 from cnn_caption.tasks import classification
 from configs import classifier as classifier_config
@@ -146,3 +147,17 @@ def test_jitted_gradient_is_finite(norm):
   params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
   grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, x).sum()))(params)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_bad_shape_settings_are_one_line_config_errors():
+  x = jnp.zeros((1, 28, 28, 1))
+  cases = [
+    ({'norm': 'group', 'pool': 'reshape_max'}, "norm='group' needs config.model.pool='max'"),
+    ({'norm': 'batch'}, "config.model.norm='batch' is unknown"),
+    ({'channels': (8, 16), 'convs_per_stage': (1,)}, 'must have one entry per stage'),
+    ({'space_to_depth': 3}, 'space_to_depth=3 does not divide the image size 28x28'),
+    ({'pool': 'avg'}, "config.model.pool='avg' is unknown"),
+  ]
+  for fields, message in cases:
+    with pytest.raises(UserError, match=message):
+      jax.eval_shape(strong_classifier.StrongCNN(**fields).init, jax.random.key(0), x)

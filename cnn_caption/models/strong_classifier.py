@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_caption.errors import UserError
 from cnn_caption.models import classifier
 
 
@@ -32,7 +33,7 @@ class ConvBlock(nn.Module):
     if self.norm == 'group':
       x = nn.GroupNorm(num_groups=min(self.groups, self.channels), name='norm')(x)
     elif self.norm != 'none':
-      raise ValueError(f"norm={self.norm!r}: use 'group' or 'none'")
+      raise UserError(f"config.model.norm={self.norm!r} is unknown: use 'group' or 'none'")
     return nn.relu(x)
 
 
@@ -56,9 +57,15 @@ class StrongCNN(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
     if len(self.channels) != len(self.convs_per_stage):
-      raise ValueError(f'channels={self.channels} and convs_per_stage={self.convs_per_stage} differ in length')
+      raise UserError(
+        f'config.model.channels={self.channels} and config.model.convs_per_stage={self.convs_per_stage} '
+        'must have one entry per stage'
+      )
     if self.norm == 'group' and self.pool == 'reshape_max':
-      raise ValueError("norm='group' needs pool='max' (the reshape-and-max pool's jitted gradient was NaN there)")
+      raise UserError(
+        "config.model.norm='group' needs config.model.pool='max' (the reshape-and-max pool's jitted gradient "
+        'was NaN there)'
+      )
     x = x_BxHxWx1
     if self.space_to_depth > 1:
       x = self._space_to_depth(x)
@@ -76,7 +83,7 @@ class StrongCNN(nn.Module):
     k = self.space_to_depth
     b, h, w, c = x_BxHxWxC.shape
     if h % k or w % k:
-      raise ValueError(f'space_to_depth={k} does not divide the image size {h}x{w}')
+      raise UserError(f'config.model.space_to_depth={k} does not divide the image size {h}x{w}; use 1 (off) or 2')
     x = x_BxHxWxC.reshape(b, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // k, w // k, k * k * c)
 
@@ -88,4 +95,4 @@ class StrongCNN(nn.Module):
     x = jnp.pad(x_BxHxWxC, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     if self.pool == 'reshape_max':
       return classifier.max_pool_2x2(x)
-    raise ValueError(f"pool={self.pool!r}: use 'reshape_max' or 'max'")
+    raise UserError(f"config.model.pool={self.pool!r} is unknown: use 'reshape_max' or 'max'")
