@@ -77,12 +77,14 @@ def main():
     key = jax.random.key(1)
     state, m = step(state, batches[0], key)
     jax.block_until_ready(m)
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-      state, m = step(state, batches[calls % 4], key)
-      calls += 1
-    jax.block_until_ready(m)
-    ips = calls * b / (time.perf_counter() - t0)
+    run = {'state': state, 'calls': 0}
+
+    def advance(run=run, step=step, key=key):
+      run['state'], metrics = step(run['state'], batches[run['calls'] % 4], key)
+      run['calls'] += 1
+      return metrics
+
+    ips = common.calls_per_second(advance, args.seconds) * b
     common.emit(
       {
         'what': name,

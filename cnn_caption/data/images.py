@@ -10,10 +10,9 @@ from PIL import Image
 from cnn_caption.errors import UserError
 
 # encoder name -> per-channel (mean, std) on the 0..255 pixel scale; see each encoder's docstring.
+_TF_LITE = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))  # (pixel - 127) / 128, every EfficientNet-Lite
 NORMALIZATION = {
-  'efficientnet_lite0': ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
-  'efficientnet_lite1': ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
-  'efficientnet_lite2': ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+  **{f'efficientnet_lite{v}': _TF_LITE for v in range(3)},
   'resnet18': ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
 }
 

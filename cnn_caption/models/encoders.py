@@ -25,12 +25,12 @@ Variables = dict[str, Any]
 # EfficientNet-Lite stages, shared by every variant: (kernel, stride, expand ratio) of each stage.
 _LITE_STAGES = ((3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6))
 # Per variant: the stages' repeats and output channels (read off the PyPI packages' state dicts: the
-# Lite scaling keeps the stem (32), the head (1280) and the first and last stage's single block fixed),
-# and the ImageNet resolution it was trained at.
+# Lite scaling keeps the stem (32), the head (1280) and the first and last stage's single block fixed).
+# ImageNet resolutions: Lite0 224, Lite1 240, Lite2 260 px.
 _LITE_VARIANTS = {
-  'efficientnet_lite0': ((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320), 224),
-  'efficientnet_lite1': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320), 240),
-  'efficientnet_lite2': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), 260),
+  'efficientnet_lite0': ((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320)),
+  'efficientnet_lite1': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320)),
+  'efficientnet_lite2': ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352)),
 }
 _LITE_STEM = 32
 _LITE_HEAD = 1280
@@ -38,7 +38,7 @@ _LITE_HEAD = 1280
 
 def _lite_blocks(variant: str) -> list[tuple[int, int, int, int, int]]:
   """(in channels, out channels, kernel, stride, expand ratio) of each block of an EfficientNet-Lite variant."""
-  repeats, outs, _ = _LITE_VARIANTS[variant]
+  repeats, outs = _LITE_VARIANTS[variant]
   blocks, channels = [], _LITE_STEM
   for (kernel, stride, expand), n, out in zip(_LITE_STAGES, repeats, outs):
     for r in range(n):
@@ -345,8 +345,6 @@ def head_as_dense(variables: Variables) -> dict[str, np.ndarray]:
 FEATURE_LAYERS = ('head', 'before_head')
 ENCODERS = (*_LITE_VARIANTS, 'resnet18')
 FEATURE_DIMS = {**{name: _LITE_HEAD for name in _LITE_VARIANTS}, 'resnet18': 512}
-# The resolution each encoder was trained at on ImageNet (config.data.image_size need not equal it).
-NATIVE_SIZES = {**{name: spec[2] for name, spec in _LITE_VARIANTS.items()}, 'resnet18': 224}
 
 
 def _check_name(name: str):
