@@ -84,13 +84,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.channels = (64, 128)  # conv channels of each stage (a stage ends in a 2x2 max-pool)
     config.model.convs_per_stage = (1, 1)  # 3x3 convs in each stage
     config.model.hidden = 256  # dense layer after the flattened last stage
-    config.model.norm = 'none'  # after each conv: 'none' or 'group' (GroupNorm)
+    config.model.norm = 'none'  # after each conv: 'none', 'group' (GroupNorm) or 'batch' (BatchNorm, models/norm.py)
     config.model.groups = 8  # GroupNorm groups (norm='group' only)
     config.model.pool = 'reshape_max'  # 'reshape_max' (fast backward) or 'max' (nn.max_pool; needed with 'group')
     config.model.dropout = 0.0  # after the hidden dense layer; 0.2 was lower on val (it underfits)
     config.data.augment_pad = 1  # 2 with dropout 0.2 was lower on val
     config.data.augment_flip = True
     config.data.eval_flip = True  # val and test: mean of the probabilities of each image and its mirror
+    config.data.bn_stats_examples = 10_000  # norm='batch': first N training images giving BatchNorm's eval statistics
     config.optimizer.name = 'adamw'
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 5e-4

@@ -137,7 +137,7 @@ def _final_params(workdir):
   return params
 
 
-@pytest.mark.parametrize('norm', ['none', 'group'])
+@pytest.mark.parametrize('norm', ['none', 'group', 'batch'])
 def test_jitted_gradient_is_finite(norm):
   # Regression: with the reshape-and-max pool behind GroupNorm the jitted gradient was NaN (see the module doc).
   model = _strong_model(
@@ -145,7 +145,7 @@ def test_jitted_gradient_is_finite(norm):
   )
   x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
-  grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, x).sum()))(params)
+  grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, x, train=True).sum()))(params)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
@@ -153,7 +153,7 @@ def test_bad_shape_settings_are_one_line_config_errors():
   x = jnp.zeros((1, 28, 28, 1))
   cases = [
     ({'norm': 'group', 'pool': 'reshape_max'}, "norm='group' needs config.model.pool='max'"),
-    ({'norm': 'batch'}, "config.model.norm='batch' is unknown"),
+    ({'norm': 'layer'}, "config.model.norm='layer' is unknown: use 'none', 'group' or 'batch'"),
     ({'channels': (8, 16), 'convs_per_stage': (1,)}, 'must have one entry per stage'),
     ({'space_to_depth': 3}, 'space_to_depth=3 does not divide the image size 28x28'),
     ({'pool': 'avg'}, "config.model.pool='avg' is unknown"),

@@ -1,9 +1,10 @@
 """A stronger small Fashion-MNIST CNN (configs/classifier.py:strong), shaped for XLA:CPU speed.
 
 Every 3x3 convolution is classifier.ShiftedSlicesConv3x3 (9 shifted slices and one matmul): XLA:CPU runs
-dense matmuls far faster than its convolutions (bench/probe_strong.py). Normalisation is optional ('group'
-or 'none'): the generic train step carries no mutable batch statistics, so BatchNorm is not offered, and
-GroupNorm cost 8-17% of the training step in the probe (off in configs/classifier.py:strong).
+dense matmuls far faster than its convolutions (bench/probe_strong.py). Normalisation is optional: 'none',
+'group' (GroupNorm; it cost 8-17% of the training step in the probe) or 'batch' (models/norm.py: batch
+statistics in training, population statistics recomputed from the parameters for evaluation, so the generic
+train step still carries no mutable state).
 
 Pooling is 'reshape_max' (classifier.max_pool_2x2 after zero-padding odd sizes; 1.5x faster training step
 than nn.max_pool in the probe) or 'max' (nn.max_pool). With GroupNorm only 'max' is allowed: behind GroupNorm
@@ -18,22 +19,25 @@ import jax.numpy as jnp
 
 from cnn_caption.errors import UserError
 from cnn_caption.models import classifier
+from cnn_caption.models import norm as norm_lib
 
 
 class ConvBlock(nn.Module):
-  """3x3 conv (same padding, as slices + matmul) -> optional GroupNorm -> ReLU."""
+  """3x3 conv (same padding, as slices + matmul) -> optional GroupNorm or BatchNorm -> ReLU."""
 
   channels: int
   norm: str
   groups: int
 
   @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
     x = classifier.ShiftedSlicesConv3x3(self.channels, name='conv')(x_BxHxWxC)
     if self.norm == 'group':
       x = nn.GroupNorm(num_groups=min(self.groups, self.channels), name='norm')(x)
+    elif self.norm == 'batch':
+      x = norm_lib.BatchNorm(name='norm')(x, train=train)
     elif self.norm != 'none':
-      raise UserError(f"config.model.norm={self.norm!r} is unknown: use 'group' or 'none'")
+      raise UserError(f"config.model.norm={self.norm!r} is unknown: use 'none', 'group' or 'batch'")
     return nn.relu(x)
 
 
@@ -71,7 +75,7 @@ class StrongCNN(nn.Module):
       x = self._space_to_depth(x)
     for i, (c, n) in enumerate(zip(self.channels, self.convs_per_stage)):
       for j in range(n):
-        x = ConvBlock(c, self.norm, self.groups, name=f'block{i + 1}{"abcdefgh"[j]}')(x)
+        x = ConvBlock(c, self.norm, self.groups, name=f'block{i + 1}{"abcdefgh"[j]}')(x, train=train)
       x = self._pool(x)
     feats_BxD = x.reshape(x.shape[0], -1)
     feats_BxD = nn.relu(nn.Dense(self.hidden, name='fc')(feats_BxD))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
@@ -16,6 +18,8 @@ from cnn_caption import parallel
 from cnn_caption import plots
 from cnn_caption.data import augment
 from cnn_caption.data import fashion_mnist
+from cnn_caption.errors import UserError
+from cnn_caption.models import norm
 
 
 class ClassificationTask:
@@ -35,6 +39,8 @@ class ClassificationTask:
     self._eval_fn = memory.CheckedJit(
       self._eval_counts, knob='eval_batch_size', value=config.eval_batch_size, what='evaluation'
     )
+    self._batch_norm = norm.has_batch_norm(self.model, self.example_inputs())
+    self._moments_fn = jax.jit(functools.partial(norm.batch_moments, self.model))
 
   def example_inputs(self) -> tuple:
     return models.example_inputs(self.config)
@@ -67,11 +73,33 @@ class ClassificationTask:
     del aux
     return {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
-  def _eval_counts(self, params, batch):
-    logp = self.model.apply({'params': params}, batch['image'], train=False)
+  def _variables(self, params) -> dict:
+    """What evaluation applies the model to: the parameters, and BatchNorm's population statistics if any.
+
+    The statistics are recomputed from the parameters each time (models/norm.py): training batches of
+    config.batch_size over the first config.data.bn_stats_examples training images, unaugmented.
+    """
+    if not self._batch_norm:
+      return {'params': params}
+    images = self.splits['train'][0]
+    b = self.config.batch_size
+    n = min(self.config.data.get('bn_stats_examples', 10_000), len(images)) // b * b
+    if n == 0:
+      raise UserError(
+        f'config.data.bn_stats_examples={self.config.data.get("bn_stats_examples")} is below one batch '
+        f'(config.batch_size={b}); BatchNorm needs at least one training batch for its statistics'
+      )
+    batches = (
+      parallel.shard_batch({'image': fashion_mnist.to_float(images[i : i + b])}, self.mesh)['image']
+      for i in range(0, n, b)
+    )
+    return {'params': params, **norm.population_stats(self._moments_fn, params, batches)}
+
+  def _eval_counts(self, variables, batch):
+    logp = self.model.apply(variables, batch['image'], train=False)
     if self.config.data.get('eval_flip', False):
       # Test-time augmentation: the mean of the probabilities of each image and its mirror.
-      logp_flip = self.model.apply({'params': params}, batch['image'][:, :, ::-1], train=False)
+      logp_flip = self.model.apply(variables, batch['image'][:, :, ::-1], train=False)
       logp = jnp.logaddexp(logp, logp_flip) - jnp.log(2.0)
     labels, mask = batch['label'], batch['mask']
     correct = (jnp.argmax(logp, -1) == labels) & mask
@@ -87,15 +115,18 @@ class ClassificationTask:
     b = self.config.eval_batch_size
     example = {**self._fetch('val')(slice(0, 1)), 'mask': np.ones(1, bool)}
     self._eval_fn.check(
-      params, parallel.abstract_batch(example, b, self.mesh), host_bytes=b * sum(v[0].nbytes for v in example.values())
+      self._variables(params),
+      parallel.abstract_batch(example, b, self.mesh),
+      host_bytes=b * sum(v[0].nbytes for v in example.values()),
     )
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     labels = self.splits[split][1]
     fetch = self._fetch(split)
     correct, nll = 0, 0.0
+    variables = self._variables(params)
     for batch, _ in parallel.padded_batches(len(labels), self.config.eval_batch_size, fetch):
-      c, batch_nll = self._eval_fn(params, parallel.shard_batch(batch, self.mesh))
+      c, batch_nll = self._eval_fn(variables, parallel.shard_batch(batch, self.mesh))
       correct += int(c)
       nll += float(batch_nll)
     return {'accuracy': correct / len(labels), 'loss': nll / len(labels)}
