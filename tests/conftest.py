@@ -104,3 +104,16 @@ def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout:
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert steps, 'no checkpoint was written before the kill'
   return steps
+
+
+# The longest files first, each file's tests in their written order: `pytest -n 2 --dist loadfile` (the README's
+# command) hands whole files to the workers in this order, so the long ones do not start last.
+_LONG_FILES_FIRST = ('test_multiprocess.py', 'test_train.py', 'test_captioning.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.path))
+    return _LONG_FILES_FIRST.index(name) if name in _LONG_FILES_FIRST else len(_LONG_FILES_FIRST)
+
+  items.sort(key=rank)  # stable: the order within a file, and among the other files, is kept
