@@ -6,11 +6,13 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from cnn_caption import checkpoint
 from cnn_caption import parallel
 from cnn_caption import train
 from cnn_caption.data import fashion_mnist
+from cnn_caption.errors import UserError
 from cnn_caption.models import norm
 from cnn_caption.tasks import classification
 from configs import classifier as classifier_config
@@ -95,3 +97,11 @@ def test_strong_cnn_with_batch_norm_trains_and_its_scores_follow_from_the_checkp
   np.testing.assert_allclose(
     task.model.apply(variables, x[:1]), task.model.apply(variables, x)[:1], rtol=1e-5, atol=1e-6
   )
+
+
+@needs_fmnist
+def test_fewer_statistics_examples_than_a_batch_stop_before_the_first_step(tmp_path):
+  with pytest.raises(UserError, match=r'config.data.bn_stats_examples=10 is below one batch \(config.batch_size=32\)'):
+    train.train_and_evaluate(_smoke(**{'data.bn_stats_examples': 10}), str(tmp_path))
+  saved = tmp_path / 'checkpoints'
+  assert not saved.exists() or not [d for d in os.listdir(saved) if d.isdigit()]
