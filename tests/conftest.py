@@ -106,6 +106,25 @@ def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout:
   return steps
 
 
+def strong_smoke(overrides: dict):
+  """configs/classifier.py:strong shrunk for tests: 96 training images, 2 epochs, channels (4, 8)."""
+  from configs import classifier  # pylint: disable=g-import-not-at-top
+
+  fields = {
+    'data.num_train': 96,
+    'data.num_eval': 64,
+    'eval_batch_size': 64,
+    'batch_size': 32,
+    'num_epochs': 2,
+    'model.channels': (4, 8),
+    'model.hidden': 8,
+    'optimizer.schedule': 'constant',
+    'log_every_steps': 3,
+    'steps_per_call': 2,
+  }
+  return override(classifier.get_config('strong'), **{**fields, **overrides})
+
+
 # The longest files first, each file's tests in their written order: `pytest -n 2 --dist loadfile` (the README's
 # command) hands whole files to the workers in this order, so the long ones do not start last.
 _LONG_FILES_FIRST = ('test_multiprocess.py', 'test_train.py', 'test_captioning.py')

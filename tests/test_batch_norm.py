@@ -15,9 +15,8 @@ from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 from cnn_caption.models import norm
 from cnn_caption.tasks import classification
-from configs import classifier as classifier_config
 from conftest import needs_fmnist
-from conftest import override
+from conftest import strong_smoke
 
 
 class _Affine(nn.Module):
@@ -48,22 +47,8 @@ def test_training_normalises_by_the_batch_and_population_stats_are_the_datas():
 
 
 def _smoke(**overrides):
-  fields = {
-    'data.num_train': 96,
-    'data.num_eval': 64,
-    'data.bn_stats_examples': 64,
-    'eval_batch_size': 64,
-    'batch_size': 32,
-    'num_epochs': 2,
-    'model.channels': (4, 8),
-    'model.hidden': 8,
-    'model.norm': 'batch',
-    'optimizer.schedule': 'constant',
-    'log_every_steps': 3,
-    'steps_per_call': 1,
-  }
-  fields.update(overrides)
-  return override(classifier_config.get_config('strong'), **fields)
+  """test_strong_classifier's smoke config with BatchNorm, its statistics from the first 2 batches."""
+  return strong_smoke({'data.bn_stats_examples': 64, 'model.norm': 'batch', 'steps_per_call': 1, **overrides})
 
 
 @needs_fmnist

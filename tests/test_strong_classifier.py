@@ -20,6 +20,7 @@ from cnn_caption.tasks import classification
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
 from conftest import override
+from conftest import strong_smoke
 
 
 def _strong_model(**overrides):
@@ -93,21 +94,7 @@ def test_crop_flip_is_a_seeded_shift_and_mirror():
 
 
 def _strong_smoke(**overrides):
-  config = classifier_config.get_config('strong')
-  fields = {
-    'data.num_train': 96,
-    'data.num_eval': 64,
-    'eval_batch_size': 64,
-    'batch_size': 32,
-    'num_epochs': 2,
-    'model.channels': (4, 8),
-    'model.hidden': 8,
-    'optimizer.schedule': 'constant',
-    'log_every_steps': 3,
-    'steps_per_call': 2,
-  }
-  fields.update(overrides)
-  return override(config, **fields)
+  return strong_smoke(overrides)
 
 
 @needs_fmnist
