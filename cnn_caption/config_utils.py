@@ -67,6 +67,9 @@ _MODEL_SIZES = (
   'model.features',
   'model.head_dim',
   'model.num_heads',
+  'model.hidden',
+  'model.groups',
+  'model.space_to_depth',
   'model_inputs.num_regions',
   'model_inputs.feature_dim',
   'model_inputs.vocab_size',
@@ -113,7 +116,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'encoder.batch_size', pos_int, 'a positive integer')
   for field in _MODEL_SIZES:
     _check(config, field, pos_int, 'a positive integer')
-  for field in ('model.input_shape', 'model.kernel_size', 'model.strides', 'model.pool_window', 'model.pool_strides'):
+  for field in (
+    'model.input_shape',
+    'model.kernel_size',
+    'model.strides',
+    'model.pool_window',
+    'model.pool_strides',
+    'model.channels',
+    'model.convs_per_stage',
+  ):
     _check(config, field, pos_ints, 'a tuple of positive integers')
   _check(config, 'model.name', lambda v: isinstance(v, str) and v != '', 'a model registry name')
   _check(
@@ -146,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     'a tuple of finite numbers',
   )
   _check(config, 'data.augment_pad', nonneg_int, 'an integer >= 0 (0 = no random crops)')
+  _check(config, 'data.bn_stats_examples', pos_int, 'a positive integer (training images for BatchNorm statistics)')
+  _check(config, 'loss.doubly_stochastic', nonneg, 'a finite number >= 0 (0 = off)')
+  _check(config, 'model.padding', lambda v: v in ('VALID', 'SAME'), "'VALID' or 'SAME'")
   _check(
     config,
     'selection_metric',

@@ -30,6 +30,7 @@ from conftest import run_launch
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 CLASSIFIER = '--config=configs/classifier.py:smoke'
 CAPTIONER = '--config=configs/captioner.py:smoke'
+STRONG = '--config=configs/classifier.py:strong'
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -124,6 +125,14 @@ CONFIG_CASES = [
   ('train_q1_config', ['--config=configs/q1_cnn.py'], 'has no config.task'),
   ('attention_check_classifier', [CLASSIFIER, '--mode=attention_check'], "model.name='classifier'"),
   ('mode_unknown', [CLASSIFIER, '--mode=fly'], 'fly'),
+  ('strong_hidden_zero', [STRONG, '--config.model.hidden=0'], 'config.model.hidden=0'),
+  ('strong_channels_zero', [STRONG, '--config.model.channels=(0,8)'], 'config.model.channels=(0, 8)'),
+  ('strong_convs_empty', [STRONG, '--config.model.convs_per_stage=()'], 'config.model.convs_per_stage=()'),
+  ('strong_groups_zero', [STRONG, '--config.model.groups=0'], 'config.model.groups=0'),
+  ('strong_space_to_depth_zero', [STRONG, '--config.model.space_to_depth=0'], 'space_to_depth=0'),
+  ('bn_stats_zero', [STRONG, '--config.data.bn_stats_examples=0'], 'bn_stats_examples=0'),
+  ('doubly_stochastic_negative', [CAPTIONER, '--config.loss.doubly_stochastic=-1.0'], 'doubly_stochastic=-1.0'),
+  ('q1_padding_unknown', ['--config=configs/q1_cnn.py', '--mode=summary', '--config.model.padding=FULL'], 'padding'),
 ]
 
 
