@@ -4,8 +4,8 @@ Variants (`--config=configs/classifier.py:VARIANT`):
   (none)  the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5
   sweep   the homework's learning-rate sweep 0.001 / 0.01 / 0.1, best by validation accuracy
   smoke   a few hundred examples, 2 epochs: tests and quick checks
-  strong  beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 603k parameters:
-          space-to-depth, conv 64 at 14x14, conv 128 at 7x7, dense 256), random 1-pixel crops and flips,
+  strong  beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 959k parameters:
+          space-to-depth, conv 96 at 14x14, conv 192 at 7x7, dense 256), random 1-pixel crops and flips,
           flip test-time augmentation, AdamW with warmup and cosine decay, batch 128, 15 epochs; chosen on
           val; below the issue's 0.945 test target (README)
 """
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.input_shape = (28, 28, 1)  # H, W, C of one image
     config.model.num_classes = 10  # output classes
     config.model.space_to_depth = 2  # 28x28x1 -> 14x14x4 before the first conv; 1 = off
-    config.model.channels = (64, 128)  # conv channels of each stage (a stage ends in a 2x2 max-pool)
+    config.model.channels = (96, 192)  # conv channels of each stage (ends in a 2x2 max-pool); (64, 128) lower on val
     config.model.convs_per_stage = (1, 1)  # 3x3 convs in each stage
     config.model.hidden = 256  # dense layer after the flattened last stage
     config.model.norm = 'none'  # after each conv: 'none', 'group' (GroupNorm) or 'batch' (BatchNorm, models/norm.py)

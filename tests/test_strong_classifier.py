@@ -29,12 +29,12 @@ def _strong_model(**overrides):
 
 def test_parameter_count_by_hand_and_output():
   model = _strong_model()
-  assert (model.space_to_depth, model.channels, model.convs_per_stage, model.hidden) == (2, (64, 128), (1, 1), 256)
+  assert (model.space_to_depth, model.channels, model.convs_per_stage, model.hidden) == (2, (96, 192), (1, 1), 256)
   x = jnp.zeros((2, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(0), x)['params']
-  # 28x28x1 -> space-to-depth 14x14x4 -> conv 64, pool -> 7x7 -> conv 128, pool (SAME) -> 4x4x128 = 2048
+  # 28x28x1 -> space-to-depth 14x14x4 -> conv 96, pool -> 7x7 -> conv 192, pool (SAME) -> 4x4x192 = 3072
   # -> fc 256 -> head 10. A 3x3 conv with bias: 9*cin*cout + cout; a dense layer: din*dout + dout.
-  expected = (9 * 4 * 64 + 64) + (9 * 64 * 128 + 128) + (4 * 4 * 128 * 256 + 256) + (256 * 10 + 10)
+  expected = (9 * 4 * 96 + 96) + (9 * 96 * 192 + 192) + (4 * 4 * 192 * 256 + 256) + (256 * 10 + 10)
   assert sum(p.size for p in jax.tree.leaves(params)) == expected < 1_000_000
   logp = model.apply({'params': params}, jax.random.normal(jax.random.key(1), (2, 28, 28, 1)))
   assert logp.shape == (2, 10)

@@ -50,7 +50,7 @@ class StrongCNN(nn.Module):
 
   num_classes: int = 10
   dropout: float = 0.0
-  channels: tuple[int, ...] = (64, 128)
+  channels: tuple[int, ...] = (96, 192)
   convs_per_stage: tuple[int, ...] = (1, 1)
   hidden: int = 256
   norm: str = 'none'
