@@ -91,6 +91,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.data.augment_pad = 1  # 2 with dropout 0.2 was lower on val
     config.data.augment_flip = True
     config.data.eval_flip = True  # val and test: mean of the probabilities of each image and its mirror
+    config.loss = config_dict.ConfigDict()
+    config.loss.label_smoothing = 0.0  # training targets: 1 - eps on the label, eps spread over the classes
     config.data.bn_stats_examples = 10_000  # norm='batch': first N training images giving BatchNorm's eval statistics
     config.optimizer.name = 'adamw'
     config.optimizer.learning_rate = 3e-3

@@ -148,3 +148,30 @@ def test_bad_shape_settings_are_one_line_config_errors():
   for fields, message in cases:
     with pytest.raises(UserError, match=message):
       jax.eval_shape(strong_classifier.StrongCNN(**fields).init, jax.random.key(0), x)
+
+
+def test_label_smoothing_loss_against_numpy_and_only_in_training():
+  model = _strong_model(channels=(4, 8), hidden=8)
+  x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
+  labels = np.array([0, 3, 9, 9, 1, 4], np.int32)
+  params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
+  batch = {'image': x, 'label': labels}
+  logp = np.asarray(model.apply({'params': params}, x), np.float64)
+  nll = -logp[np.arange(6), labels]
+  eps = 0.1
+  # (1 - eps) on the label plus eps / K on every class: (1 - eps) * NLL + eps * mean over classes of -log p.
+  want = ((1 - eps) * nll + eps * -logp.mean(-1)).mean()
+  kwargs = {'apply_fn': model.apply, 'rngs': {'dropout': jax.random.key(2)}}
+  smoothed, _ = classification.classification_loss(params, batch, train=True, label_smoothing=eps, **kwargs)
+  np.testing.assert_allclose(float(smoothed), want, rtol=1e-5)
+  plain, _ = classification.classification_loss(params, batch, train=False, label_smoothing=eps, **kwargs)
+  np.testing.assert_allclose(float(plain), nll.mean(), rtol=1e-5)
+  assert abs(float(smoothed) - float(plain)) > 1e-3  # the two differ here, so the checks above tell them apart
+
+
+@needs_fmnist
+def test_config_label_smoothing_reaches_the_task_loss(tmp_path):
+  config = _strong_smoke(**{'loss.label_smoothing': 0.2})
+  task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
+  assert task.loss.keywords == {'label_smoothing': 0.2}
+  assert classification.ClassificationTask.loss is classification.classification_loss  # the class: no smoothing
