@@ -41,9 +41,9 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
 
   sys.path.insert(0, ROOT)
   from cnn_caption import models  # pylint: disable=g-import-not-at-top
-  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
   from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import classification  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
 
   task = classification.ClassificationTask  # loss and metrics are static: no data needed
   sys.path.insert(0, os.path.join(ROOT, 'configs'))

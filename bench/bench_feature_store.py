@@ -42,11 +42,11 @@ def child(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, ROOT)
-  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
-  from cnn_caption import parallel  # pylint: disable=g-import-not-at-top
   from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.data import synthetic  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import parallel  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import captioner  # pylint: disable=g-import-not-at-top

@@ -33,7 +33,7 @@ def make_forward(encoder: str, weights, image_size: int, batch: int, seconds: fl
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, ROOT)
-  from cnn_caption import features  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import features  # pylint: disable=g-import-not-at-top
   from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
 
   module, variables = encoders.load_encoder(encoder, weights)
@@ -103,7 +103,7 @@ def main() -> int:
   sys.path.insert(0, ROOT)
   from absl import logging  # pylint: disable=g-import-not-at-top
 
-  from cnn_caption import features  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import features  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.INFO)
   cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='bench_features_')

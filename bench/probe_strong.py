@@ -39,9 +39,9 @@ def main():
 
   sys.path.insert(0, common.ROOT)
   from cnn_caption import models  # pylint: disable=g-import-not-at-top
-  from cnn_caption import optim  # pylint: disable=g-import-not-at-top
   from cnn_caption import train  # pylint: disable=g-import-not-at-top
   from cnn_caption.tasks import classification  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
   from configs import classifier  # pylint: disable=g-import-not-at-top
 
   candidates = json.loads(args.candidates) if args.candidates else DEFAULT_CANDIDATES

@@ -17,18 +17,18 @@ from absl import logging
 import jax
 import ml_collections
 
-from cnn_caption import attention_check as check_lib
 from cnn_caption import config_utils
-from cnn_caption import equivariance
 from cnn_caption import errors
-from cnn_caption import imagenet
-from cnn_caption import layer_tables
-from cnn_caption import parallel
+from cnn_caption import inference
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
+from cnn_caption.analysis import attention_check as check_lib
+from cnn_caption.analysis import equivariance
+from cnn_caption.analysis import layer_tables
 from cnn_caption.errors import UserError
-from cnn_caption.tasks import captioning
+from cnn_caption.models import imagenet
+from cnn_caption.training import parallel
 
 MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption')
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
@@ -216,7 +216,7 @@ def caption(workdir: str, image_paths: list[str]) -> int:
   """--mode=caption: `path: caption` per image; attention models also write workdir/captions/<name>.png."""
   if not image_paths:
     raise UserError('--images is empty: pass --images=a.jpg,b.tif')
-  captioner = captioning.Captioner(workdir)
+  captioner = inference.Captioner(workdir)
   failures = 0
   for path, out in zip(image_paths, _attention_map_paths(workdir, image_paths)):
     try:

@@ -21,8 +21,8 @@ from cnn_caption import config_utils
 from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import train
-from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
+from cnn_caption.training import workdir_lock
 
 POLL_S = 1.0  # how often the parent looks for members that died without reporting
 STOP_GRACE_S = 20.0  # SIGTERM -> SIGKILL for the other members once one has failed

@@ -26,19 +26,19 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
-from cnn_caption import checkpoint as checkpoint_lib
 from cnn_caption import config_utils
-from cnn_caption import ema
 from cnn_caption import io_utils
-from cnn_caption import monitor as monitor_lib
-from cnn_caption import optim
-from cnn_caption import parallel
-from cnn_caption import run_record
 from cnn_caption import tasks as tasks_lib
-from cnn_caption import workdir_lock
 from cnn_caption.errors import UserError
 from cnn_caption.io_utils import write_json
 from cnn_caption.io_utils import write_jsonl
+from cnn_caption.training import checkpoint as checkpoint_lib
+from cnn_caption.training import ema
+from cnn_caption.training import monitor as monitor_lib
+from cnn_caption.training import optim
+from cnn_caption.training import parallel
+from cnn_caption.training import run_record
+from cnn_caption.training import workdir_lock
 
 Batch = dict[str, jax.Array]
 TrainState = ema.TrainState  # flax's, plus an optional moving average of the parameters
@@ -246,9 +246,9 @@ class Trainer:
         state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting from the best parameters of %s', config.init_from)
     else:
-      initial_params = getattr(task, 'initial_params', None)  # optional: pretrained parts of a fresh model
-      if initial_params is not None:
-        state = state.replace(params=parallel.replicate(initial_params(state.params), self.mesh))
+      initial = task.initial_params(state.params)  # pretrained parts of a fresh model, if the task has any
+      if initial is not state.params:
+        state = state.replace(params=parallel.replicate(initial, self.mesh))
         if state.ema_params is not None:
           state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
@@ -317,14 +317,11 @@ class Trainer:
   def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int, params) -> dict[str, np.ndarray]:
     """This process's rows of the next num_steps global batches: it reads and preprocesses only those.
 
-    An on-policy task (task.on_policy, e.g. SCST) builds its batch with the current parameters.
+    An on-policy task (task.on_policy, e.g. SCST) builds its batch from the current parameters.
     """
     b = self.config.batch_size
     idx_SxB = order[start * b : (start + num_steps) * b].reshape(num_steps, b)[:, parallel.local_rows(self.mesh, b)]
-    if getattr(self.task, 'on_policy', False):
-      batch = self.task.train_batch(idx_SxB.reshape(-1), step, params=params)
-    else:
-      batch = self.task.train_batch(idx_SxB.reshape(-1), step)
+    batch = self.task.train_batch(idx_SxB.reshape(-1), step, params)
     return {k: v.reshape(*idx_SxB.shape, *v.shape[1:]) for k, v in batch.items()}
 
   def _train_epoch(

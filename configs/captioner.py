@@ -9,7 +9,7 @@ from ml_collections import config_dict
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
-  config.task = 'captioning'  # which task in cnn_caption/tasks.py trains this config
+  config.task = 'captioning'  # which task in cnn_caption/tasks/ trains this config
   config.seed = 0  # the one seed: init, shuffling, dropout (folded with the step)
   config.half_precision = False  # bfloat16 compute, float32 params and optimizer state (models' dtype); off by default
 

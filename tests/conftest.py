@@ -22,7 +22,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 import pytest  # noqa: E402 (after the cache settings above)
 
-from cnn_caption import checkpoint  # noqa: E402
+from cnn_caption.training import checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'

@@ -11,8 +11,8 @@ import ml_collections
 import pytest
 
 from cnn_caption import cli
-from cnn_caption import layer_tables as analysis
 from cnn_caption import models
+from cnn_caption.analysis import layer_tables as analysis
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import attention_check as analysis
 from cnn_caption import cli
+from cnn_caption.analysis import attention_check as analysis
 from cnn_caption.errors import UserError
 from cnn_caption.models.attention import MultiHeadSelfAttention
 

@@ -381,7 +381,7 @@ def test_caption_workdir_without_config(monkeypatch, capsys, tmp_path):
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
-  from cnn_caption import workdir_lock  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import workdir_lock  # pylint: disable=g-import-not-at-top
 
   def full(self):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)  # the lock is the first file written
@@ -408,7 +408,7 @@ def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys
 
 
 def test_encoder_batch_larger_than_memory_stops_before_extraction(monkeypatch, capsys, tmp_path):
-  from cnn_caption import memory  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import memory  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setattr(memory, 'available_bytes', lambda device: 2**20)  # a machine with 1 MiB free
   code, err = run_cli(monkeypatch, capsys, CAPTIONER, f'--workdir={tmp_path}')

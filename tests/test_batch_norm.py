@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import checkpoint
-from cnn_caption import parallel
 from cnn_caption import train
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 from cnn_caption.models import norm
 from cnn_caption.tasks import classification
+from cnn_caption.training import checkpoint
+from cnn_caption.training import parallel
 from conftest import needs_fmnist
 from conftest import strong_smoke
 

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_caption import checkpoint
 from cnn_caption import cli
+from cnn_caption import inference
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
 from cnn_caption.tasks import captioning
+from cnn_caption.training import checkpoint
 from configs import captioner as captioner_config
 from configs import captioner_attention as attention_config
 from conftest import final_params
@@ -201,7 +202,7 @@ def test_fine_tuned_encoder_head_starts_from_imagenet_and_trains(tmp_path, share
   assert 0 < change < 0.05 * np.abs(imagenet['kernel']).max()
   # The caption command encodes new images up to the same layer and applies the trained head.
   image = os.path.join(shared_dirs[0], 'images', '0.png')
-  words, _ = captioning.Captioner(workdir).caption(image)
+  words, _ = inference.Captioner(workdir).caption(image)
   assert isinstance(words, list)
   with pytest.raises(UserError, match='encoder_head_dim=512 fine-tunes the head of an EfficientNet-Lite'):
     train.train_and_evaluate(override(config, **{'model.encoder_head_dim': 512}), str(tmp_path / 'bad'))
@@ -267,7 +268,6 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
 
 
 def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path, shared_dirs, capsys):
-  from cnn_caption import ensemble  # pylint: disable=g-import-not-at-top
 
   # Two members of one architecture and vocabulary (the synthetic data follow config.seed, so the members
   # differ in their training length instead of their seed).
@@ -275,7 +275,7 @@ def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path,
   for epochs, workdir in zip((2, 1), runs):
     train.train_and_evaluate(smoke(captioner_config, shared_dirs, num_epochs=epochs), workdir)
   out = str(tmp_path / 'ens')
-  assert ensemble.main([*runs, f'--out={out}', '--val_beam_sizes=1,2']) == 0
+  assert inference.main([*runs, f'--out={out}', '--val_beam_sizes=1,2']) == 0
   results = json.load(open(os.path.join(out, 'results.json')))
   assert results['ensemble_of'] == [os.path.abspath(r) for r in runs]
   tried = results['decoding']['chosen_on_val_from']
@@ -287,9 +287,9 @@ def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path,
   assert len(captions) == results['num_images']['test'] and {'cider', 'rouge_l'} <= set(captions[0])
   # Bad input: one line each, exit code 2, nothing written.
   capsys.readouterr()
-  assert ensemble.main([runs[0], f'--out={tmp_path / "one"}']) == 2
-  assert ensemble.main([runs[0], runs[0], f'--out={tmp_path / "same"}']) == 2
-  assert ensemble.main([*runs, f'--out={tmp_path / "bad"}', '--val_beam_sizes=0']) == 2
+  assert inference.main([runs[0], f'--out={tmp_path / "one"}']) == 2
+  assert inference.main([runs[0], runs[0], f'--out={tmp_path / "same"}']) == 2
+  assert inference.main([*runs, f'--out={tmp_path / "bad"}', '--val_beam_sizes=0']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and all(line.startswith('error: ') for line in err), err
   assert not any(os.path.exists(tmp_path / d) for d in ('one', 'same', 'bad'))

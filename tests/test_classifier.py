@@ -7,11 +7,11 @@ import optax
 import pytest
 
 from cnn_caption import models
-from cnn_caption import optim
 from cnn_caption import train
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 from cnn_caption.models import classifier
+from cnn_caption.training import optim
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_caption import ema
+from cnn_caption.training import ema
 
 
 def make_state(decay, every=1, tx=None):

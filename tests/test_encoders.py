@@ -259,7 +259,7 @@ def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from cnn_caption import cli  # pylint: disable=g-import-not-at-top
-  from cnn_caption import imagenet  # pylint: disable=g-import-not-at-top
+  from cnn_caption.models import imagenet  # pylint: disable=g-import-not-at-top
 
   names = imagenet.imagenet_class_names()
   assert len(names) == 1000

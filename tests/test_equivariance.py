@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnn_caption import cli
-from cnn_caption import equivariance
+from cnn_caption.analysis import equivariance
 from cnn_caption.errors import UserError
 from configs import equivariance as equivariance_config
 from conftest import run_launch

@@ -21,9 +21,9 @@ from test_bad_inputs import CLASSIFIER
 from test_bad_inputs import run_cli
 from test_bad_inputs import snapshot
 
-from cnn_caption import checkpoint
 from cnn_caption import train
 from cnn_caption.errors import UserError
+from cnn_caption.training import checkpoint
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
 from conftest import override
@@ -174,7 +174,7 @@ def test_blown_up_parameters_are_never_saved(base, tmp_path):
 
 def _hold_lock(workdir):
   code = (
-    'import sys, time; from cnn_caption import workdir_lock; '
+    'import sys, time; from cnn_caption.training import workdir_lock; '
     f'workdir_lock.WorkdirLock({workdir!r}).acquire(); print("held", flush=True); time.sleep(120)'
   )
   proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cnn_caption import features
+from cnn_caption.captioning import features
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders

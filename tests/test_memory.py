@@ -1,11 +1,11 @@
-"""cnn_caption.memory: a call's bytes from XLA's memory analysis, checked against free memory."""
+"""cnn_caption.training.memory: a call's bytes from XLA's memory analysis, checked against free memory."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from cnn_caption import memory
 from cnn_caption.errors import UserError
+from cnn_caption.training import memory
 
 
 def _matmul_chain(x):

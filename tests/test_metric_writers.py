@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_caption import metric_writers
-from cnn_caption import monitor
 from cnn_caption import plots
-from cnn_caption import profiling
 from cnn_caption.errors import UserError
+from cnn_caption.training import metric_writers
+from cnn_caption.training import monitor
+from cnn_caption.training import profiling
 
 event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
 

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cnn_caption import metrics
+from cnn_caption.captioning import metrics
 
 # Two images with two references each.
 REFS = [
@@ -203,7 +203,7 @@ def test_paired_bootstrap_ci():
 
 
 def test_compare_two_workdirs_pairs_images_by_name(tmp_path, capsys):
-  from cnn_caption import compare  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import compare  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   base = rng.uniform(0, 5, 60)

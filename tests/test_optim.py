@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_caption import optim
 from cnn_caption import train
 from cnn_caption.tasks.classification import ClassificationTask
+from cnn_caption.training import optim
 from configs import classifier as classifier_config
 
 

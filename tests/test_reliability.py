@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from cnn_caption import io_utils
-from cnn_caption import weights
-from cnn_caption import workdir_lock
 from cnn_caption.data import fashion_mnist
 from cnn_caption.data import images
 from cnn_caption.errors import UserError
+from cnn_caption.models import weights
+from cnn_caption.training import workdir_lock
 
 
 def write_idx(path, array: np.ndarray, gz: bool = False, cut: int = 0) -> None:
@@ -211,7 +211,7 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
 
 def test_lock_held_by_another_live_process_is_refused(tmp_path, caplog):
   code = (
-    'import sys, time; from cnn_caption import workdir_lock; '
+    'import sys, time; from cnn_caption.training import workdir_lock; '
     f'workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(60)'
   )
   proc = subprocess.Popen(

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_caption import scst
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
+from cnn_caption.tasks import scst
 from conftest import final_params
 from conftest import override
 from conftest import read_jsonl

@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_caption import checkpoint
 from cnn_caption import models
-from cnn_caption import parallel
 from cnn_caption import train
 from cnn_caption.data import augment
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 from cnn_caption.models import strong_classifier
 from cnn_caption.tasks import classification
+from cnn_caption.training import checkpoint
+from cnn_caption.training import parallel
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
 from conftest import override

@@ -1,4 +1,4 @@
-"""Tests for the torch-free .pth reader (cnn_caption/weights.py)."""
+"""Tests for the torch-free .pth reader (cnn_caption/models/weights.py)."""
 
 import os
 import pickle
@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cnn_caption import weights
 from cnn_caption.errors import UserError
+from cnn_caption.models import weights
 
 _DATA = os.path.join(os.path.dirname(__file__), 'data')
 

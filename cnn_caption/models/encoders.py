@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_caption import weights as weights_lib
 from cnn_caption.errors import UserError
+from cnn_caption.models import weights as weights_lib
 
 Variables = dict[str, Any]
 

@@ -1,6 +1,6 @@
-"""Image captioning task (homework question 3), and captioning new images from a trained workdir.
+"""Image captioning task (homework question 3): teacher-forced training, decoding chosen on val, coco metrics.
 
-The encoder is frozen, so its region features are computed once (cnn_caption.features caches them)
+The encoder is frozen, so its region features are computed once (cnn_caption.captioning.features caches them)
 and training only ever sees features: a batch is {'feats': BxNxC, 'tokens': Bx(T+2)}.
 """
 
@@ -18,22 +18,21 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnn_caption import checkpoint as checkpoint_lib
-from cnn_caption import features as features_lib
 from cnn_caption import io_utils
-from cnn_caption import memory
-from cnn_caption import metrics as metrics_lib
 from cnn_caption import models
-from cnn_caption import parallel
 from cnn_caption import plots
-from cnn_caption import run_record
+from cnn_caption.captioning import features as features_lib
+from cnn_caption.captioning import metrics as metrics_lib
 from cnn_caption.data import captions as captions_lib
-from cnn_caption.data import images as images_lib
 from cnn_caption.data import synthetic
 from cnn_caption.data import vocab as vocab_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
 from cnn_caption.models import encoders
+from cnn_caption.tasks import base
+from cnn_caption.training import memory
+from cnn_caption.training import parallel
+from cnn_caption.training import run_record
 
 VOCAB_FILE = 'vocab.json'
 CONFIG_FILE = run_record.CONFIG_FILE
@@ -145,13 +144,41 @@ def caption_loss(
   return loss, {'num_tokens': num_tokens}
 
 
-class CaptioningTask:
-  """Implements tasks.base.Task: frozen-encoder features -> LSTM decoder (plain or attention), coco metrics."""
+class CaptioningTask(base.Task):
+  """Frozen-encoder features -> LSTM decoder (plain or attention), teacher forcing, coco metrics."""
 
   selection_metric = 'bleu4'  # overridden by config.selection_metric when the config has it
-  ensemble = False  # decoding params stack several models (cnn_caption.ensemble sets it before decoding)
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    check, pos_int = base.check, base.pos_int
+    check(config, 'loss.scheduled_sampling', base.prob, 'in [0, 1) (0 = off)')
+    check(config, 'loss.doubly_stochastic', base.nonneg, 'a finite number >= 0 (0 = off)')
+    check(config, 'model.encoder_head_dim', base.nonneg_int, 'an integer >= 0 (0 = off; 1280 fine-tunes the head)')
+    check(config, 'model.attention_act', lambda v: v in ('relu', 'tanh'), "'relu' or 'tanh'")
+    check(config, 'data.synthetic_num_images', pos_int, 'a positive integer')
+    check(config, 'encoder.batch_size', pos_int, 'a positive integer')
+    check(config, 'data.on_error', lambda v: v in ('raise', 'skip'), "'raise' or 'skip'")
+    check(config, 'data.image_size', pos_int, 'a positive integer')
+    check(config, 'data.max_caption_len', pos_int, 'a positive integer')
+    check(config, 'data.min_word_count', pos_int, 'a positive integer')
+    check(config, 'decoding.length_penalty', base.finite, 'a finite number')
+    check(config, 'decoding.method', lambda v: v in ('greedy', 'beam'), "'greedy' or 'beam'")
+    check(config, 'decoding.beam_size', pos_int, 'a positive integer')
+    check(config, 'decoding.max_len', pos_int, 'a positive integer')
+    check(config, 'decoding.val_beam_sizes', lambda v: not v or base.pos_ints(v), 'a tuple of positive beam sizes')
+    check(
+      config, 'decoding.val_length_penalties', lambda v: all(base.finite(x) for x in v), 'a tuple of finite numbers'
+    )
+    check(
+      config,
+      'selection_metric',
+      lambda v: v in metrics_lib.VALIDATION_METRICS,
+      f'one of {", ".join(metrics_lib.VALIDATION_METRICS)} (METEOR is computed at test only)',
+    )
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, *, ensemble: bool = False):
+    self.ensemble = ensemble  # decoding params stack several models on a leading axis (inference.ensemble_results)
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
@@ -233,7 +260,8 @@ class CaptioningTask:
   def example_inputs(self) -> tuple:
     return (jnp.asarray(self.feats['train'][:1], jnp.float32), jnp.asarray(self.tokens[:1, :-1]))
 
-  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+  def train_batch(self, indices: np.ndarray, step: int, params=None) -> dict[str, np.ndarray]:
+    del params  # teacher forcing: batches do not depend on the model
     del step  # no random augmentation
     return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32), 'tokens': self.tokens[indices]}
 
@@ -402,52 +430,3 @@ class CaptioningTask:
       'validation CIDEr-D (greedy)',
       os.path.join(plot_dir, 'val_cider.png'),
     )
-
-
-def load_trained(workdir: str):
-  """(config, vocab, model, params) from a training workdir alone."""
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise UserError(f'{config_path} not found: --workdir must be a captioning training workdir')
-  try:
-    with open(config_path, encoding='utf-8') as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict) or 'encoder' not in saved or 'model' not in saved:
-      raise ValueError('not a captioning config (no "encoder" or "model" group)')
-  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    raise UserError(
-      f'{config_path} is not a readable captioning config ({str(e).splitlines()[0]}); '
-      'it is written by --mode=train: retrain or restore the file'
-    ) from None
-  config = ml_collections.ConfigDict(saved)
-  vocab = vocab_lib.Vocab.load(os.path.join(workdir, VOCAB_FILE))
-  model = models.create_model(config, vocab_size=len(vocab))
-  found = checkpoint_lib.best_params(workdir)
-  if found is not None:
-    directory, step, params = found
-    logging.info('caption: parameters from %s/%d', directory, step)
-    return config, vocab, model, params
-  raise UserError(f'no checkpoint in {workdir}: train first with --mode=train --workdir={workdir}')
-
-
-class Captioner:
-  """Captions new image files with a trained workdir's best parameters (greedy decoding)."""
-
-  def __init__(self, workdir: str):
-    self.config, self.vocab, model, self.params = load_trained(workdir)
-    encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
-    layer = feature_layer(self.config)
-    self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True, layer=layer))
-    self._decode = jax.jit(
-      lambda p, f: decoders.greedy_decode(
-        model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len
-      )
-    )
-
-  def caption(self, path: str) -> tuple[list[str], np.ndarray | None]:
-    """(words, attention TxN or None) for one image file; UserError if it cannot be read."""
-    pixels = images_lib.load_image(path, self.config.data.image_size, self.config.encoder.name)
-    feats = self._encode(pixels[None])
-    tokens, alphas = self._decode(self.params, feats.astype(jnp.float32))
-    words = self.vocab.decode(np.asarray(tokens[0]).tolist())
-    return words, None if alphas is None else np.asarray(alphas[0])

@@ -12,14 +12,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnn_caption import memory
 from cnn_caption import models
-from cnn_caption import parallel
 from cnn_caption import plots
 from cnn_caption.data import augment
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
 from cnn_caption.models import norm
+from cnn_caption.tasks import base
+from cnn_caption.training import memory
+from cnn_caption.training import parallel
 
 
 def classification_loss(params, batch, *, apply_fn, rngs, train: bool, label_smoothing: float = 0.0):
@@ -36,10 +37,28 @@ def classification_loss(params, batch, *, apply_fn, rngs, train: bool, label_smo
   return nll, {'logp': logp_BxK}
 
 
-class ClassificationTask:
-  """Implements tasks.base.Task for image classification."""
+_FASHION_MNIST_SHAPE = (28, 28, 1)
+
+
+class ClassificationTask(base.Task):
+  """Image classification: NLL of the labels, accuracy; the homework CNN and the strong variant."""
 
   selection_metric = 'accuracy'
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    shape = tuple(base.get_field(config, 'model.input_shape') or _FASHION_MNIST_SHAPE)
+    if shape != _FASHION_MNIST_SHAPE:
+      raise UserError(
+        f'config.model.input_shape={shape} does not match the Fashion-MNIST images '
+        f'{_FASHION_MNIST_SHAPE}; set --config.model.input_shape="{_FASHION_MNIST_SHAPE}"'
+      )
+    base.check(config, 'data.augment_pad', base.nonneg_int, 'an integer >= 0 (0 = no random crops)')
+    base.check(
+      config, 'data.bn_stats_examples', base.pos_int, 'a positive integer (training images for BatchNorm statistics)'
+    )
+    base.check(config, 'loss.label_smoothing', base.prob, 'in [0, 1) (0 = off)')
+
   # Static for the benchmarks and tests that use the class itself; an instance binds config.loss.label_smoothing.
   loss = staticmethod(classification_loss)
 
@@ -64,7 +83,8 @@ class ClassificationTask:
   def example_inputs(self) -> tuple:
     return models.example_inputs(self.config)
 
-  def train_batch(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+  def train_batch(self, indices: np.ndarray, step: int, params=None) -> dict[str, np.ndarray]:
+    del params  # off-policy: batches do not depend on the model
     images, labels = self.splits['train']
     x = images[indices]
     pad, flip = self.config.data.get('augment_pad', 0), self.config.data.get('augment_flip', False)

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_caption import io_utils
-from cnn_caption import memory
-from cnn_caption import parallel
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
+from cnn_caption.training import memory
+from cnn_caption.training import parallel
 
 _CACHE_VERSION = 1  # bump when preprocessing or the stored format changes
 FEATURE_DTYPE = np.float16  # regions are ReLU(6) outputs; float16 halves the cache

@@ -19,9 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnn_caption import metric_writers
-from cnn_caption import profiling
-from cnn_caption import run_record
+from cnn_caption.training import metric_writers
+from cnn_caption.training import profiling
+from cnn_caption.training import run_record
 
 TENSORBOARD_DIR = 'tensorboard'
 PROFILE_DIR = 'profile'

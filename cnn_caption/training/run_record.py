@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from cnn_caption import io_utils
-from cnn_caption import parallel
+from cnn_caption.training import parallel
 
 CONFIG_FILE = 'config.json'
 

@@ -15,7 +15,7 @@ from absl import logging
 import numpy as np
 
 from cnn_caption import io_utils
-from cnn_caption import parallel
+from cnn_caption.training import parallel
 
 is_main_process = parallel.is_main_process  # a module attribute, so tests can stand in for process 0
 

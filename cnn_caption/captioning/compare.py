@@ -1,6 +1,6 @@
 """Are two captioners different on the same test images? A paired bootstrap over their per-image scores.
 
-  python -m cnn_caption.compare WORKDIR_A WORKDIR_B [--resamples=10000] [--seed=0]
+  python -m cnn_caption.captioning.compare WORKDIR_A WORKDIR_B [--resamples=10000] [--seed=0]
 
 Reads each workdir's test_captions.json (written by every captioning run: per-image CIDEr-D and ROUGE-L),
 pairs the images by name and prints, per metric, both means, the mean difference A - B, its 95%
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from cnn_caption import metrics
+from cnn_caption.captioning import metrics
 from cnn_caption.errors import UserError
 
 METRICS = ('cider', 'rouge_l')

@@ -1,0 +1,144 @@
+"""Using trained captioners: captions for new images, and seed ensembles decoded together.
+
+  python -m cnn_caption.inference --out=runs/ens WORKDIR [WORKDIR ...] [--val_beam_sizes=1,3,5]
+
+`Captioner` captions image files with a training workdir's best parameters (greedy decoding; `--mode=caption`).
+`ensemble_results` decodes with several trained captioners at once (e.g. seeds): every step of greedy or beam
+search scores a word by the log of the members' mean probability (the members' parameters stacked on a leading
+axis). Every workdir must be a finished captioning run of the same architecture and vocabulary (the first one's
+config names the data and feature cache). The decoding (beam size, length penalty) is chosen on val by the
+selection metric, exactly as a training run's `config.decoding.val_beam_sizes` does, then test is scored with
+every coco metric. Writes OUT/results.json and OUT/test_captions.json (per-image CIDEr-D and ROUGE-L, so
+`python -m cnn_caption.captioning.compare OUT OTHER` works). One line and exit code 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cnn_caption import io_utils
+from cnn_caption import models
+from cnn_caption.data import images as images_lib
+from cnn_caption.data import vocab as vocab_lib
+from cnn_caption.errors import UserError
+from cnn_caption.models import decoders
+from cnn_caption.models import encoders
+from cnn_caption.tasks import captioning
+from cnn_caption.training import checkpoint as checkpoint_lib
+from cnn_caption.training import parallel
+
+
+def load_trained(workdir: str):
+  """(config, vocab, model, params) from a training workdir alone."""
+  config_path = os.path.join(workdir, captioning.CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise UserError(f'{config_path} not found: --workdir must be a captioning training workdir')
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict) or 'encoder' not in saved or 'model' not in saved:
+      raise ValueError('not a captioning config (no "encoder" or "model" group)')
+  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise UserError(
+      f'{config_path} is not a readable captioning config ({str(e).splitlines()[0]}); '
+      'it is written by --mode=train: retrain or restore the file'
+    ) from None
+  config = ml_collections.ConfigDict(saved)
+  vocab = vocab_lib.Vocab.load(os.path.join(workdir, captioning.VOCAB_FILE))
+  model = models.create_model(config, vocab_size=len(vocab))
+  found = checkpoint_lib.best_params(workdir)
+  if found is not None:
+    directory, step, params = found
+    logging.info('caption: parameters from %s/%d', directory, step)
+    return config, vocab, model, params
+  raise UserError(f'no checkpoint in {workdir}: train first with --mode=train --workdir={workdir}')
+
+
+class Captioner:
+  """Captions new image files with a trained workdir's best parameters (greedy decoding)."""
+
+  def __init__(self, workdir: str):
+    self.config, self.vocab, model, self.params = load_trained(workdir)
+    encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
+    layer = captioning.feature_layer(self.config)
+    self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True, layer=layer))
+    self._decode = jax.jit(
+      lambda p, f: decoders.greedy_decode(
+        model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len
+      )
+    )
+
+  def caption(self, path: str) -> tuple[list[str], np.ndarray | None]:
+    """(words, attention TxN or None) for one image file; UserError if it cannot be read."""
+    pixels = images_lib.load_image(path, self.config.data.image_size, self.config.encoder.name)
+    feats = self._encode(pixels[None])
+    tokens, alphas = self._decode(self.params, feats.astype(jnp.float32))
+    words = self.vocab.decode(np.asarray(tokens[0]).tolist())
+    return words, None if alphas is None else np.asarray(alphas[0])
+
+
+def ensemble_results(workdirs: list[str], out: str, beam_sizes=(1,), length_penalties=(1.0,)) -> dict:
+  """Chooses the decoding on val, scores test, writes OUT/results.json and OUT/test_captions.json."""
+  if len(workdirs) < 2:
+    raise UserError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
+  if len(set(map(os.path.realpath, workdirs))) != len(workdirs):
+    raise UserError('the same workdir is named twice; pass each member once')
+  members = [load_trained(w) for w in workdirs]
+  config, vocab, _, _ = members[0]
+  for w, (c, v, _, _) in zip(workdirs[1:], members[1:]):
+    if v != vocab:
+      raise UserError(f'{w} has another vocabulary than {workdirs[0]}; ensemble runs trained on the same data')
+    if c.model.to_dict() != config.model.to_dict():
+      raise UserError(f'{w} has another model ({c.model.to_dict()}) than {workdirs[0]}; ensemble one architecture')
+  config = captioning.share_data_of(config.copy_and_resolve_references(), workdirs[0])
+  config.decoding.val_beam_sizes = tuple(beam_sizes)
+  config.decoding.val_length_penalties = tuple(length_penalties)
+  os.makedirs(out, exist_ok=True)
+  task = captioning.CaptioningTask(config, out, parallel.make_mesh(), ensemble=True)
+  if task.vocab != vocab:
+    raise UserError(f'the data of {workdirs[0]} now gives another vocabulary than it was trained with')
+  stacked = jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *(m[3] for m in members))
+  results = task.final_results(None, stacked, out)
+  results['ensemble_of'] = [os.path.abspath(w) for w in workdirs]
+  io_utils.write_json(os.path.join(out, 'results.json'), results)
+  return results
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdirs', nargs='+')
+  parser.add_argument('--out', required=True, help='folder for results.json and test_captions.json')
+  parser.add_argument('--val_beam_sizes', default='1', help='beam sizes tried on val, e.g. 1,3,5 (1 = greedy)')
+  parser.add_argument('--val_length_penalties', default='1.0', help='length penalties tried on val with beams > 1')
+  args = parser.parse_args(argv)
+  try:
+    try:
+      sizes = tuple(int(v) for v in args.val_beam_sizes.split(',') if v)
+      penalties = tuple(float(v) for v in args.val_length_penalties.split(',') if v)
+    except ValueError:
+      raise UserError(
+        f'--val_beam_sizes={args.val_beam_sizes!r} / --val_length_penalties={args.val_length_penalties!r} '
+        'must be comma-separated numbers, e.g. 1,3,5 and 0.7,1.0'
+      ) from None
+    if not sizes or min(sizes) < 1 or not penalties:
+      raise UserError(f'--val_beam_sizes={args.val_beam_sizes!r} must list beam sizes >= 1, e.g. 1,3,5')
+    results = ensemble_results(args.workdirs, args.out, sizes, penalties)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  shown = {k: round(v, 4) for k, v in results.items() if k.startswith('test_') and isinstance(v, float)}
+  print(json.dumps({'decoding': results['decoding'], **shown}, indent=1))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
