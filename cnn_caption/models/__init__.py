@@ -1,7 +1,8 @@
 """Model registry: `config.model.name` -> a pure Flax (linen) module, its example inputs, shape-only fields.
 
 Each entry carries what differs between models, so no caller needs an `if name == ...`:
-  module: 'package.module:Class' (fields come from config.model, see `_model_kwargs`);
+  module: 'package.module:Class' (fields come from config.model, see `_model_kwargs`); a config may name
+    its own module the same way (`config.model.name = 'my_models:WideCNN'`), with image inputs;
   inputs: positional inputs of a batch for init / eval_shape / tables;
   shape_only: fields that normally come from the data (e.g. the vocabulary size), taken from the config
     where no data is loaded (e.g. --mode=summary).
@@ -53,10 +54,28 @@ _REGISTRY = {
 
 
 def _entry(config: ml_collections.ConfigDict) -> Entry:
+  """The registry entry of config.model.name; a name 'package.module:Class' is a model of your own."""
   name = config.model.name
+  if isinstance(name, str) and ':' in name:
+    return Entry(name)
   if name not in _REGISTRY:
-    raise UserError(f'config.model.name={name!r} is unknown; choose one of {sorted(_REGISTRY)}')
+    raise UserError(
+      f'config.model.name={name!r} is unknown; choose one of {sorted(_REGISTRY)} or name your own module '
+      "as 'package.module:Class'"
+    )
   return _REGISTRY[name]
+
+
+def _import(path: str, field: str):
+  """The object at 'package.module:Name', or UserError naming config.<field>."""
+  module_path, _, attr = path.partition(':')
+  try:
+    module = importlib.import_module(module_path)
+  except ImportError as e:
+    raise UserError(f'config.{field}={path!r}: cannot import {module_path} ({e}); check the module path') from None
+  if not hasattr(module, attr):
+    raise UserError(f'config.{field}={path!r}: {module_path} has no {attr!r}; check the class name')
+  return getattr(module, attr)
 
 
 def _model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
@@ -67,8 +86,7 @@ def _model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
 
 def create_model(config: ml_collections.ConfigDict, **overrides):
   """Builds the module named by config.model.name with fields from config.model (and overrides)."""
-  module_path, cls_name = _entry(config).module.split(':')
-  cls = getattr(importlib.import_module(module_path), cls_name)
+  cls = _import(_entry(config).module, 'model.name')
   kwargs = _model_kwargs(config.model)
   if config.get('half_precision'):  # bfloat16 compute; parameters and optimizer state stay float32
     if 'dtype' not in {f.name for f in dataclasses.fields(cls)}:

@@ -1,4 +1,7 @@
-"""Task registry: config.task -> the class that implements the Task contract (see base.py)."""
+"""Task registry: config.task -> the class that implements the Task contract (see base.py).
+
+A task of your own needs no entry here: name it in the config as 'package.module:Class'.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +21,22 @@ _REGISTRY = {
 }
 
 
-def task_class(name: str) -> type:
-  if name not in _REGISTRY:
-    raise UserError(f'config.task={name!r} is unknown; use one of {sorted(_REGISTRY)}')
-  module, cls = _REGISTRY[name].split(':')
-  return getattr(importlib.import_module(module), cls)
+def task_class(name: str) -> type[Task]:
+  """The class of config.task: a registry name, or 'package.module:Class' for a task of your own."""
+  if not isinstance(name, str) or (name not in _REGISTRY and ':' not in name):
+    raise UserError(
+      f"config.task={name!r} is unknown; use one of {sorted(_REGISTRY)} or name your own as 'package.module:Class'"
+    )
+  path = _REGISTRY.get(name, name)
+  module_path, _, attr = path.partition(':')
+  try:
+    module = importlib.import_module(module_path)
+  except ImportError as e:
+    raise UserError(f'config.task={name!r}: cannot import {module_path} ({e}); check the module path') from None
+  cls = getattr(module, attr, None)
+  if not (isinstance(cls, type) and issubclass(cls, Task)):
+    raise UserError(f'config.task={name!r}: {module_path}.{attr} is not a subclass of cnn_caption.tasks.base.Task')
+  return cls
 
 
 def get_task(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Task:
