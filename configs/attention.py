@@ -2,6 +2,8 @@
 
   python launch.py --config=configs/attention.py --mode=attention_check
   python launch.py --config=configs/attention.py --mode=summary
+
+Expected: `7 of 7 checks passed.` and exit code 0 (1 if any check fails). Time: not measured.
 Variant `configs/attention.py:scaled` divides scores by sqrt(d) (the checks account for it).
 """
 

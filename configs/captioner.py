@@ -1,7 +1,21 @@
-"""Image captioning, homework question 3a: frozen ImageNet CNN encoder + LSTM decoder.
+"""Image captioning, homework question 3a: frozen ImageNet CNN encoder + LSTM decoder (plain).
 
-Variants: `configs/captioner.py:smoke` (a few dozen synthetic images, 2 epochs).
-With no `--config.data.dir`, trains on the embedded *synthetic* captioned-scenes set.
+  python launch.py --config=configs/captioner.py --config.data.dir=DATA --workdir=runs/ucm_plain
+
+With no `--config.data.dir` it trains on the embedded *synthetic* captioned scenes (600 images).
+
+Expected on UCM-captions (docs/data.md), mean of seeds 0, 1, 2, corpus BLEU-4 on test:
+  the command above (best epoch by val BLEU-4, greedy decoding): 0.644;
+  with `--config.decoding.method=beam --config.decoding.beam_size=3`: 0.669;
+  with `--config.selection_metric=cider --config.early_stopping_patience=2` and the decoding chosen on val
+  (`--config.decoding.val_beam_sizes='(1,3,5)' --config.decoding.val_length_penalties='(0.0,0.5,1.0)'`):
+  BLEU-4 0.672 +- 0.011, CIDEr-D 3.374 +- 0.075.
+Measured on 2-core x86 VMs (AMD EPYC for the CIDEr-D protocol), CPU, jax 0.10.2, 2026-11. Time on one core:
+not measured for this decoder; features of the 2,100 UCM images take about 2 minutes once, then come from
+the cache.
+
+Variants: `configs/captioner.py:smoke` (48 synthetic images at 64 px, 2 epochs, no METEOR): tests and quick
+checks.
 """
 
 from ml_collections import config_dict

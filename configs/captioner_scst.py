@@ -1,11 +1,20 @@
-"""Self-critical sequence training (CIDEr-D reward) of a cross-entropy-trained captioner (issue 11).
+"""Self-critical sequence training (CIDEr-D reward) of a cross-entropy-trained captioner.
 
-  python launch.py --config=configs/captioner_scst.py --config.data.dir=DATA \
-      --config.init_from=XE_WORKDIR --workdir=SCST_WORKDIR
+  python launch.py --config=configs/captioner_scst.py:plain --config.data.dir=DATA \
+      --config.init_from=XE_WORKDIR --config.optimizer.learning_rate=1e-4 --config.num_epochs=10 \
+      --workdir=SCST_WORKDIR
 
 Variants: (none) the attention decoder of configs/captioner_attention.py; `plain` the plain decoder of
 configs/captioner.py; `smoke` / `plain_smoke` the smoke sizes. The model, data and encoder settings
 must be those of the run in config.init_from (its best parameters are the starting point).
+
+Expected on UCM-captions test, mean of seeds 0, 1, 2, with the command above (learning rate 1e-4 and 10
+epochs, chosen on val; the defaults below are 5e-5 and 5), XE_WORKDIR trained with
+`--config.selection_metric=cider --config.early_stopping_patience=2`, and the decoding chosen on val
+(`--config.decoding.val_beam_sizes='(1,3,5)' --config.decoding.val_length_penalties='(0.0,0.5,1.0)'`):
+  plain:     CIDEr-D 3.567 +- 0.061, BLEU-4 0.687 +- 0.008;
+  attention: CIDEr-D 3.557 +- 0.074, BLEU-4 0.681 +- 0.018.
+AMD EPYC, 2 cores, CPU, jax 0.10.2, 2026-11 (docs/results.md). Time on one core: not measured.
 """
 
 import os

@@ -1,13 +1,24 @@
 """Fashion-MNIST CNN, homework question 2.
 
+  python launch.py --config=configs/classifier.py --workdir=runs/fmnist
+
+Expected (seed 0): val accuracy 0.9167, test accuracy 0.9083, on a 2-core x86 VM, CPU, jax 0.10.2, 2026-11.
+About 11 minutes on one core (AMD EPYC). XLA:CPU's float sums depend on the machine and on how many cores
+the process sees, so expect a few tenths of a point of difference elsewhere.
+
 Variants (`--config=configs/classifier.py:VARIANT`):
-  (none)  the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5
-  sweep   the homework's learning-rate sweep 0.001 / 0.01 / 0.1, best by validation accuracy
-  smoke   a few hundred examples, 2 epochs: tests and quick checks
-  strong  beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 959k parameters:
-          space-to-depth, conv 96 at 14x14, conv 192 at 7x7, dense 256), random 1-pixel crops and flips,
-          flip test-time augmentation, AdamW with warmup and cosine decay, batch 128, 15 epochs; chosen on
-          val; below the issue's 0.945 test target (README)
+  (none)       the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5 (above).
+  sweep        the homework's learning-rate sweep 0.001 / 0.01 / 0.1, one child process per rate, best by
+               validation accuracy: lr 0.01, which is exactly the run above (0.001: test 0.8769; 0.1: test
+               0.8972). About 20 minutes on 2 cores (AMD EPYC).
+  smoke        400 training and 200 val/test examples, 2 epochs: tests and quick checks, under a minute.
+  smoke_sweep  the sweep at the smoke sizes.
+  strong       beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 959k parameters:
+               space-to-depth, conv 96 at 14x14, conv 192 at 7x7, dense 256), random 1-pixel crops and flips,
+               flip test-time augmentation, AdamW with warmup and cosine decay, batch 128, 15 epochs; chosen on
+               val. Seeds 0, 1, 2: val accuracy 0.9334 +- 0.0015, test accuracy 0.9270 +- 0.0027; about 25
+               minutes of training per seed on one core (AMD EPYC, jax 0.10.2, 2026-11). How it was chosen:
+               docs/results.md.
 """
 
 from ml_collections import config_dict

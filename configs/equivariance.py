@@ -4,6 +4,7 @@
 
 The layers are the homework CNN's (configs/classifier.py): a 3x3 convolution, the 2x2 max pool and a
 fully connected layer, with random weights and a random image.
+Expected: `7 of 7 checks passed.` and exit code 0 (1 if any check fails). Time: not measured.
 """
 
 from ml_collections import config_dict

@@ -1,7 +1,9 @@
 """Homework question 1: the small CNN whose per-layer activations and parameters are counted.
 
+  python launch.py --config=configs/q1_cnn.py --mode=summary
+
 conv 8 kernels 5x5x3, stride 1, VALID -> max-pool 4x4 stride 2 -> linear 10 -> softmax.
-Used with `python launch.py --config=configs/q1_cnn.py --mode=summary`.
+Expected: the per-layer table, ending `Total parameters: 10,298` (conv 608, linear 9,690). Time: not measured.
 """
 
 from ml_collections import config_dict

@@ -1,7 +1,10 @@
 """Homework question 1: the MLP compared with configs/q1_cnn.py on the same 28x28x3 input.
 
+  python launch.py --config=configs/q1_mlp.py --mode=summary
+
 flatten -> linear 100 -> linear 10 -> softmax.
-Used with `python launch.py --config=configs/q1_mlp.py --mode=summary`.
+Expected: the per-layer table, ending `Total parameters: 236,310` (hidden 235,300, output 1,010). Time: not
+measured.
 """
 
 from ml_collections import config_dict
