@@ -59,7 +59,7 @@ def cpu_model() -> str:
 
 def header(args, bench: str) -> dict:
   """The run's context line: machine, date, versions, pinning, load."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   record = {
     'bench': bench,
@@ -200,12 +200,12 @@ def profiled(trace_dir: str, fn: Callable[[], object]) -> dict:
   without its numeric suffix: fusion, convolution, ynn_fusion (a YNNPACK matmul fusion), while, copy, ...),
   and gives each one's share of the total thunk time and the wall time of the call.
   """
-  import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
+  import collections
+  import glob
+  import gzip
+  import re
 
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   before = set(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True))
   t0 = time.perf_counter()

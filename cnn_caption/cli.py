@@ -83,7 +83,7 @@ def _bad_override(argv: list[str], missing: str) -> str | None:
 
 def _load_config_file(argv: list[str]):
   """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
   path, _, variant = spec_arg.partition(':')
@@ -101,7 +101,7 @@ def _known_fields(argv: list[str], path: str, missing: str) -> str:
     for part in parents:
       node = node[part]
     return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return 'check the spelling against the config file'
 
 
@@ -290,11 +290,11 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
     if message is None:
       raise
     _exit(2, f'error: {message}')
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     line = parallel.peer_failure(e)
     if line is None:
       raise
     logging.flush()
     print(f'error: process {jax.process_index()}: {line}', file=sys.stderr, flush=True)
-    os._exit(1)  # pylint: disable=protected-access  # skips the exit barrier that the dead peer never reaches
+    os._exit(1)  # skips the exit barrier that the dead peer never reaches
   sys.exit(code)

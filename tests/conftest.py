@@ -108,7 +108,7 @@ def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout:
 
 def strong_smoke(overrides: dict):
   """configs/classifier.py:strong shrunk for tests: 96 training images, 2 epochs, channels (4, 8)."""
-  from configs import classifier  # pylint: disable=g-import-not-at-top
+  from configs import classifier
 
   fields = {
     'data.num_train': 96,

@@ -139,8 +139,8 @@ def test_rouge_l_hand_worked():
 
 
 def test_project_bleu_and_cider_equal_pycocoevalcap():
-  from pycocoevalcap.bleu import bleu as coco_bleu  # pylint: disable=g-import-not-at-top
-  from pycocoevalcap.cider import cider as coco_cider  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.bleu import bleu as coco_bleu
+  from pycocoevalcap.cider import cider as coco_cider
 
   # Hypotheses of >= 4 words: for a shorter one nltk counts max(1, 0) 4-grams in the denominator,
   # coco-caption 0, so their BLEU-4 differ (UCM captions are all longer).
@@ -203,7 +203,7 @@ def test_paired_bootstrap_ci():
 
 
 def test_compare_two_workdirs_pairs_images_by_name(tmp_path, capsys):
-  from cnn_caption.captioning import compare  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import compare
 
   rng = np.random.default_rng(0)
   base = rng.uniform(0, 5, 60)

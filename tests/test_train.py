@@ -163,7 +163,7 @@ def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
 
 
 def test_early_stopping_rule_also_holds_on_resume():
-  import types  # pylint: disable=g-import-not-at-top
+  import types
 
   fake = types.SimpleNamespace(config=smoke_config(early_stopping_patience=2))
   history = lambda n: [{'epoch': i + 1} for i in range(n)]
@@ -177,7 +177,7 @@ def test_early_stopping_rule_also_holds_on_resume():
 
 def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
   """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
 
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(), workdir)

@@ -44,7 +44,7 @@ def _lower(references: References, hypotheses: Hypotheses) -> tuple[list, list]:
 
 def _bleu_score():
   """nltk's bleu_score, imported at the first BLEU: nltk pulls in scipy.stats (seconds at every launch.py start)."""
-  from nltk.translate import bleu_score  # pylint: disable=g-import-not-at-top
+  from nltk.translate import bleu_score
 
   return bleu_score
 

@@ -42,7 +42,7 @@ class MetricWriter:
     self.enabled = is_main_process() if enabled is None else enabled
     self._writer = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy import, process 0)
+      from tensorboardX import SummaryWriter  # heavy import, process 0
 
       os.makedirs(logdir, exist_ok=True)
       # purge_step: TensorBoard hides what an earlier (killed) run wrote after the restored step. The suffix
