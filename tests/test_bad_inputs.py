@@ -397,6 +397,16 @@ def test_subprocess_boundary(tmp_path):
   assert_one_clear_line(result.returncode, result.stderr, 'config.seed=-1')
 
 
+def test_profile_window_after_the_run_is_one_line(monkeypatch, capsys, tmp_path):
+  """The smoke run has 2 epochs of 50 steps: a window from step 100 would never be traced."""
+  if not has_fashion_mnist():
+    pytest.skip(f'Fashion-MNIST not in {FMNIST_DIR}')
+  before = snapshot(tmp_path)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={tmp_path}', '--config.profile_steps=(100, 105)')
+  assert_one_clear_line(code, err, 'config.profile_steps=(100, 105) starts after the run ends (steps 0..99)')
+  assert snapshot(tmp_path) == before
+
+
 def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys, tmp_path):
   """An evaluation batch that cannot fit is refused when compiled, before the first step (nothing trained)."""
   if not has_fashion_mnist():
