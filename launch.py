@@ -34,6 +34,13 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
   'Let jax.distributed.initialize() detect the cluster (SLURM, TPU pods, ...) instead of the three flags above.',
 )
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+_CACHE_DIR = flags.DEFINE_string(
+  'compilation_cache_dir',
+  None,
+  'Folder keeping compiled programs between runs (default: $JAX_COMPILATION_CACHE_DIR, else '
+  '$XDG_CACHE_HOME/cnn_caption/jax or ~/.cache/cnn_caption/jax); "" turns the cache off.',
+)
+_CACHE = flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs between runs (--nocompilation_cache).')
 
 
 def main(argv) -> None:
@@ -47,6 +54,7 @@ def main(argv) -> None:
     cli.Distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value, _DISTRIBUTED_TIMEOUT.value
     ),
+    _CACHE_DIR.value if _CACHE.value else '',
   )
 
 

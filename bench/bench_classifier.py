@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
 
 ROOT = common.ROOT
 
@@ -35,19 +35,19 @@ def forward_flops_per_sample() -> float:
 
 def make_project(batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False):
   """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
 
   sys.path.insert(0, ROOT)
-  from cnn_caption import models  # pylint: disable=g-import-not-at-top
-  from cnn_caption import train  # pylint: disable=g-import-not-at-top
-  from cnn_caption.tasks import classification  # pylint: disable=g-import-not-at-top
-  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models
+  from cnn_caption import train
+  from cnn_caption.tasks import classification
+  from cnn_caption.training import optim
 
   task = classification.ClassificationTask  # loss and metrics are static: no data needed
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import classifier  # pylint: disable=g-import-not-at-top
+  import classifier
 
   config = classifier.get_config()
   overrides = {'dtype': jnp.bfloat16} if half_precision else {}

@@ -20,7 +20,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
 
 ROOT = common.ROOT
 BATCH, REGIONS, CHANNELS, VOCAB, EMBED, HIDDEN, ATTN, LEN = 32, 49, 1280, 400, 256, 512, 512, 30
@@ -42,19 +42,19 @@ def peer_flops(variant: str, phase: str) -> float:
 
 def make_project(variant: str, args, half_precision: bool = False) -> dict:
   """Compiled project paths for one decoder: {'train': fn, 'greedy': fn, 'beam': fn}, each -> items/s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
 
   sys.path.insert(0, ROOT)
-  from cnn_caption import models  # pylint: disable=g-import-not-at-top
-  from cnn_caption import train  # pylint: disable=g-import-not-at-top
-  from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
-  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
-  from cnn_caption.training import parallel  # pylint: disable=g-import-not-at-top
+  from cnn_caption import models
+  from cnn_caption import train
+  from cnn_caption.tasks import captioning
+  from cnn_caption.training import optim
+  from cnn_caption.training import parallel
 
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import captioner  # pylint: disable=g-import-not-at-top
+  import captioner
 
   config = captioner.get_config()
   config.model.embed_dim, config.model.hidden_dim = EMBED, HIDDEN
@@ -103,7 +103,7 @@ def make_project(variant: str, args, half_precision: bool = False) -> dict:
     ensemble=False,
     vocab=types.SimpleNamespace(bos_id=1, eos_id=VOCAB),
   )
-  decode_fn = captioning.CaptioningTask._decode_fn  # pylint: disable=protected-access
+  decode_fn = captioning.CaptioningTask._decode_fn
   d = config.decoding
   decode = {'greedy': decode_fn(stand_in, 1), 'beam': decode_fn(stand_in, d.beam_size, d.length_penalty)}
   feats_dev = jnp.asarray(feats)

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
 
 ROOT = common.ROOT
 
@@ -36,20 +36,20 @@ def _rss_mb() -> float:
 def child(args) -> None:
   """One size: build data, construct the task (extraction), then train and report peak RSS."""
   common.pin(args.core)
-  import functools  # pylint: disable=g-import-not-at-top
+  import functools
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
   sys.path.insert(0, ROOT)
-  from cnn_caption import train  # pylint: disable=g-import-not-at-top
-  from cnn_caption.data import synthetic  # pylint: disable=g-import-not-at-top
-  from cnn_caption.tasks import captioning  # pylint: disable=g-import-not-at-top
-  from cnn_caption.training import optim  # pylint: disable=g-import-not-at-top
-  from cnn_caption.training import parallel  # pylint: disable=g-import-not-at-top
+  from cnn_caption import train
+  from cnn_caption.data import synthetic
+  from cnn_caption.tasks import captioning
+  from cnn_caption.training import optim
+  from cnn_caption.training import parallel
 
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import captioner  # pylint: disable=g-import-not-at-top
+  import captioner
 
   config = captioner.get_config()
   config.data.image_size = args.image_size

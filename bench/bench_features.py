@@ -22,22 +22,22 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
 
 ROOT = common.ROOT
 
 
 def make_forward(encoder: str, weights, image_size: int, batch: int, seconds: float):
   """The extraction's jitted encoder call on random images; returns a function -> images/s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
   sys.path.insert(0, ROOT)
-  from cnn_caption.captioning import features  # pylint: disable=g-import-not-at-top
-  from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import features
+  from cnn_caption.models import encoders
 
   module, variables = encoders.load_encoder(encoder, weights)
-  forward = jax.jit(features._encode, static_argnums=0)  # pylint: disable=protected-access
+  forward = jax.jit(features._encode, static_argnums=0)
   x = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
   jax.block_until_ready(forward(module, variables, x))
 
@@ -101,9 +101,9 @@ def main() -> int:
   if args.limit:
     paths = paths[: args.limit]
   sys.path.insert(0, ROOT)
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
 
-  from cnn_caption.captioning import features  # pylint: disable=g-import-not-at-top
+  from cnn_caption.captioning import features
 
   logging.set_verbosity(logging.INFO)
   cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='bench_features_')

@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = (('1x1', 1, 1), ('1x2', 1, 2), ('2x1', 2, 1))  # (name, processes, devices per process)
-RATE = re.compile(r'epoch \d+ step \d+/\d+ .* ([\d.]+) samples/s')
+RATE = re.compile(r'epoch \d+ step \d+/\d+ .* ([\d.]+) examples/s')
 
 
 def model_args(name: str, shared: str) -> list[str]:

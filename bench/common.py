@@ -59,7 +59,7 @@ def cpu_model() -> str:
 
 def header(args, bench: str) -> dict:
   """The run's context line: machine, date, versions, pinning, load."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   record = {
     'bench': bench,
@@ -200,12 +200,12 @@ def profiled(trace_dir: str, fn: Callable[[], object]) -> dict:
   without its numeric suffix: fusion, convolution, ynn_fusion (a YNNPACK matmul fusion), while, copy, ...),
   and gives each one's share of the total thunk time and the wall time of the call.
   """
-  import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
+  import collections
+  import glob
+  import gzip
+  import re
 
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   before = set(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True))
   t0 = time.perf_counter()
@@ -241,46 +241,6 @@ def profiled(trace_dir: str, fn: Callable[[], object]) -> dict:
     'kinds': {k: round(v / inner, 3) for k, v in per_kind.most_common() if not k.startswith('while')},
     'total_including_loops_ms': round(total / 1e3, 1),
   }
-
-
-def timed_sgd_steps(log_probs_fn: Callable, params, labels, seconds: float) -> Callable[[], float]:
-  """A repetition for `interleave`: jitted SGD steps (lr 0.01, NLL of log_probs_fn(params)) for `seconds`.
-
-  Returns samples/s; the parameters carry over between repetitions. Compiled (and one step taken) here.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def step(p):
-    loss = lambda p: -jnp.take_along_axis(log_probs_fn(p), labels[:, None], 1).mean()
-    g = jax.grad(loss)(p)
-    return jax.tree.map(lambda w, dw: w - 0.01 * dw, p, g)
-
-  state = {'p': step(params)}
-
-  def advance():
-    state['p'] = step(state['p'])
-    return state['p']
-
-  return lambda: calls_per_second(advance, seconds) * labels.shape[0]
-
-
-def calls_per_second(call: Callable[[], object], seconds: float) -> float:
-  """Calls `call` for `seconds` (its last result awaited, so async dispatch is timed fully); calls per second."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  n, out, t0 = 0, None, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    out = call()
-    n += 1
-  jax.block_until_ready(out)
-  return n / (time.perf_counter() - t0)
-
-
-def median_ratio(values: list[float], base: list[float] | None) -> float | None:
-  """Ratio of the medians of two sides' repetitions (None without a base)."""
-  return round(statistics.median(values) / statistics.median(base), 2) if base else None
 
 
 def tree_rss_mb(pid: int) -> float:

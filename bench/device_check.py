@@ -18,17 +18,17 @@ sys.path.insert(0, os.path.join(ROOT, 'configs'))
 
 
 def _peak_bytes() -> int | None:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
 
 
 def _run(name: str, config, workdir: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from cnn_caption import train  # pylint: disable=g-import-not-at-top
-  from cnn_caption.errors import UserError  # pylint: disable=g-import-not-at-top
+  from cnn_caption import train
+  from cnn_caption.errors import UserError
 
   t0 = time.time()
   try:
@@ -60,10 +60,10 @@ def main():
   parser.add_argument('--fmnist_dir', default=None, help='Fashion-MNIST IDX folder (default: the Debian path)')
   parser.add_argument('--ucm_dir', default=None, help='UCM-captions folder for a real-data captioning run')
   args = parser.parse_args()
-  import captioner  # pylint: disable=g-import-not-at-top
-  import captioner_attention  # pylint: disable=g-import-not-at-top
-  import classifier  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  import captioner
+  import captioner_attention
+  import classifier
+  import jax
 
   print(
     json.dumps(

@@ -34,6 +34,9 @@ MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
+# Compilations shorter than this are cached too: the smoke programs take well under JAX's default of 1 s,
+# and a first result on a small config is mostly compilation.
+CACHE_MIN_COMPILE_SECS = 0.0
 
 
 @dataclasses.dataclass
@@ -67,6 +70,38 @@ class Distributed:
     )
 
 
+def _jax_option_given(name: str) -> bool:
+  """Whether the user set a jax option: its --jax_* flag on the command line or its JAX_* variable."""
+  given_as_flag = flags.FLAGS.is_parsed() and name in flags.FLAGS and flags.FLAGS[name].present
+  return bool(given_as_flag) or name.upper() in os.environ
+
+
+def compilation_cache_dir(flag_value: str | None) -> str | None:
+  """Where compiled programs are kept between runs (None: not kept).
+
+  --compilation_cache_dir when given ('' turns the cache off); else jax's own setting
+  (--jax_compilation_cache_dir or $JAX_COMPILATION_CACHE_DIR); else the user's cache folder,
+  $XDG_CACHE_HOME/cnn_caption/jax or ~/.cache/cnn_caption/jax.
+  """
+  if flag_value is not None:
+    return flag_value or None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'cnn_caption', 'jax')
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Turns jax's persistent compilation cache on in `directory` (off for None); call before any compilation."""
+  if directory is None:
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
+  jax.config.update('jax_enable_compilation_cache', True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  if not _jax_option_given('jax_persistent_cache_min_compile_time_secs'):
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECS)
+
+
 def _fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
@@ -83,7 +118,7 @@ def _bad_override(argv: list[str], missing: str) -> str | None:
 
 def _load_config_file(argv: list[str]):
   """The config named by --config=path.py[:variant], loaded directly (used only to explain an error)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   spec_arg = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
   path, _, variant = spec_arg.partition(':')
@@ -101,7 +136,7 @@ def _known_fields(argv: list[str], path: str, missing: str) -> str:
     for part in parents:
       node = node[part]
     return f'known fields of {".".join(["config"] + parents)}: {", ".join(sorted(node.keys()))}'
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return 'check the spelling against the config file'
 
 
@@ -259,12 +294,22 @@ def _exit(code: int, line: str) -> None:
   sys.exit(code)
 
 
-def main(mode: str, config, workdir: str | None, images: list[str], distributed: Distributed | None = None) -> None:
+def main(
+  mode: str,
+  config,
+  workdir: str | None,
+  images: list[str],
+  distributed: Distributed | None = None,
+  compilation_cache: str | None = None,
+) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
+  compilation_cache: the --compilation_cache_dir value (None: the default folder, '': off).
   Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after
   Ctrl-C; 1 when another process of the run died.
   """
+  cache_dir = compilation_cache_dir(compilation_cache)
+  use_compilation_cache(cache_dir)  # before any compilation, joining the other processes' included
   distributed = distributed or Distributed()
   if distributed.process_id:
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others only warn
@@ -275,6 +320,8 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
     _exit(2, f'error: {e}')
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  if cache_dir:
+    logging.info('compiled programs are kept in %s (--compilation_cache_dir, --nocompilation_cache)', cache_dir)
   try:
     code = run(mode, config, workdir, images)
   except UserError as e:
@@ -290,11 +337,11 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
     if message is None:
       raise
     _exit(2, f'error: {message}')
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     line = parallel.peer_failure(e)
     if line is None:
       raise
     logging.flush()
     print(f'error: process {jax.process_index()}: {line}', file=sys.stderr, flush=True)
-    os._exit(1)  # pylint: disable=protected-access  # skips the exit barrier that the dead peer never reaches
+    os._exit(1)  # skips the exit barrier that the dead peer never reaches
   sys.exit(code)

@@ -9,16 +9,19 @@ axis). Every workdir must be a finished captioning run of the same architecture 
 config names the data and feature cache). The decoding (beam size, length penalty) is chosen on val by the
 selection metric, exactly as a training run's `config.decoding.val_beam_sizes` does, then test is scored with
 every coco metric. Writes OUT/results.json and OUT/test_captions.json (per-image CIDEr-D and ROUGE-L, so
-`python -m cnn_caption.captioning.compare OUT OTHER` works). One line and exit code 2 on bad input.
+`python -m cnn_caption.captioning.compare OUT OTHER` works). One line and exit code 2 on bad input, a bad
+flag included (absl flags: --help lists them).
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 import json
 import os
 import sys
 
+from absl import app
+from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -113,25 +116,44 @@ def ensemble_results(workdirs: list[str], out: str, beam_sizes=(1,), length_pena
   return results
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdirs', nargs='+')
-  parser.add_argument('--out', required=True, help='folder for results.json and test_captions.json')
-  parser.add_argument('--val_beam_sizes', default='1', help='beam sizes tried on val, e.g. 1,3,5 (1 = greedy)')
-  parser.add_argument('--val_length_penalties', default='1.0', help='length penalties tried on val with beams > 1')
-  args = parser.parse_args(argv)
+def decoding_choices(beam_sizes: Sequence[str], length_penalties: Sequence[str]) -> tuple[tuple, tuple]:
+  """(beam sizes, length penalties) from the flags' comma-separated items; UserError if not numbers."""
   try:
-    try:
-      sizes = tuple(int(v) for v in args.val_beam_sizes.split(',') if v)
-      penalties = tuple(float(v) for v in args.val_length_penalties.split(',') if v)
-    except ValueError:
-      raise UserError(
-        f'--val_beam_sizes={args.val_beam_sizes!r} / --val_length_penalties={args.val_length_penalties!r} '
-        'must be comma-separated numbers, e.g. 1,3,5 and 0.7,1.0'
-      ) from None
-    if not sizes or min(sizes) < 1 or not penalties:
-      raise UserError(f'--val_beam_sizes={args.val_beam_sizes!r} must list beam sizes >= 1, e.g. 1,3,5')
-    results = ensemble_results(args.workdirs, args.out, sizes, penalties)
+    sizes = tuple(int(v) for v in beam_sizes if v)
+    penalties = tuple(float(v) for v in length_penalties if v)
+  except ValueError:
+    raise UserError(
+      f'--val_beam_sizes={",".join(beam_sizes)} / --val_length_penalties={",".join(length_penalties)} '
+      'must be comma-separated numbers, e.g. 1,3,5 and 0.7,1.0'
+    ) from None
+  if not sizes or min(sizes) < 1 or not penalties:
+    raise UserError(f'--val_beam_sizes={",".join(beam_sizes)} must list beam sizes >= 1, e.g. 1,3,5')
+  return sizes, penalties
+
+
+def _define_flags() -> None:
+  """The command's flags, defined only when this module is the program: importing it (launch.py does) adds none."""
+  flags.DEFINE_string('out', None, 'Folder for results.json and test_captions.json.')
+  flags.DEFINE_list('val_beam_sizes', ['1'], 'Beam sizes tried on val, e.g. 1,3,5 (1 = greedy).')
+  flags.DEFINE_list('val_length_penalties', ['1.0'], 'Length penalties tried on val with beams > 1.')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, a bad flag ending in one line and exit code 2 like any bad input."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}; see --help', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str]) -> int:
+  workdirs, out = list(argv[1:]), flags.FLAGS.out
+  try:
+    if not out:
+      raise UserError("--out is missing: pass the folder for the ensemble's results, e.g. --out=runs/ensemble")
+    sizes, penalties = decoding_choices(flags.FLAGS.val_beam_sizes, flags.FLAGS.val_length_penalties)
+    results = ensemble_results(workdirs, out, sizes, penalties)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -141,4 +163,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)

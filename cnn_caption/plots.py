@@ -16,10 +16,10 @@ def _pyplot():
 
   Imported at module level it added about 2 s to every launch.py start, a bad flag's one-line error included.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
 
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
 
   return plt
 
@@ -100,7 +100,7 @@ def figure_to_array(fig) -> np.ndarray:
 
 
 def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   with Image.open(image_path) as im:
     return np.asarray(im.convert('RGB').resize((size, size)))
@@ -108,7 +108,7 @@ def load_rgb(image_path: str, size: int = 224) -> np.ndarray:
 
 def attention_figure(rgb: np.ndarray, words: list[str], alphas_LxN: np.ndarray, max_panels: int | None = None):
   """The image, then one panel per generated word (at most max_panels) with its attention overlaid."""
-  import textwrap  # pylint: disable=g-import-not-at-top
+  import textwrap
 
   size = rgb.shape[0]
   side = int(round(np.sqrt(alphas_LxN.shape[1])))

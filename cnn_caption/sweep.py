@@ -45,7 +45,7 @@ def _child(config_json: str, workdir: str, queue) -> None:
   try:
     train.train_and_evaluate(ml_collections.ConfigDict(json.loads(config_json)), workdir)
     queue.put((workdir, None))
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     queue.put((workdir, f'{type(e).__name__}: {e}'))
 
 

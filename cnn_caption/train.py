@@ -37,6 +37,7 @@ from cnn_caption.training import ema
 from cnn_caption.training import monitor as monitor_lib
 from cnn_caption.training import optim
 from cnn_caption.training import parallel
+from cnn_caption.training import profiling
 from cnn_caption.training import run_record
 from cnn_caption.training import workdir_lock
 
@@ -155,12 +156,49 @@ class Trainer:
         'lower the batch size or add data'
       )
     self.total_steps = self.steps_per_epoch * config.num_epochs
+    profiling.check_window_in_run(config.get('profile_steps', ()), self.total_steps)
+    self._log_eval_cadence()
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.max_to_keep)
     self.best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints_best'), 1)
     self._step_fns: dict[int, Callable] = {}
     self.monitor: monitor_lib.RunMonitor | None = None
     self._eval_seconds = 0.0  # spent in validation within the current epoch
+
+  def _mid_epoch_eval_steps(self):
+    """The steps after which eval_every_steps validates within epochs, from the calls _train_epoch makes."""
+    every, per_call, per_epoch = self.config.eval_every_steps, self.config.steps_per_call, self.steps_per_epoch
+    for epoch in range(self.config.num_epochs):
+      pos = 0
+      while pos < per_epoch:
+        n = min(per_call, per_epoch - pos)
+        pos += n
+        step = epoch * per_epoch + pos
+        if step // every > (step - n) // every and pos < per_epoch:
+          yield step
+
+  def _log_eval_cadence(self) -> None:
+    """One line when eval_every_steps does not fall on call boundaries: validation waits for a call's end."""
+    every, per_call = self.config.get('eval_every_steps', 0), self.config.steps_per_call
+    if not every or (every % per_call == 0 and self.steps_per_epoch % per_call == 0):
+      return
+    shown, rounded = [], False
+    for step in self._mid_epoch_eval_steps():
+      if len(shown) == 4 and rounded:
+        shown.append('...')
+        break
+      rounded = rounded or step % every != 0
+      if len(shown) < 4:
+        shown.append(str(step))
+    if rounded:
+      logging.info(
+        'config.eval_every_steps=%d: validation runs at the end of the call (config.steps_per_call=%d) that '
+        'passes each multiple of %d, after steps %s, and at every epoch end',
+        every,
+        per_call,
+        every,
+        ', '.join(shown),
+      )
 
   def run(self) -> dict:
     """Restore, train the remaining epochs, then test and write results."""
@@ -170,7 +208,8 @@ class Trainer:
       with parallel.StopRequest() as stop:
         while epoch < self.config.num_epochs and not self._should_stop(meta):
           state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
-          self._end_of_epoch(state, meta, epoch, seconds)
+          with self.monitor.paused(state):
+            self._end_of_epoch(state, meta, epoch, seconds)
           if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
             raise parallel.Preempted(int(state.step), stop.signal_name)
           epoch += 1
@@ -344,7 +383,7 @@ class Trainer:
       batch = parallel.shard_local_batch(
         self._host_batches(order, pos, n, step, state.params), self.mesh, config.batch_size, 1
       )
-      self.monitor.before_call(step)
+      self.monitor.before_call(step, n)
       state, metrics = self._compile(n)(state, batch, dropout_rng)
       self.monitor.after_call(step + n, state)
       if pending is not None:
@@ -361,11 +400,13 @@ class Trainer:
       if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
         self._account(meta, pending)
         pending = None
-        self._check_saveable(state, step)
-        self.ckpt.save(step, state, meta.to_json())
+        with self.monitor.paused(state):
+          self._check_saveable(state, step)
+          self.ckpt.save(step, state, meta.to_json())
       every = config.get('eval_every_steps', 0)
       if every and step // every > (step - n) // every and pos < self.steps_per_epoch:
-        self._validate(state)  # the epoch's end validates anyway
+        with self.monitor.paused(state):
+          self._validate(state)  # the epoch's end validates anyway
     if pending is not None:
       self._account(meta, pending)
     return state, time.time() - t_epoch - self._eval_seconds

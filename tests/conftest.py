@@ -53,6 +53,14 @@ def run_launch(*args: str, devices: int = 1, timeout: float = 300) -> subprocess
   )
 
 
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python -m module args` in a fresh interpreter on the CPU, from the repository root."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -108,7 +116,7 @@ def kill_after_checkpoint(args: list[str], workdir: str, min_step: int, timeout:
 
 def strong_smoke(overrides: dict):
   """configs/classifier.py:strong shrunk for tests: 96 training images, 2 epochs, channels (4, 8)."""
-  from configs import classifier  # pylint: disable=g-import-not-at-top
+  from configs import classifier
 
   fields = {
     'data.num_train': 96,

@@ -13,6 +13,7 @@ import pytest
 from cnn_caption import cli
 from cnn_caption import models
 from cnn_caption.analysis import layer_tables as analysis
+from cnn_caption.models import encoders
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ def test_print_summary(capsys, name, total):
 
 
 def test_launch_summary_end_to_end():
-  from conftest import run_launch  # pylint: disable=g-import-not-at-top
+  from conftest import run_launch
 
   result = run_launch('--config=configs/q1_cnn.py', '--mode=summary', timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -170,17 +171,8 @@ def test_attention_summary_rows():
   assert rows['mix'].shape == (seq_len, heads * d)
 
 
-# The modules below are written by other helpers; these tests run once they exist.
-
-
 def test_classifier_summary(capsys):
-  pytest.importorskip('cnn_caption.models.classifier')
-  if os.path.exists(os.path.join(_REPO, 'configs', 'classifier.py')):
-    config = _config('classifier')
-  else:
-    config = ml_collections.ConfigDict(
-      {'model': {'name': 'classifier', 'input_shape': (28, 28, 1), 'num_classes': 10, 'dropout': 0.5}}
-    )
+  config = _config('classifier')
   model = models.create_model(config)
   rows = _rows(config)
   assert rows[0].shape == tuple(config.model.input_shape)
@@ -194,7 +186,6 @@ def test_classifier_summary(capsys):
 
 @pytest.mark.parametrize('name', ['captioner', 'captioner_attention'])
 def test_captioner_decoder_table(name):
-  pytest.importorskip('cnn_caption.models.decoders')
   config = _config(name, 'smoke')
   vocab = config.model_inputs.vocab_size
   model = models.create_model(config, vocab_size=vocab)
@@ -252,7 +243,6 @@ def _resnet18_params() -> int:
   ],
 )
 def test_encoder_table(name, formula, published):
-  encoders = pytest.importorskip('cnn_caption.models.encoders')
   assert formula() == published
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   rows = analysis.layer_table(encoders.create_encoder(name), images, depth=1)

@@ -35,8 +35,8 @@ STRONG = '--config=configs/classifier.py:strong'
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
   """launch.py's main (flags parsed as cli.run_app does) in this process; returns (exit code, stderr)."""
-  from cnn_caption import cli  # pylint: disable=g-import-not-at-top
-  import launch  # pylint: disable=g-import-not-at-top
+  from cnn_caption import cli
+  import launch
 
   argv = ['launch.py', *args]
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the config overrides from sys.argv
@@ -45,7 +45,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     delattr(flags.FLAGS, name)  # a config's override flags are defined at parse time, once per process
   capsys.readouterr()
   try:
-    launch.main(cli._parse_flags(argv))  # pylint: disable=protected-access
+    launch.main(cli._parse_flags(argv))
     code = 0
   except SystemExit as e:
     code = e.code
@@ -381,7 +381,7 @@ def test_caption_workdir_without_config(monkeypatch, capsys, tmp_path):
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
-  from cnn_caption.training import workdir_lock  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import workdir_lock
 
   def full(self):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)  # the lock is the first file written
@@ -397,6 +397,16 @@ def test_subprocess_boundary(tmp_path):
   assert_one_clear_line(result.returncode, result.stderr, 'config.seed=-1')
 
 
+def test_profile_window_after_the_run_is_one_line(monkeypatch, capsys, tmp_path):
+  """The smoke run has 2 epochs of 50 steps: a window from step 100 would never be traced."""
+  if not has_fashion_mnist():
+    pytest.skip(f'Fashion-MNIST not in {FMNIST_DIR}')
+  before = snapshot(tmp_path)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={tmp_path}', '--config.profile_steps=(100, 105)')
+  assert_one_clear_line(code, err, 'config.profile_steps=(100, 105) starts after the run ends (steps 0..99)')
+  assert snapshot(tmp_path) == before
+
+
 def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys, tmp_path):
   """An evaluation batch that cannot fit is refused when compiled, before the first step (nothing trained)."""
   if not has_fashion_mnist():
@@ -408,7 +418,7 @@ def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys
 
 
 def test_encoder_batch_larger_than_memory_stops_before_extraction(monkeypatch, capsys, tmp_path):
-  from cnn_caption.training import memory  # pylint: disable=g-import-not-at-top
+  from cnn_caption.training import memory
 
   monkeypatch.setattr(memory, 'available_bytes', lambda device: 2**20)  # a machine with 1 MiB free
   code, err = run_cli(monkeypatch, capsys, CAPTIONER, f'--workdir={tmp_path}')

@@ -23,6 +23,7 @@ from conftest import kill_after_checkpoint
 from conftest import override
 from conftest import read_jsonl
 from conftest import run_launch
+from conftest import run_module
 from conftest import strip_timing
 
 
@@ -267,7 +268,7 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
   )
 
 
-def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path, shared_dirs, capsys):
+def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path, shared_dirs):
 
   # Two members of one architecture and vocabulary (the synthetic data follow config.seed, so the members
   # differ in their training length instead of their seed).
@@ -275,8 +276,10 @@ def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path,
   for epochs, workdir in zip((2, 1), runs):
     train.train_and_evaluate(smoke(captioner_config, shared_dirs, num_epochs=epochs), workdir)
   out = str(tmp_path / 'ens')
-  assert inference.main([*runs, f'--out={out}', '--val_beam_sizes=1,2']) == 0
+  done = run_module('cnn_caption.inference', *runs, f'--out={out}', '--val_beam_sizes=1,2')
+  assert done.returncode == 0, done.stderr[-2000:]
   results = json.load(open(os.path.join(out, 'results.json')))
+  assert json.loads(done.stdout)['decoding'] == results['decoding']
   assert results['ensemble_of'] == [os.path.abspath(r) for r in runs]
   tried = results['decoding']['chosen_on_val_from']
   assert [t['beam_size'] for t in tried] == [1, 2]
@@ -285,11 +288,16 @@ def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path,
     assert 0.0 <= results[key] <= 10.0
   captions = json.load(open(os.path.join(out, 'test_captions.json')))
   assert len(captions) == results['num_images']['test'] and {'cider', 'rouge_l'} <= set(captions[0])
-  # Bad input: one line each, exit code 2, nothing written.
-  capsys.readouterr()
-  assert inference.main([runs[0], f'--out={tmp_path / "one"}']) == 2
-  assert inference.main([runs[0], runs[0], f'--out={tmp_path / "same"}']) == 2
-  assert inference.main([*runs, f'--out={tmp_path / "bad"}', '--val_beam_sizes=0']) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 3 and all(line.startswith('error: ') for line in err), err
+  # Bad input: one line, exit code 2, nothing written.
+  failed = run_module('cnn_caption.inference', *runs, f'--out={tmp_path / "bad"}', '--val_beam_sizes=0')
+  assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+    'error: --val_beam_sizes=0 must list beam sizes >= 1, e.g. 1,3,5'
+  ], failed.stderr[-2000:]
+  with pytest.raises(UserError, match='at least 2 workdirs'):
+    inference.ensemble_results(runs[:1], str(tmp_path / 'one'))
+  with pytest.raises(UserError, match='named twice'):
+    inference.ensemble_results([runs[0], runs[0]], str(tmp_path / 'same'))
+  with pytest.raises(UserError, match='comma-separated numbers'):
+    inference.decoding_choices(['1', 'x'], ['1.0'])
+  assert inference.decoding_choices(['1', '3'], ['0.5', '1']) == ((1, 3), (0.5, 1.0))
   assert not any(os.path.exists(tmp_path / d) for d in ('one', 'same', 'bad'))

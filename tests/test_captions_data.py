@@ -176,10 +176,10 @@ def test_dataset_json_is_decoded_item_by_item_like_json_load(text):
     expected = json.loads(text)['images']
   except json.JSONDecodeError as e:
     with pytest.raises(json.JSONDecodeError) as got:
-      list(captions._karpathy_images(text))  # pylint: disable=protected-access
+      list(captions._karpathy_images(text))
     assert (got.value.msg, got.value.pos) == (e.msg, e.pos)
   else:
-    assert list(captions._karpathy_images(text)) == expected  # pylint: disable=protected-access
+    assert list(captions._karpathy_images(text)) == expected
 
 
 @pytest.mark.parametrize('text', ['{}', '[1, 2]', '{"images": {"a": 1}}', '"images"'])

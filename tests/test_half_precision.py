@@ -13,8 +13,8 @@ from cnn_caption.models import classifier
 from cnn_caption.models import decoders
 
 STEPS = 300
-# Mean loss over the last 50 of 300 steps, bfloat16 vs float32 (same init, data, dropout). Measured gaps
-# (2026-11-28, AMD EPYC): classifier 0.012 (0.358 vs 0.370), plain decoder 0.0009, attention decoder 0.003.
+# Mean loss over the last 50 of 300 steps, bfloat16 vs float32 (same init, data, dropout): the gaps on CPU are a
+# small fraction of this bound (about 0.01 for the classifier, a few thousandths for the decoders).
 TOLERANCE = 0.08
 
 

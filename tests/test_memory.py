@@ -41,9 +41,9 @@ def test_checked_jit_compiles_once_per_signature_and_computes_the_same():
   fn = memory.CheckedJit(_matmul_chain, knob='eval_batch_size', value=8, what='evaluation')
   x = jnp.arange(8 * 4, dtype=jnp.float32).reshape(8, 4) / 32
   fn.check(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding))
-  assert len(fn._compiled) == 1  # pylint: disable=protected-access
+  assert len(fn._compiled) == 1
   y = fn(x)
-  assert len(fn._compiled) == 1  # pylint: disable=protected-access
+  assert len(fn._compiled) == 1
   assert jnp.allclose(y, jax.jit(_matmul_chain)(x))
   fn(jnp.ones((4, 4)))
-  assert len(fn._compiled) == 2  # pylint: disable=protected-access
+  assert len(fn._compiled) == 2

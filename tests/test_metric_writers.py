@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,9 @@ def test_monitor_weights_the_loss_and_logs_per_step_metrics(tmp_path, monkeypatc
   assert scalar('train/learning_rate') == [(4, pytest.approx(0.4))]
   assert scalar('val_ema/accuracy') == [(4, 0.5)]
   assert {'train/steps_per_second', 'val/accuracy'} <= set(acc.Tags()['scalars'])
-  assert 'config/text_summary' in acc.Tags()['tensors']
-  text = acc.Tensors('config/text_summary')[0].tensor_proto.string_val[0].decode()
+  assert acc.Tags()['tensors'] == ['config']
+  assert acc.SummaryMetadata('config').plugin_data.plugin_name == 'text'
+  text = acc.Tensors('config')[0].tensor_proto.string_val[0].decode()
   assert '"num_epochs": 2' in text
   with open(tmp_path / monitor.EVAL_LOG) as f:
     assert [json.loads(line) for line in f] == [
@@ -112,19 +114,65 @@ def test_bad_profile_steps_are_one_line_errors(steps):
     profiling.check_profile_steps(steps)
 
 
-def test_profiler_traces_its_window(tmp_path):
-  profiler = profiling.StepProfiler((2, 4), str(tmp_path / 'profile'))
+@pytest.mark.parametrize('steps_per_call, window, first', [(1, (2, 4), 2), (8, (10, 15), 8)])
+def test_profiler_traces_its_window(tmp_path, steps_per_call, window, first):
+  # With 8 steps per call no call starts inside (10, 15): the trace starts with the call holding step 10.
+  profiler = profiling.StepProfiler(window, str(tmp_path / 'profile'))
   fn = jax.jit(lambda x: x @ x)
   x = jnp.ones((8, 8))
   started_at = []
-  for step in range(6):
-    profiler.before_call(step)
+  for step in range(0, 24, steps_per_call):
+    profiler.before_call(step, steps_per_call)
     if profiler.active and not started_at:
       started_at.append(step)
     x = fn(x) / 8
-    profiler.after_call(step + 1, x)
-  assert started_at == [2] and profiler.done and not profiler.active
+    profiler.after_call(step + steps_per_call, x)
+  assert started_at == [first] and profiler.done and not profiler.active
   assert glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+
+
+def test_profile_window_outside_the_run_is_refused():
+  profiling.check_window_in_run((), 8)
+  profiling.check_window_in_run((7, 100), 8)  # starts in the run: traced to its end
+  with pytest.raises(UserError, match=r'config.profile_steps=\(10, 15\) starts after the run ends \(steps 0..7\)'):
+    profiling.check_window_in_run((10, 15), 8)
+
+
+def test_rates_leave_out_paused_time_and_the_eta_covers_the_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(metric_writers, 'is_main_process', lambda: True)
+  from configs import classifier as classifier_config
+
+  now = [0.0]
+  monkeypatch.setattr(monitor, 'time', types.SimpleNamespace(time=lambda: now[0]))
+  lines = []
+  monkeypatch.setattr(monitor.logging, 'info', lambda fmt, *args: lines.append(fmt % args))
+  config = classifier_config.get_config('smoke')  # batch 8
+  config.log_every_steps = 4
+  mon = monitor.RunMonitor(config, str(tmp_path), start_step=0, total_steps=16, steps_per_epoch=8)
+  now[0] = 2.0  # 4 steps in 2 s
+  mon.train_metrics(0, {'loss': np.ones(4)})
+  with mon.paused():  # an evaluation and a checkpoint: 10 s
+    now[0] += 10.0
+  now[0] += 2.0  # 4 more steps in 2 s of training
+  mon.train_metrics(4, {'loss': np.ones(4)})
+  mon.close()
+  scalars = read_events(str(tmp_path / monitor.TENSORBOARD_DIR)).Scalars('train/examples_per_second')
+  assert [(e.step, e.value) for e in scalars] == [(4, 16.0), (8, 16.0)]
+  progress = [line for line in lines if line.startswith('epoch ')]
+  # ETA: the remaining steps at this start's pace so far, pauses included: 12 * 2 / 4 s, then 8 * 14 / 8 s.
+  assert progress[0].endswith('2.0 steps/s  16 examples/s  ETA 6s'), progress
+  assert progress[1].endswith('2.0 steps/s  16 examples/s  ETA 14s'), progress
+
+
+def test_format_duration():
+  assert [monitor.format_duration(s) for s in (0.4, 59, 61, 3599, 3600, 7500)] == [
+    '0s',
+    '59s',
+    '1m01s',
+    '59m59s',
+    '1h00m',
+    '2h05m',
+  ]
 
 
 def test_filter_image_is_rgb_mosaic():

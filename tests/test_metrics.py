@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnn_caption.captioning import metrics
+from conftest import run_module
 
 # Two images with two references each.
 REFS = [
@@ -38,7 +39,7 @@ EXPECTED_CORPUS = {
   'bleu4': _BP * (7 / 9 * 5 / 7 * 3 / 5 * 2 / 4) ** (1 / 4),
 }
 # Per image, BLEU-4: image 1 has BP 1 and (5/6 * 4/5 * 3/4 * 2/3)^(1/4) = (1/3)^(1/4);
-# image 2 has no 3-gram match, so nltk (no smoothing) gives practically 0 (about 1e-154).
+# image 2 has no 3-gram match, so its BLEU-4 is 0 (nltk without smoothing would give about 1e-154).
 EXPECTED_SENTENCE_MEAN = ((1 / 3) ** 0.25 + 0.0) / 2
 
 
@@ -74,8 +75,22 @@ def test_empty_hypotheses_do_not_crash_and_warnings_are_silenced():
     scores = metrics.corpus_bleu_scores(REFS, [HYPS[0], []])
     assert scores['bleu1'] == pytest.approx(math.exp(1 - 11 / 6) * 5 / 7, rel=1e-12)
     assert metrics.sentence_bleu_mean(REFS, [HYPS[0], []]) == pytest.approx(EXPECTED_SENTENCE_MEAN, rel=1e-12)
-    # A 3-word hypothesis with every word right still has no 4-gram: sentence BLEU is practically 0.
-    assert metrics.sentence_bleu_mean([[['a', 'b', 'c']]], [['a', 'b', 'c']]) < 1e-75
+    # A 3-word hypothesis with every word right still has no 4-gram: sentence BLEU is 0.
+    assert metrics.sentence_bleu_mean([[['a', 'b', 'c']]], [['a', 'b', 'c']]) == 0.0
+
+
+def test_bleu_of_an_unmatched_order_is_exactly_zero():
+  # Every word right, but no bigram of the references: nltk without smoothing returns its floor
+  # (the smallest float to the power 3/4 for BLEU-4, about 1e-231); the score is 0.0 instead.
+  refs = [[['red', 'circle', 'on', 'left']], [['blue', 'square', 'at', 'top']]]
+  hyps = [['left', 'on', 'circle', 'red'], ['top', 'at', 'square', 'blue']]
+  scores = metrics.corpus_bleu_scores(refs, hyps)
+  assert scores['bleu1'] == 1.0
+  assert scores['bleu2'] == scores['bleu3'] == scores['bleu4'] == 0.0
+  assert metrics.sentence_bleu_mean(refs, hyps) == 0.0
+  # Only BLEU-4 unmatched: the lower orders keep their values.
+  scores = metrics.corpus_bleu_scores([[['a', 'red', 'circle', 'on', 'the', 'left']]], [['a', 'red', 'circle']])
+  assert scores['bleu3'] == pytest.approx(math.exp(1 - 6 / 3)) and scores['bleu4'] == 0.0
 
 
 def test_mismatched_or_empty_inputs():
@@ -139,8 +154,8 @@ def test_rouge_l_hand_worked():
 
 
 def test_project_bleu_and_cider_equal_pycocoevalcap():
-  from pycocoevalcap.bleu import bleu as coco_bleu  # pylint: disable=g-import-not-at-top
-  from pycocoevalcap.cider import cider as coco_cider  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.bleu import bleu as coco_bleu
+  from pycocoevalcap.cider import cider as coco_cider
 
   # Hypotheses of >= 4 words: for a shorter one nltk counts max(1, 0) 4-grams in the denominator,
   # coco-caption 0, so their BLEU-4 differ (UCM captions are all longer).
@@ -202,8 +217,8 @@ def test_paired_bootstrap_ci():
     metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])
 
 
-def test_compare_two_workdirs_pairs_images_by_name(tmp_path, capsys):
-  from cnn_caption.captioning import compare  # pylint: disable=g-import-not-at-top
+def test_compare_two_workdirs_pairs_images_by_name(tmp_path):
+  from cnn_caption.captioning import compare
 
   rng = np.random.default_rng(0)
   base = rng.uniform(0, 5, 60)
@@ -214,7 +229,17 @@ def test_compare_two_workdirs_pairs_images_by_name(tmp_path, capsys):
   out = compare.compare(str(tmp_path / 'a'), str(tmp_path / 'b'), resamples=500)
   assert out['cider']['mean_diff'] == pytest.approx(0.5) and out['cider']['low'] == pytest.approx(0.5)
   assert out['rouge_l']['mean_diff'] == 0.0
-  assert compare.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--resamples=100']) == 0
-  assert 'A-B +0.5000' in capsys.readouterr().out
-  assert compare.main([str(tmp_path / 'a'), str(tmp_path / 'missing')]) == 2
-  assert capsys.readouterr().err.count('\n') == 1
+  # The command (absl flags, positional workdirs): its report, then bad input in one line with exit code 2.
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  done = run_module('cnn_caption.captioning.compare', a, b, '--resamples=100')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'A-B +0.5000' in done.stdout and '100 resamples' in done.stdout
+  for args, culprit in (
+    ((a, str(tmp_path / 'missing')), 'missing/test_captions.json'),
+    ((a,), 'expected two workdirs'),
+    ((a, b, '--resamples=0'), '--resamples=0'),
+    ((a, b, '--resample=10'), "'resample'"),
+  ):
+    failed = run_module('cnn_caption.captioning.compare', *args)
+    assert failed.returncode == 2 and failed.stdout == '', (args, failed.stdout, failed.stderr)
+    assert failed.stderr.startswith('error: ') and failed.stderr.count('\n') == 1 and culprit in failed.stderr, args

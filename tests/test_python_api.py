@@ -26,7 +26,7 @@ def readme_session() -> str:
 @needs_fmnist
 def test_readme_python_session_runs_as_written(capsys):
   namespace = {'__name__': '__readme__'}
-  exec(compile(readme_session(), 'README.md:python-session', 'exec'), namespace)  # pylint: disable=exec-used
+  exec(compile(readme_session(), 'README.md:python-session', 'exec'), namespace)
   results, workdir = namespace['results'], namespace['workdir']
   assert results['epochs_trained'] == 1 and results['best_epoch'] == 1
   assert results['test_accuracy'] > 0.2  # 10 classes: chance is 0.1

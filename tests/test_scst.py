@@ -158,7 +158,7 @@ def test_on_policy_batch_is_seeded_by_the_step_and_lines_up():
 @pytest.fixture(scope='module')
 def xe_workdir(tmp_path_factory):
   """A cross-entropy smoke run of the plain decoder: what SCST starts from (its features are reused)."""
-  from configs import captioner as captioner_config  # pylint: disable=g-import-not-at-top
+  from configs import captioner as captioner_config
 
   workdir = str(tmp_path_factory.mktemp('xe'))
   config = captioner_config.get_config('smoke')
@@ -169,7 +169,7 @@ def xe_workdir(tmp_path_factory):
 
 
 def _scst_config(xe_workdir, **overrides):
-  from configs import captioner_scst  # pylint: disable=g-import-not-at-top
+  from configs import captioner_scst
 
   config = captioner_scst.get_config('plain_smoke')
   config.data.synthetic_num_images = 30

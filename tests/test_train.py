@@ -163,7 +163,7 @@ def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
 
 
 def test_early_stopping_rule_also_holds_on_resume():
-  import types  # pylint: disable=g-import-not-at-top
+  import types
 
   fake = types.SimpleNamespace(config=smoke_config(early_stopping_patience=2))
   history = lambda n: [{'epoch': i + 1} for i in range(n)]
@@ -177,7 +177,7 @@ def test_early_stopping_rule_also_holds_on_resume():
 
 def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
   """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
 
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(), workdir)
@@ -190,3 +190,33 @@ def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
   step_again, params_again = final_params(workdir)
   assert step_again == step
   assert_same_params(params, params_again)
+
+
+def _trainer_of(config, workdir, num_train):
+  """A Trainer over a stand-in task: __init__ needs only the number of training examples."""
+  import types
+
+  return train.Trainer(config, workdir, types.SimpleNamespace(num_train=num_train), None)
+
+
+def test_profile_window_after_the_last_step_is_refused_at_start(tmp_path):
+  config = smoke_config(profile_steps=(40, 45))  # 160 examples at batch 8, 2 epochs: steps 0..39
+  with pytest.raises(UserError, match=r'config.profile_steps=\(40, 45\) starts after the run ends'):
+    _trainer_of(config, str(tmp_path), 160)
+  assert os.listdir(tmp_path) == []
+  _trainer_of(smoke_config(profile_steps=(39, 45)), str(tmp_path / 'ok'), 160)
+
+
+def test_eval_cadence_off_call_boundaries_is_logged_once(tmp_path, monkeypatch):
+  lines = []
+  monkeypatch.setattr(train.logging, 'info', lambda fmt, *args: lines.append(fmt % args))
+  cadence = lambda: [line for line in lines if line.startswith('config.eval_every_steps')]
+  # 20 steps an epoch in calls of 8 (8, 16, 20): validation after 16 (passes 10) and 36 (passes 30), not at 10 / 30.
+  _trainer_of(smoke_config(eval_every_steps=10, steps_per_call=8), str(tmp_path / 'a'), 160)
+  assert cadence() == [
+    'config.eval_every_steps=10: validation runs at the end of the call (config.steps_per_call=8) that passes '
+    'each multiple of 10, after steps 16, 36, and at every epoch end'
+  ]
+  lines.clear()
+  _trainer_of(smoke_config(eval_every_steps=8, steps_per_call=4), str(tmp_path / 'b'), 160)
+  assert cadence() == []  # every multiple of 8 ends a call

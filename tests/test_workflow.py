@@ -76,7 +76,7 @@ def test_tensorboard_curves_continue_after_resume(classifier_run):
   for layer in ('conv1', 'conv2'):
     images = acc.Images(f'filters/{layer}')
     assert [e.step for e in images] == [20, 40] and images[0].width > 0
-  texts = acc.Tensors('config/text_summary')
+  texts = acc.Tensors('config')
   assert [e.step for e in texts] == [0, 20]  # the config of each start
   assert '"eval_every_steps": 10' in texts[0].tensor_proto.string_val[0].decode()
 

@@ -15,7 +15,7 @@ import sys
 
 def main() -> None:
   log_path, script, *args = sys.argv[1:]
-  log = open(log_path, 'a', buffering=1)  # pylint: disable=consider-using-with
+  log = open(log_path, 'a', buffering=1)
   real_open, real_os_open, real_replace, real_rename = builtins.open, os.open, os.replace, os.rename
 
   def record(path) -> None:

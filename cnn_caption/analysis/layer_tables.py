@@ -156,7 +156,7 @@ def model_tables(config: ml_collections.ConfigDict) -> list[tuple[str, list[Row]
     )
   ]
   if 'encoder' in config:
-    from cnn_caption.models import encoders  # pylint: disable=g-import-not-at-top  (heavy; only when asked)
+    from cnn_caption.models import encoders  # heavy; only when asked
 
     size = config.data.image_size
     encoder = encoders.create_encoder(config.encoder.name)

@@ -5,16 +5,19 @@
 Reads each workdir's test_captions.json (written by every captioning run: per-image CIDEr-D and ROUGE-L),
 pairs the images by name and prints, per metric, both means, the mean difference A - B, its 95%
 percentile-bootstrap interval and the fraction of resamples in which A is not better. Exit code 2 with
-one line when a workdir lacks the file or the two were scored on different images.
+one line when a workdir lacks the file, the two were scored on different images, or a flag is wrong
+(absl flags: --help lists them).
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 import json
 import os
 import sys
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from cnn_caption.captioning import metrics
@@ -53,19 +56,32 @@ def compare(workdir_a: str, workdir_b: str, *, resamples: int = 10000, seed: int
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdir_a')
-  parser.add_argument('workdir_b')
-  parser.add_argument('--resamples', type=int, default=10000)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
+def _define_flags() -> None:
+  """The command's flags, defined only when this module is the program: importing it adds none."""
+  flags.DEFINE_integer('resamples', 10000, 'Bootstrap resamples of the test images.', lower_bound=1)
+  flags.DEFINE_integer('seed', 0, 'Seed of the resampling.')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, a bad flag ending in one line and exit code 2 like any bad input."""
   try:
-    result = compare(args.workdir_a, args.workdir_b, resamples=args.resamples, seed=args.seed)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}; see --help', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str]) -> int:
+  workdirs = argv[1:]
+  resamples, seed = flags.FLAGS.resamples, flags.FLAGS.seed
+  try:
+    if len(workdirs) != 2:
+      raise UserError(f'expected two workdirs (A and B), got {len(workdirs)}: {" ".join(workdirs) or "none"}')
+    result = compare(*workdirs, resamples=resamples, seed=seed)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'A = {args.workdir_a}\nB = {args.workdir_b}\npaired bootstrap over test images, {args.resamples} resamples')
+  print(f'A = {workdirs[0]}\nB = {workdirs[1]}\npaired bootstrap over test images, {resamples} resamples')
   for metric, r in result.items():
     print(
       f'  {metric}: A {r["mean_a"]:.4f}  B {r["mean_b"]:.4f}  A-B {r["mean_diff"]:+.4f}  '
@@ -75,4 +91,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)

@@ -136,7 +136,7 @@ class FeatureStore:
       return self._read(self._rows[[key]])[0]
     view = FeatureStore.__new__(FeatureStore)
     view.__dict__.update(self.__dict__)
-    view._rows = self._rows[key]  # pylint: disable=protected-access
+    view._rows = self._rows[key]
     return view
 
   def _read(self, rows: np.ndarray) -> np.ndarray:

@@ -44,9 +44,32 @@ def _lower(references: References, hypotheses: Hypotheses) -> tuple[list, list]:
 
 def _bleu_score():
   """nltk's bleu_score, imported at the first BLEU: nltk pulls in scipy.stats (seconds at every launch.py start)."""
-  from nltk.translate import bleu_score  # pylint: disable=g-import-not-at-top
+  from nltk.translate import bleu_score
 
   return bleu_score
+
+
+def _matched_ngrams(refs: list, hyps: list, max_n: int) -> list[int]:
+  """Clipped n-gram matches over the corpus for n = 1..max_n: the numerators of nltk's modified precisions."""
+  bleu = _bleu_score()
+  return [sum(bleu.modified_precision(r, h, n).numerator for r, h in zip(refs, hyps)) for n in range(1, max_n + 1)]
+
+
+def _bleu_or_zero(refs: list, hyps: list, weights: Sequence[Sequence[float]]) -> list[float]:
+  """nltk corpus_bleu per weight vector, but exactly 0.0 where a weighted n-gram order has no match.
+
+  Without smoothing nltk replaces a zero precision by the smallest float (so BLEU-4 of a corpus without
+  a single 4-gram match comes out as about 1e-77, or 1e-231 with three orders unmatched); a reader of
+  results.json must see the 0 that the log prints.
+  """
+  matched = _matched_ngrams(refs, hyps, max(len(w) for w in weights))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', UserWarning)  # nltk warns about each zero count it replaces
+    scores = _bleu_score().corpus_bleu(refs, hyps, weights=[tuple(w) for w in weights])
+  scores = scores if len(weights) > 1 else [scores]
+  return [
+    float(score) if all(m > 0 for m, w in zip(matched, ws) if w > 0) else 0.0 for score, ws in zip(scores, weights)
+  ]
 
 
 def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[str, float]:
@@ -54,8 +77,9 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
 
   Tokens are lower-cased. An empty hypothesis does not crash: it adds no
   matches, 1 to each n-gram order's denominator (nltk's max(1, count)) and its
-  shortest reference's length to the brevity penalty's reference length; a
-  corpus of only empty hypotheses scores 0.
+  shortest reference's length to the brevity penalty's reference length. A
+  BLEU-n whose orders 1..n include one without any match in the corpus is
+  exactly 0.0 (nltk would return its smoothing floor, a number below 1e-75).
 
   Args:
     references: per image, its reference captions as token lists.
@@ -65,11 +89,7 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
     {'bleu1': ..., 'bleu2': ..., 'bleu3': ..., 'bleu4': ...}, each in [0, 1].
   """
   refs, hyps = _lower(references, hypotheses)
-  with warnings.catch_warnings():
-    # A zero count of some n-gram order makes that BLEU (practically) 0; nltk also warns.
-    warnings.simplefilter('ignore', UserWarning)
-    scores = _bleu_score().corpus_bleu(refs, hyps, weights=list(_BLEU_WEIGHTS.values()))
-  return {name: float(s) for name, s in zip(_BLEU_WEIGHTS, scores)}
+  return dict(zip(_BLEU_WEIGHTS, _bleu_or_zero(refs, hyps, list(_BLEU_WEIGHTS.values()))))
 
 
 def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
@@ -77,8 +97,8 @@ def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
 
   Without smoothing, an image whose hypothesis shares no n-gram of some order
   1..4 with its references (e.g. any hypothesis shorter than 4 words) scores
-  practically 0: nltk replaces the zero precision by the smallest float and
-  warns; the warning is silenced here, the value (below 1e-75) is kept.
+  0.0 (nltk returns its smoothing floor, below 1e-75, and warns; both are
+  replaced here).
 
   Args:
     references: per image, its reference captions as token lists.
@@ -88,9 +108,7 @@ def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
     The mean score in [0, 1].
   """
   refs, hyps = _lower(references, hypotheses)
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', UserWarning)
-    scores = [_bleu_score().sentence_bleu(r, h) for r, h in zip(refs, hyps)]
+  scores = [_bleu_or_zero([r], [h], [_BLEU_WEIGHTS['bleu4']])[0] for r, h in zip(refs, hyps)]
   return float(sum(scores) / len(scores))
 
 

@@ -103,12 +103,12 @@ def check_arrays(arrays: dict[str, np.ndarray], source: str, num_classes: int = 
 def _load_tfds() -> dict[str, np.ndarray] | None:
   """TFDS fashion_mnist if it is prepared or can be downloaded now; None if TFDS is not installed."""
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
   except ImportError:
     return None
   builder = tfds.builder('fashion_mnist')
   if not builder.is_prepared():
-    import socket  # pylint: disable=g-import-not-at-top
+    import socket
 
     # TFDS retries an offline download for minutes: ask the network first and fail at once.
     try:

@@ -26,7 +26,7 @@ class ShiftedSlicesConv3x3(nn.Module):
   """3x3 'SAME' convolution as 9 shifted slices and one (9*C)xF matmul; nn.Conv's parameter names and init.
 
   For the one-channel first layer this is 1.27x faster on the whole training step than lax.conv on XLA:CPU
-  (bench/probe_conv1.py, batch 64, one pinned core): a convolution with one input channel is a poor fit for the
+  (batch 64, one pinned core): a convolution with one input channel is a poor fit for the
   convolution kernel, a 9-deep matmul is not. Opt-in (FashionCNN.conv1_as_matmul): its floats differ from
   lax.conv's by ~1e-7, which moved the homework run's 15-epoch test accuracy by 0.39 points (README).
   """

@@ -190,7 +190,7 @@ class CaptionDecoder(nn.Module):
     if self.attention_dim is not None:
       # The regions through the context half of the gates once, before the scan: one large matmul instead of
       # a skinny one per step whose weight gradient the backward scan accumulates step by step (2.3-2.5x
-      # the training throughput at batch 8 on XLA:CPU, measured side by side; the same sums, other rounding).
+      # the training throughput at batch 8 on XLA:CPU; the same sums, other rounding).
       regions = {'feat_gates': self.cell.project_regions(feats_BxNxC.astype(self.dtype)), 'keys': keys_BxNxA}
     _, (h_TxBxH, alphas_TxBxN) = _scan_steps(self.cell, carry, jnp.swapaxes(xgates_BxTx4H, 0, 1), regions)
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)

@@ -206,7 +206,7 @@ def _silence_closed_loop_noise() -> None:
     if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
       previous_unraisable(unraisable)
 
-  excepthook._drops_closed_loop = True  # pylint: disable=protected-access
+  excepthook._drops_closed_loop = True
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 

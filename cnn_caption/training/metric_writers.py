@@ -42,7 +42,7 @@ class MetricWriter:
     self.enabled = is_main_process() if enabled is None else enabled
     self._writer = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy import, process 0)
+      from tensorboardX import SummaryWriter  # heavy import, process 0
 
       os.makedirs(logdir, exist_ok=True)
       # purge_step: TensorBoard hides what an earlier (killed) run wrote after the restored step. The suffix
@@ -73,11 +73,16 @@ class MetricWriter:
       self._writer.add_image(name, _to_image_hwc(image), step, dataformats='HWC')
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-    """Markdown texts; written even at the start step (the config of each start)."""
+    """Markdown texts under their own names as tags; written even at the start step (the config of each start)."""
     if self._writer is None:
       return
+    from tensorboardX import summary as tensorboard_summary  # loaded already with the writer
+
     for name, text in texts.items():
-      self._writer.add_text(name, text, step)
+      # SummaryWriter.add_text would file it under `name/text_summary`; the same summary, tagged `name`.
+      summary = tensorboard_summary.text(name, text)
+      summary.value[0].tag = name
+      self._writer.file_writer.add_summary(summary, step)
 
   def flush(self) -> None:
     if self._writer is not None:

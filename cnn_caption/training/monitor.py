@@ -9,7 +9,9 @@ and at the end (`close`). Per-step metrics arrive with a leading step axis; a ta
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
+import contextlib
 import os
 import time
 from typing import Any
@@ -26,6 +28,16 @@ from cnn_caption.training import run_record
 TENSORBOARD_DIR = 'tensorboard'
 PROFILE_DIR = 'profile'
 EVAL_LOG = 'eval.jsonl'
+
+
+def format_duration(seconds: float) -> str:
+  """12s, 4m05s, 2h07m: a progress line's estimate, to the precision that matters."""
+  seconds = max(int(round(seconds)), 0)
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 def weighted_loss_sums(metrics: Mapping[str, Any]) -> tuple[float, float]:
@@ -60,6 +72,7 @@ class RunMonitor:
     self.profiler = profiling.StepProfiler(config.get('profile_steps', ()), profile_dir)
     config_md = '\n'.join('    ' + line for line in run_record.config_text(config).splitlines())
     self.writer.write_texts(start_step, {'config': config_md})
+    self._start_t, self._start_step = time.time(), start_step  # for the run's ETA: this start's whole wall time
     self._reset_interval(start_step)
 
   def _reset_interval(self, step: int) -> None:
@@ -67,9 +80,23 @@ class RunMonitor:
     self._num_steps = 0
     self._loss_sum = self._weight_sum = 0.0
     self._t, self._t_step = time.time(), step
+    self._paused_seconds = 0.0
 
-  def before_call(self, step: int) -> None:
-    self.profiler.before_call(step)
+  @contextlib.contextmanager
+  def paused(self, outputs: Any = None) -> Iterator[None]:
+    """Time spent inside is not training: left out of steps/s and examples/s (not out of the ETA).
+
+    Waits for `outputs` (e.g. the train state) first, so that steps still running on the device count as training.
+    """
+    jax.block_until_ready(outputs)
+    t = time.time()
+    try:
+      yield
+    finally:
+      self._paused_seconds += time.time() - t
+
+  def before_call(self, step: int, num_steps: int) -> None:
+    self.profiler.before_call(step, num_steps)
 
   def after_call(self, step: int, outputs: Any) -> None:
     self.profiler.after_call(step, outputs)
@@ -89,8 +116,11 @@ class RunMonitor:
       self._emit(last)
 
   def _emit(self, step: int) -> None:
-    seconds = max(time.time() - self._t, 1e-9)
+    now = time.time()
+    seconds = max(now - self._t - self._paused_seconds, 1e-9)
     rate = (step - self._t_step) / seconds
+    # The rest of the run at this start's average pace so far, evaluations and checkpoints included.
+    eta = (self.total_steps - step) * (now - self._start_t) / max(step - self._start_step, 1)
     scalars = {'train/loss': self._loss_sum / max(self._weight_sum, 1e-12)}
     scalars.update({f'train/{name}': total / self._num_steps for name, total in self._sums.items()})
     if self.learning_rate_fn is not None:
@@ -104,7 +134,7 @@ class RunMonitor:
       if k not in ('train/loss', 'train/steps_per_second', 'train/examples_per_second')
     )
     logging.info(
-      'epoch %d step %d/%d  loss %.4f  %s  %.1f steps/s  %.0f examples/s',
+      'epoch %d step %d/%d  loss %.4f  %s  %.1f steps/s  %.0f examples/s  ETA %s',
       (step - 1) // self.steps_per_epoch + 1,
       step,
       self.total_steps,
@@ -112,6 +142,7 @@ class RunMonitor:
       extra,
       rate,
       rate * self.config.batch_size,
+      format_duration(eta),
     )
     self._reset_interval(step)
 
@@ -123,8 +154,6 @@ class RunMonitor:
       row.update({f'{prefix}_{name}': value for name, value in metrics.items()})
     self.eval_log.append(row)
     self.writer.flush()
-    # Evaluation time is not training time: restart the steps/s clock.
-    self._t, self._t_step = time.time(), step
 
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     if images:

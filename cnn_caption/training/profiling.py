@@ -24,11 +24,21 @@ def check_profile_steps(profile_steps: Sequence[int]) -> tuple[int, int] | None:
   return steps[0], steps[1]
 
 
+def check_window_in_run(profile_steps: Sequence[int], total_steps: int) -> None:
+  """UserError when the window starts at or after the run's last step (no call would ever reach it)."""
+  window = check_profile_steps(profile_steps)
+  if window is not None and window[0] >= total_steps:
+    raise UserError(
+      f'config.profile_steps={window!r} starts after the run ends (steps 0..{total_steps - 1}); '
+      f'choose a start below {total_steps}, or () for no trace'
+    )
+
+
 class StepProfiler:
   """Traces the calls covering steps [start, stop) into logdir (TensorBoard's profile plugin, Perfetto).
 
   Steps are counted as the train state's step before an optimizer step; with several steps per jitted call
-  the window widens to whole calls.
+  the window widens to whole calls: the trace starts with the call that holds step `start`.
   """
 
   def __init__(self, profile_steps: Sequence[int], logdir: str):
@@ -37,19 +47,21 @@ class StepProfiler:
     self.active = False
     self.done = self.window is None
 
-  def before_call(self, step: int) -> None:
-    """Starts the trace when the call that begins at `step` reaches into the window."""
-    if self.done or self.active or step >= self.window[1]:
+  def before_call(self, step: int, num_steps: int = 1) -> None:
+    """Starts the trace when the call of steps [step, step + num_steps) reaches into the window."""
+    if self.done or self.active or step >= self.window[1] or step + num_steps <= self.window[0]:
       return
-    if step >= self.window[0]:
-      jax.profiler.start_trace(self.logdir)
-      self.active = True
-      self._first = step
-      logging.info('profiler: tracing from step %d into %s', step, self.logdir)
+    jax.profiler.start_trace(self.logdir)
+    self.active = True
+    self._first = self._end = step
+    logging.info('profiler: tracing from step %d into %s', step, self.logdir)
 
   def after_call(self, step: int, outputs: Any) -> None:
     """Stops the trace once the call ending at `step` has covered the window (waits for its outputs)."""
-    if self.active and step >= self.window[1]:
+    if not self.active:
+      return
+    self._end = step
+    if step >= self.window[1]:
       self.stop(outputs)
 
   def stop(self, outputs: Any = None) -> None:
@@ -62,6 +74,6 @@ class StepProfiler:
       "profiler: trace of steps %d..%d written to %s (open with TensorBoard's profile plugin or "
       'https://ui.perfetto.dev)',
       self._first,
-      self.window[1],
+      self._end,
       self.logdir,
     )
