@@ -198,8 +198,10 @@ class Trainer:
       try:  # compare configs before building anything: a changed model fails here, in one line
         self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
         checked = restore_step or steps[-1]
-      except checkpoint_lib.DAMAGE:
-        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
+      except Exception as e:  # pylint: disable=broad-except
+        if not checkpoint_lib.is_damage(e):
+          raise
+        # a damaged newest checkpoint: restore_intact reports it and falls back
     run_record.record_config(config, self.workdir)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)

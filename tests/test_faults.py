@@ -78,6 +78,10 @@ def damage(workdir, step, kind):
     assert files
     for f in files:
       os.truncate(f, os.path.getsize(f) // 2)
+  elif kind == 'largest_cut':  # only the largest data file, cut in half: reads fail with OUT_OF_RANGE
+    files = [f for f in glob.glob(os.path.join(state, 'ocdbt.process_*', 'd', '*')) if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
   elif kind == 'ocdbt_deleted':
     for d in glob.glob(os.path.join(state, 'ocdbt.process_*')) + [os.path.join(state, 'd')]:
       shutil.rmtree(d)
@@ -92,9 +96,10 @@ def test_files_follow_the_umask(base):
     assert os.stat(path).st_mode & stat.S_IROTH, path  # another user can read the checkpoint (to caption)
 
 
-def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path, caplog):
+@pytest.mark.parametrize('kind', ['truncated', 'largest_cut'])
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path, caplog, kind):
   workdir = copy_of(base, tmp_path)
-  damage(workdir, 16, 'truncated')
+  damage(workdir, 16, kind)
   # Leftovers of a killed save are removed on the next start.
   open(os.path.join(workdir, '.tmp-abc'), 'w').close()
   os.makedirs(os.path.join(workdir, 'checkpoints', '24.orbax-checkpoint-tmp-1'))
@@ -107,7 +112,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path
   assert_same(params_at(workdir, 16), params_at(base, 16))  # retrained from step 8: the same numbers
 
 
-@pytest.mark.parametrize('kind', ['truncated', 'ocdbt_deleted', 'metadata_deleted'])
+@pytest.mark.parametrize('kind', ['truncated', 'largest_cut', 'ocdbt_deleted', 'metadata_deleted'])
 def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, kind):
   workdir = copy_of(base, tmp_path)
   for step in (8, 16):
@@ -117,6 +122,17 @@ def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, k
   assert_one_clear_line(code, err, 'no intact checkpoint')
   assert 'Event loop is closed' not in err
   assert snapshot(workdir) == before
+
+
+def test_damaged_best_checkpoint_is_one_line_when_captioning_or_testing(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  best = os.path.join(workdir, 'checkpoints_best', '16', 'state')
+  largest = max(
+    (f for f in glob.glob(os.path.join(best, '**', '*'), recursive=True) if os.path.isfile(f)), key=os.path.getsize
+  )
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  with pytest.raises(UserError, match='checkpoints_best/16 is damaged'):
+    checkpoint.best_params(workdir)
 
 
 @pytest.mark.parametrize(
