@@ -20,6 +20,7 @@ import ml_collections
 from cnn_caption import config_utils
 from cnn_caption import errors
 from cnn_caption import inference
+from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
@@ -216,6 +217,7 @@ def caption(workdir: str, image_paths: list[str]) -> int:
   """--mode=caption: `path: caption` per image; attention models also write workdir/captions/<name>.png."""
   if not image_paths:
     raise UserError('--images is empty: pass --images=a.jpg,b.tif')
+  io_utils.check_no_links(workdir, ('captions',))
   captioner = inference.Captioner(workdir)
   failures = 0
   for path, out in zip(image_paths, _attention_map_paths(workdir, image_paths)):

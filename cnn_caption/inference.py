@@ -102,7 +102,7 @@ def ensemble_results(workdirs: list[str], out: str, beam_sizes=(1,), length_pena
   config = captioning.share_data_of(config.copy_and_resolve_references(), workdirs[0])
   config.decoding.val_beam_sizes = tuple(beam_sizes)
   config.decoding.val_length_penalties = tuple(length_penalties)
-  os.makedirs(out, exist_ok=True)
+  io_utils.prepare_workdir(out)
   task = captioning.CaptioningTask(config, out, parallel.make_mesh(), ensemble=True)
   if task.vocab != vocab:
     raise UserError(f'the data of {workdirs[0]} now gives another vocabulary than it was trained with')

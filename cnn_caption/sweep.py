@@ -56,8 +56,10 @@ def _num_cores() -> int:
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
   config_utils.validate(config)
-  io_utils.prepare_workdir(workdir)
   rates = list(config.sweep.learning_rates)
+  io_utils.prepare_workdir(
+    workdir, ('plots', 'results.json', *(os.path.basename(run_dir(workdir, lr)) for lr in rates))
+  )
   if len(set(rates)) != len(rates):
     raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
   parallel = config.sweep.parallel or _num_cores()

@@ -21,6 +21,7 @@ from test_bad_inputs import CLASSIFIER
 from test_bad_inputs import run_cli
 from test_bad_inputs import snapshot
 
+from cnn_caption import io_utils
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from cnn_caption.training import checkpoint
@@ -94,6 +95,24 @@ def test_files_follow_the_umask(base):
     assert stat.S_IMODE(os.stat(os.path.join(base, name)).st_mode) == 0o644, name
   for path in glob.glob(os.path.join(base, 'checkpoints', '16', '**', '*'), recursive=True):
     assert os.stat(path).st_mode & stat.S_IROTH, path  # another user can read the checkpoint (to caption)
+
+
+def test_every_output_of_a_run_is_checked_for_links(base):
+  assert set(os.listdir(base)) <= set(io_utils.WORKDIR_OUTPUTS)
+
+
+@pytest.mark.parametrize('mode, name', [('train', 'plots'), ('train', 'tensorboard'), ('caption', 'captions')])
+def test_linked_output_folder_stops_before_writing(base, tmp_path, monkeypatch, capsys, mode, name):
+  workdir = copy_of(base, tmp_path)
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+  os.symlink(outside, os.path.join(workdir, name))
+  before = snapshot(workdir)
+  args = [CLASSIFIER, *SMALL] if mode == 'train' else ['--mode=caption', f'--images={ROOT}/README.md']
+  code, err = run_cli(monkeypatch, capsys, *args, f'--workdir={workdir}')
+  assert_one_clear_line(code, err, f'{workdir}/{name} is a symbolic link')
+  assert snapshot(workdir) == before and os.listdir(outside) == []
 
 
 @pytest.mark.parametrize('kind', ['truncated', 'largest_cut'])

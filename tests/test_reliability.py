@@ -240,3 +240,17 @@ def test_lock_held_by_another_live_process_is_refused(tmp_path, caplog):
 def test_lock_in_an_unwritable_place_is_one_line(tmp_path):
   with pytest.raises(UserError, match='cannot create the lock file'):
     workdir_lock.WorkdirLock(str(tmp_path / 'missing' / 'dir')).acquire()
+
+
+@pytest.mark.parametrize('name', ['plots', 'tensorboard', 'captions', 'checkpoints', 'eval.jsonl'])
+def test_a_linked_output_in_the_workdir_is_refused(tmp_path, name):
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / name).symlink_to(outside)
+  with pytest.raises(UserError, match=rf'{workdir / name} is a symbolic link \(to {outside}\).*replace the link'):
+    io_utils.prepare_workdir(str(workdir))
+  assert os.listdir(outside) == []
+  (workdir / name).unlink()
+  io_utils.prepare_workdir(str(workdir))  # a real folder (or none) is fine
