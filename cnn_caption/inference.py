@@ -53,6 +53,13 @@ def load_trained(workdir: str):
       'it is written by --mode=train: retrain or restore the file'
     ) from None
   config = ml_collections.ConfigDict(saved)
+  try:
+    captioning.CaptioningTask.validate_config(config)
+  except UserError as e:
+    raise UserError(
+      f'{config_path} holds an impossible value ({str(e).split(" (set --config")[0]}); it is written by '
+      '--mode=train: restore the file or retrain'
+    ) from None
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, captioning.VOCAB_FILE))
   model = models.create_model(config, vocab_size=len(vocab))
   found = checkpoint_lib.best_params(workdir)

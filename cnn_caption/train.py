@@ -37,6 +37,7 @@ from cnn_caption.training import ema
 from cnn_caption.training import monitor as monitor_lib
 from cnn_caption.training import optim
 from cnn_caption.training import parallel
+from cnn_caption.training import profiling
 from cnn_caption.training import run_record
 from cnn_caption.training import workdir_lock
 
@@ -155,6 +156,21 @@ class Trainer:
         'lower the batch size or add data'
       )
     self.total_steps = self.steps_per_epoch * config.num_epochs
+    window = profiling.check_profile_steps(config.get('profile_steps', ()))
+    if window is not None and window[1] > self.total_steps:
+      raise UserError(
+        f'config.profile_steps={tuple(config.profile_steps)} reaches past the end of the run ({self.total_steps} '
+        f'steps: {config.num_epochs} epochs of {self.steps_per_epoch}); choose a window within [0, {self.total_steps}]'
+      )
+    # A call never spans two epochs: more steps per call than an epoch has would only be cut to the epoch.
+    self.steps_per_call = min(config.steps_per_call, self.steps_per_epoch)
+    if self.steps_per_call < config.steps_per_call:
+      logging.info(
+        'config.steps_per_call=%d is more than the %d steps of an epoch; using %d',
+        config.steps_per_call,
+        self.steps_per_epoch,
+        self.steps_per_call,
+      )
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.max_to_keep)
     self.best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints_best'), 1)
@@ -342,7 +358,7 @@ class Trainer:
     self._eval_seconds = 0.0
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
-      n = min(config.steps_per_call, self.steps_per_epoch - pos)
+      n = min(self.steps_per_call, self.steps_per_epoch - pos)
       batch = parallel.shard_local_batch(
         self._host_batches(order, pos, n, step, state.params), self.mesh, config.batch_size, 1
       )
