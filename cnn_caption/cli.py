@@ -236,6 +236,11 @@ def caption(workdir: str, image_paths: list[str]) -> int:
 
 def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
+  if jax.process_count() > 1:  # every process must run the same command (apart from --process_id)
+    fields = config_utils.flatten(config.to_dict()) if isinstance(config, ml_collections.ConfigDict) else {}
+    parallel.check_same_everywhere(
+      {'--mode': mode, '--workdir': workdir, **{f'config.{k}': v for k, v in fields.items()}}
+    )
   if mode != 'train' and jax.process_count() > 1:
     raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
   if mode == 'caption':
@@ -255,6 +260,18 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   raise app.UsageError(f'--mode={mode} is not handled')
 
 
+def _stop_line(e: parallel.Preempted) -> tuple[int, str]:
+  """Exit code and line for a stop on a signal: 130 after Ctrl-C, 0 after SIGTERM or SIGHUP."""
+  if e.signal_name == 'SIGINT':
+    if e.step is None:
+      return 130, f'interrupted during {e.phase}; nothing new to save; restart the same command'
+    return 130, f'interrupted at step {e.step}; checkpoint saved; restart the same command to resume'
+  by = '' if e.signal_name in (None, 'SIGTERM') else f' ({e.signal_name})'
+  if e.step is None:
+    return 0, f'preempted during {e.phase}{by}; nothing new to save; restart the same command'
+  return 0, f'preempted at step {e.step}{by}; restart the same command to resume'
+
+
 def _exit(code: int, line: str) -> None:
   logging.flush()
   print(line, file=sys.stderr, flush=True)
@@ -264,8 +281,8 @@ def _exit(code: int, line: str) -> None:
 def main(mode: str, config, workdir: str | None, images: list[str], distributed: Distributed | None = None) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
-  Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after
-  Ctrl-C; 1 when another process of the run died.
+  Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM or SIGHUP (preempted; a checkpoint saved if
+  training had started); 130 after Ctrl-C; 1 when another process of the run died.
   """
   distributed = distributed or Distributed()
   if distributed.process_id:
@@ -278,13 +295,12 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   try:
-    code = run(mode, config, workdir, images)
+    with parallel.StopRequest(f'--mode={mode}'):  # training and sweeps name their own phases
+      code = run(mode, config, workdir, images)
   except UserError as e:
     _exit(2, f'error: {e}')
   except parallel.Preempted as e:
-    if e.signal_name == 'SIGINT':
-      _exit(130, f'interrupted at step {e.step}; checkpoint saved; restart the same command to resume')
-    _exit(0, f'preempted at step {e.step}; restart the same command to resume')
+    _exit(*_stop_line(e))
   except KeyboardInterrupt:
     _exit(130, 'interrupted (Ctrl-C); nothing saved since the last checkpoint; restart the same command to resume')
   except OSError as e:

@@ -121,7 +121,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   """Trains config's task in workdir (resuming if possible), evaluates, writes results.json.
 
   Validates config exactly as the command line does. Returns the results dict (also in results.json).
+  Raises parallel.Preempted on SIGTERM, SIGHUP or SIGINT (after saving, when training had started).
   """
+  with parallel.StopRequest(SETUP) as stop:
+    try:
+      results = _train_and_evaluate(config, workdir, mesh, stop)
+    except Exception as e:
+      if stop.signum is not None and parallel.peer_failure(e):
+        # Another process left on the same signal before this one reached the point they would have agreed on.
+        raise parallel.Preempted(None, stop.signal_name, stop.phase) from None
+      raise
+    parallel.barrier('finished')  # process 0 writes results and plots last: no process exits before it
+    return results
+
+
+SETUP = 'setup (config, data, features, restoring the checkpoint)'
+FINAL_EVALUATION = 'the final evaluation'
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None, stop) -> dict:
+  fields = config_utils.flatten(config.to_dict())
+  parallel.check_same_everywhere({'workdir': workdir, **{f'config.{k}': v for k, v in fields.items()}})
   parallel.same_verdict(lambda: config_utils.validate(config))
   if config.get('sweep') and config.sweep.get('learning_rates'):
     raise UserError(
@@ -140,7 +160,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
         logging.warning('removed %s, left by an interrupted save', path)
     mesh = mesh if mesh is not None else parallel.make_mesh()
     task = parallel.same_verdict(lambda: tasks_lib.get_task(config, workdir, mesh))
-    return parallel.same_verdict(lambda: Trainer(config, workdir, task, mesh)).run()
+    if stop.agreed():
+      raise parallel.Preempted(None, stop.signal_name, SETUP)
+    return parallel.same_verdict(lambda: Trainer(config, workdir, task, mesh)).run(stop)
 
 
 class Trainer:
@@ -178,18 +200,35 @@ class Trainer:
     self.monitor: monitor_lib.RunMonitor | None = None
     self._eval_seconds = 0.0  # spent in validation within the current epoch
 
-  def run(self) -> dict:
-    """Restore, train the remaining epochs, then test and write results."""
+  def run(self, stop: parallel.StopRequest | None = None) -> dict:
+    """Restore, train the remaining epochs, then test and write results.
+
+    `stop` (entered by train_and_evaluate) turns signals into parallel.Preempted: in the epoch loop after
+    a checkpoint at an agreed step, elsewhere with nothing new to save.
+    """
+    with contextlib.ExitStack() as stack:
+      if stop is None:
+        stop = stack.enter_context(parallel.StopRequest(SETUP))
+      return self._run(stop)
+
+  def _run(self, stop: parallel.StopRequest) -> dict:
     try:
       state, meta, dropout_rng, num_params = self._restore()
+      if stop.agreed():
+        raise parallel.Preempted(None, stop.signal_name, SETUP)
       epoch = int(state.step) // self.steps_per_epoch
-      with parallel.StopRequest() as stop:
-        while epoch < self.config.num_epochs and not self._should_stop(meta):
-          state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
-          self._end_of_epoch(state, meta, epoch, seconds)
-          if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
-            raise parallel.Preempted(int(state.step), stop.signal_name)
-          epoch += 1
+      stop.phase = parallel.TRAINING
+      while epoch < self.config.num_epochs and not self._should_stop(meta):
+        state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
+        self._end_of_epoch(state, meta, epoch, seconds)
+        if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
+          raise parallel.Preempted(int(state.step), stop.signal_name)
+        epoch += 1
+      # A signal in the last epoch's end (validation, saves) or after the last call: the newest checkpoint
+      # is at this step (the loop saved it, or it was restored), so stop here rather than evaluate.
+      if stop.agreed():
+        raise parallel.Preempted(int(state.step), stop.signal_name)
+      stop.phase = FINAL_EVALUATION
       if self._should_stop(meta):
         logging.info(
           'early stopping after epoch %d: no val %s gain for %d epochs',
@@ -197,7 +236,10 @@ class Trainer:
           self.task.selection_metric,
           self.config.early_stopping_patience,
         )
-      return self._finish(state, meta, num_params)
+      results = self._finish(state, meta, num_params)
+      if stop.agreed():  # several processes finish the evaluation they are in together before stopping
+        logging.warning('%s came during %s, which finished first; results written', stop.signal_name, stop.phase)
+      return results
     finally:
       if self.monitor is not None:
         self.monitor.close()

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from test_bad_inputs import _LOG_LINE as LOG_LINE
 from test_bad_inputs import assert_one_clear_line
 from test_bad_inputs import CLASSIFIER
 from test_bad_inputs import run_cli
@@ -23,7 +24,9 @@ from test_bad_inputs import snapshot
 
 from cnn_caption import io_utils
 from cnn_caption import train
+from cnn_caption.captioning import features as features_lib
 from cnn_caption.errors import UserError
+from cnn_caption.tasks.classification import ClassificationTask
 from cnn_caption.training import checkpoint
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
@@ -273,3 +276,66 @@ def test_sweep_member_killed_is_named_and_the_parent_exits(tmp_path):
   lines = [line for line in err.splitlines() if line.startswith('error: ')]
   assert len(lines) == 1 and 'lr_0.1' in lines[0] and 'SIGKILL' in lines[0], err[-3000:]
   assert 'Traceback' not in err
+
+
+def _signal_when(monkeypatch, owner, name, signum, when=lambda *args, **kwargs: True):
+  """owner.name sends signum to this process when `when(...)` holds for a call, then runs as before."""
+  original = getattr(owner, name)
+
+  def wrapper(*args, **kwargs):
+    if when(*args, **kwargs):
+      os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, wrapper)
+
+
+def _one_stop_line(code, err, expected_code, text):
+  lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+  assert 'Traceback' not in err, err[-3000:]
+  assert (code, len(lines)) == (expected_code, 1), (code, err[-3000:])
+  assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+  'signum, code, line',
+  [
+    (signal.SIGTERM, 0, 'preempted during the final evaluation; nothing new to save; restart the same command'),
+    (signal.SIGINT, 130, 'interrupted during the final evaluation; nothing new to save; restart the same command'),
+  ],
+)
+def test_signal_in_the_final_evaluation_is_one_line(base, tmp_path, monkeypatch, capsys, signum, code, line):
+  workdir = copy_of(base, tmp_path)  # finished: a rerun restores step 16 and goes straight to the evaluation
+  os.remove(os.path.join(workdir, 'results.json'))
+  _signal_when(monkeypatch, ClassificationTask, 'final_results', signum)
+  got, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+  _one_stop_line(got, err, code, line)
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+
+def test_signal_in_the_last_epochs_end_saves_and_stops(base, tmp_path, monkeypatch, capsys):
+  workdir = copy_of(base, tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '16'))  # epoch 2 is trained again
+  os.remove(os.path.join(workdir, 'results.json'))
+  # The first validation after the restore at step 8 is epoch 2's, the last epoch's end.
+  _signal_when(monkeypatch, ClassificationTask, 'evaluate', signal.SIGTERM, lambda self, params, split: split == 'val')
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+  _one_stop_line(code, err, 0, 'preempted at step 16; restart the same command to resume')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['16', '8']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+
+def test_sighup_mid_epoch_saves_at_the_next_call_like_sigterm(tmp_path, monkeypatch, capsys):
+  workdir = str(tmp_path / 'run')
+  _signal_when(monkeypatch, ClassificationTask, 'train_batch', signal.SIGHUP, lambda self, idx, step, p=None: step == 2)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL, '--config.steps_per_call=2')
+  _one_stop_line(code, err, 0, 'preempted at step 4 (SIGHUP); restart the same command to resume')
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
+
+
+def test_sigterm_in_feature_extraction_is_one_line(tmp_path, monkeypatch, capsys):
+  workdir = str(tmp_path / 'run')
+  _signal_when(monkeypatch, features_lib, 'extract_features', signal.SIGTERM)
+  code, err = run_cli(monkeypatch, capsys, '--config=configs/captioner.py:smoke', f'--workdir={workdir}')
+  _one_stop_line(code, err, 0, 'preempted during setup (config, data, features, restoring the checkpoint)')
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
