@@ -289,7 +289,24 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others only warn
   try:
     d = distributed.resolved()
-    parallel.initialize(d.coordinator_address, d.num_processes, d.process_id, d.auto, d.timeout_s)  # first
+
+    def abandon(signal_name: str | None) -> None:  # from a watch thread: the main thread waits inside JAX
+      if signal_name is None:
+        code, line = (
+          2,
+          (
+            f'error: the processes of this run did not all join {d.coordinator_address or "the cluster"} within '
+            f'{d.timeout_s} s; start every process with the same --coordinator_address and --num_processes and '
+            'its own --process_id (one started twice, or one never started, leaves the others waiting)'
+          ),
+        )
+      else:
+        code, line = _stop_line(parallel.Preempted(None, signal_name, 'the start (joining the other processes)'))
+      logging.flush()
+      print(line, file=sys.stderr, flush=True)
+      os._exit(code)  # pylint: disable=protected-access  # the main thread cannot be woken from inside JAX
+
+    parallel.initialize(d.coordinator_address, d.num_processes, d.process_id, d.auto, d.timeout_s, abandon)  # first
   except UserError as e:
     _exit(2, f'error: {e}')
   if jax.process_index() != 0:

@@ -313,6 +313,7 @@ def test_signal_in_the_final_evaluation_is_one_line(base, tmp_path, monkeypatch,
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
 
 
+@pytest.mark.slow
 def test_signal_in_the_last_epochs_end_saves_and_stops(base, tmp_path, monkeypatch, capsys):
   workdir = copy_of(base, tmp_path)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '16'))  # epoch 2 is trained again
@@ -325,6 +326,7 @@ def test_signal_in_the_last_epochs_end_saves_and_stops(base, tmp_path, monkeypat
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
 
 
+@pytest.mark.slow
 def test_sighup_mid_epoch_saves_at_the_next_call_like_sigterm(tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / 'run')
   _signal_when(monkeypatch, ClassificationTask, 'train_batch', signal.SIGHUP, lambda self, idx, step, p=None: step == 2)
@@ -333,6 +335,7 @@ def test_sighup_mid_epoch_saves_at_the_next_call_like_sigterm(tmp_path, monkeypa
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
 
 
+@pytest.mark.slow
 def test_sigterm_in_feature_extraction_is_one_line(tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / 'run')
   _signal_when(monkeypatch, features_lib, 'extract_features', signal.SIGTERM)

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import tempfile
@@ -127,12 +128,57 @@ SHUTDOWN_TIMEOUT_S = 10  # how long a finishing process waits for the others at 
 _MESSAGE_BYTES = 400  # a failure's text travels between processes in this many bytes
 
 
+JOIN_MARGIN_S = 30  # JAX's own join deadline comes this much after ours (it aborts the process)
+
+
+class _JoinWatch:
+  """Calls `abandon` from a watch thread while the main thread waits inside jax.distributed.initialize.
+
+  With the name of a stop signal when one comes, with None once timeout_s have passed. The main thread cannot
+  run Python signal handlers there, so the signals reach the watch through signal.set_wakeup_fd.
+  """
+
+  def __init__(self, timeout_s: float, abandon: Callable[[str | None], None] | None):
+    self.timeout_s, self.abandon = timeout_s, abandon
+    self._read = self._write = None
+    self._previous = {}
+
+  def __enter__(self) -> _JoinWatch:
+    if self.abandon is None or threading.current_thread() is not threading.main_thread():
+      return self
+    self._read, self._write = os.pipe()
+    os.set_blocking(self._write, False)
+    for signum in STOP_SIGNALS:
+      self._previous[signum] = signal.signal(signum, lambda *_: None)  # the wakeup byte is what counts
+    self._previous_fd = signal.set_wakeup_fd(self._write)
+    threading.Thread(target=self._watch, daemon=True, name='join_watch').start()
+    return self
+
+  def _watch(self) -> None:
+    ready, _, _ = select.select([self._read], [], [], self.timeout_s)
+    data = os.read(self._read, 16) if ready else b''
+    if ready and not data:
+      return  # the pipe was closed: joined
+    self.abandon(signal.Signals(data[0]).name if data else None)
+
+  def __exit__(self, *exc) -> None:
+    if self._read is None:
+      return
+    signal.set_wakeup_fd(self._previous_fd)
+    os.close(self._write)  # the watch wakes up with no data and ends
+    for signum, handler in self._previous.items():
+      # After a join JAX owns SIGTERM (its preemption notifier's handler); StopRequest takes it over later.
+      if signum != signal.SIGTERM or jax_distributed.global_state.client is None:
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
   auto: bool = False,
   timeout_s: int = 300,
+  abandon: Callable[[str | None], None] | None = None,
 ) -> None:
   """Joins the processes of one run (jax.distributed); must come before any other JAX call.
 
@@ -142,6 +188,9 @@ def initialize(
     process_id: this process's index in [0, num_processes).
     auto: let JAX detect the cluster (SLURM, TPU pods, ...) instead of the three arguments above.
     timeout_s: how long to wait for every process to connect.
+    abandon: called from another thread while the join waits, with the name of a stop signal received or
+      None after timeout_s; it must end the process (the main thread is stuck in JAX). None: JAX's own
+      deadline (timeout_s + JOIN_MARGIN_S) aborts the process.
   """
   kwargs = dict(
     heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
@@ -182,8 +231,12 @@ def initialize(
       _check_port_free(coordinator_address, int(port))
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     target = f'coordinator {coordinator_address}'
+  # JAX aborts the process (a native stack dump) when its own join deadline passes; the watch below gives up
+  # first, and also notices a stop signal while the main thread waits inside JAX.
+  kwargs['initialization_timeout'] = timeout_s + JOIN_MARGIN_S
   try:
-    jax.distributed.initialize(**kwargs)
+    with _JoinWatch(timeout_s, abandon):
+      jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:  # jax raises these (XlaRuntimeError is a RuntimeError)
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise UserError(
