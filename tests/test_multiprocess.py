@@ -66,9 +66,19 @@ class Run:
   """N launch.py processes of one run (N=1: a plain single-process run); logs go to files."""
 
   def __init__(
-    self, args, workdir, num_processes=1, devices=1, log_dir=None, workdirs=None, extra=None, port=None, limit_s=None
+    self,
+    args,
+    workdir,
+    num_processes=1,
+    devices=1,
+    log_dir=None,
+    workdirs=None,
+    extra=None,
+    port=None,
+    limit_s=None,
+    cwds=None,
   ):
-    """Starts the processes; extra[i] holds more arguments for process i.
+    """Starts the processes; extra[i] holds more arguments for process i, cwds[i] its working folder.
 
     limit_s wraps each in `timeout -k` (not for runs a test signals: timeout forwards the signals it receives).
     """
@@ -90,7 +100,7 @@ class Run:
         sys.executable,
         os.path.join(ROOT, 'tests', 'write_spy.py'),
         spy,
-        'launch.py',
+        os.path.join(ROOT, 'launch.py'),
         *args,
         f'--workdir={workdirs[i] if workdirs else workdir}',
       ]
@@ -102,7 +112,9 @@ class Run:
         cmd = ['timeout', '-k', '10', str(limit_s), *cmd]
       log = os.path.join(self.log_dir, f'process_{i}.log')
       with open(log, 'w') as f:
-        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(cmd, cwd=cwds[i] if cwds else ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        )
       self.logs.append(log)
       self.spies.append(spy)
 
@@ -250,12 +262,13 @@ def test_two_processes_with_two_devices_each(runs_dir):
 
 @needs_fmnist
 def test_workdir_not_shared_stops_every_process_within_30s(runs_dir):
-  r = Run(
-    CLASSIFIER,
-    str(runs_dir / 'unshared'),
-    num_processes=2,
-    workdirs=[str(runs_dir / 'unshared_a'), str(runs_dir / 'unshared_b')],
-  )
+  # One --workdir for both (as every process gets the same command), which each resolves in its own folder:
+  # the same path on two machines' own disks.
+  hosts = [runs_dir / 'host_a', runs_dir / 'host_b']
+  for host in hosts:
+    host.mkdir()
+  args = [a.replace('configs/', f'{ROOT}/configs/') for a in CLASSIFIER]
+  r = Run(args, str(runs_dir / 'unshared'), num_processes=2, workdirs=['run', 'run'], cwds=hosts)
   codes = r.wait(timeout=DEADLINE_S)
   ended = time.time()
   assert codes == [2, 2]
