@@ -20,6 +20,7 @@ import ml_collections
 from cnn_caption import config_utils
 from cnn_caption import errors
 from cnn_caption import inference
+from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
@@ -251,6 +252,7 @@ def caption(workdir: str, image_paths: list[str]) -> int:
   """--mode=caption: `path: caption` per image; attention models also write workdir/captions/<name>.png."""
   if not image_paths:
     raise UserError('--images is empty: pass --images=a.jpg,b.tif')
+  io_utils.check_no_links(workdir, ('captions',))
   captioner = inference.Captioner(workdir)
   failures = 0
   for path, out in zip(image_paths, _attention_map_paths(workdir, image_paths)):
@@ -269,6 +271,11 @@ def caption(workdir: str, image_paths: list[str]) -> int:
 
 def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
+  if jax.process_count() > 1:  # every process must run the same command (apart from --process_id)
+    fields = config_utils.flatten(config.to_dict()) if isinstance(config, ml_collections.ConfigDict) else {}
+    parallel.check_same_everywhere(
+      {'--mode': mode, '--workdir': workdir, **{f'config.{k}': v for k, v in fields.items()}}
+    )
   if mode != 'train' and jax.process_count() > 1:
     raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
   if mode == 'caption':
@@ -288,6 +295,18 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   raise app.UsageError(f'--mode={mode} is not handled')
 
 
+def _stop_line(e: parallel.Preempted) -> tuple[int, str]:
+  """Exit code and line for a stop on a signal: 130 after Ctrl-C, 0 after SIGTERM or SIGHUP."""
+  if e.signal_name == 'SIGINT':
+    if e.step is None:
+      return 130, f'interrupted during {e.phase}; nothing new to save; restart the same command'
+    return 130, f'interrupted at step {e.step}; checkpoint saved; restart the same command to resume'
+  by = '' if e.signal_name in (None, 'SIGTERM') else f' ({e.signal_name})'
+  if e.step is None:
+    return 0, f'preempted during {e.phase}{by}; nothing new to save; restart the same command'
+  return 0, f'preempted at step {e.step}{by}; restart the same command to resume'
+
+
 def _exit(code: int, line: str) -> None:
   logging.flush()
   print(line, file=sys.stderr, flush=True)
@@ -304,9 +323,9 @@ def main(
 ) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
-  compilation_cache: the --compilation_cache_dir value (None: the default folder, '': off).
-  Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after
-  Ctrl-C; 1 when another process of the run died.
+  compilation_cache: the --compilation_cache_dir value (None: the default folder, empty: off).
+  Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM or SIGHUP (preempted; a checkpoint saved if
+  training had started); 130 after Ctrl-C; 1 when another process of the run died.
   """
   cache_dir = compilation_cache_dir(compilation_cache)
   use_compilation_cache(cache_dir)  # before any compilation, joining the other processes' included
@@ -315,7 +334,24 @@ def main(
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others only warn
   try:
     d = distributed.resolved()
-    parallel.initialize(d.coordinator_address, d.num_processes, d.process_id, d.auto, d.timeout_s)  # first
+
+    def abandon(signal_name: str | None) -> None:  # from a watch thread: the main thread waits inside JAX
+      if signal_name is None:
+        code, line = (
+          2,
+          (
+            f'error: the processes of this run did not all join {d.coordinator_address or "the cluster"} within '
+            f'{d.timeout_s} s; start every process with the same --coordinator_address and --num_processes and '
+            'its own --process_id (one started twice, or one never started, leaves the others waiting)'
+          ),
+        )
+      else:
+        code, line = _stop_line(parallel.Preempted(None, signal_name, 'the start (joining the other processes)'))
+      logging.flush()
+      print(line, file=sys.stderr, flush=True)
+      os._exit(code)  # pylint: disable=protected-access  # the main thread cannot be woken from inside JAX
+
+    parallel.initialize(d.coordinator_address, d.num_processes, d.process_id, d.auto, d.timeout_s, abandon)  # first
   except UserError as e:
     _exit(2, f'error: {e}')
   if jax.process_index() != 0:
@@ -323,13 +359,12 @@ def main(
   if cache_dir:
     logging.info('compiled programs are kept in %s (--compilation_cache_dir, --nocompilation_cache)', cache_dir)
   try:
-    code = run(mode, config, workdir, images)
+    with parallel.StopRequest(f'--mode={mode}'):  # training and sweeps name their own phases
+      code = run(mode, config, workdir, images)
   except UserError as e:
     _exit(2, f'error: {e}')
   except parallel.Preempted as e:
-    if e.signal_name == 'SIGINT':
-      _exit(130, f'interrupted at step {e.step}; checkpoint saved; restart the same command to resume')
-    _exit(0, f'preempted at step {e.step}; restart the same command to resume')
+    _exit(*_stop_line(e))
   except KeyboardInterrupt:
     _exit(130, 'interrupted (Ctrl-C); nothing saved since the last checkpoint; restart the same command to resume')
   except OSError as e:

@@ -145,11 +145,12 @@ RESUME_SAFE_FIELDS = (
 )
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; tuples become lists (as in JSON)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flatten(value, f'{prefix}{key}.'))
     else:
       out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
   return out
@@ -157,7 +158,7 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 def computation_differences(saved: dict, current: dict) -> list[str]:
   """'field: saved -> now' for each field that changes the trained numbers (RESUME_SAFE_FIELDS skipped)."""
-  old, new = _flatten(saved), _flatten(current)
+  old, new = flatten(saved), flatten(current)
   diffs = []
   for path in sorted(set(old) | set(new)):
     if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):

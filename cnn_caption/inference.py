@@ -56,6 +56,13 @@ def load_trained(workdir: str):
       'it is written by --mode=train: retrain or restore the file'
     ) from None
   config = ml_collections.ConfigDict(saved)
+  try:
+    captioning.CaptioningTask.validate_config(config)
+  except UserError as e:
+    raise UserError(
+      f'{config_path} holds an impossible value ({str(e).split(" (set --config")[0]}); it is written by '
+      '--mode=train: restore the file or retrain'
+    ) from None
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, captioning.VOCAB_FILE))
   model = models.create_model(config, vocab_size=len(vocab))
   found = checkpoint_lib.best_params(workdir)
@@ -105,7 +112,7 @@ def ensemble_results(workdirs: list[str], out: str, beam_sizes=(1,), length_pena
   config = captioning.share_data_of(config.copy_and_resolve_references(), workdirs[0])
   config.decoding.val_beam_sizes = tuple(beam_sizes)
   config.decoding.val_length_penalties = tuple(length_penalties)
-  os.makedirs(out, exist_ok=True)
+  io_utils.prepare_workdir(out)
   task = captioning.CaptioningTask(config, out, parallel.make_mesh(), ensemble=True)
   if task.vocab != vocab:
     raise UserError(f'the data of {workdirs[0]} now gives another vocabulary than it was trained with')

@@ -92,8 +92,42 @@ def remove_stale_temporaries(directory: str, max_depth: int = 2) -> list[str]:
   return removed
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates workdir if needed; raises UserError if it is a file, cannot be created or cannot be written."""
+# Every folder and file a run writes directly inside its workdir (sweeps add lr_<rate>/ members). A symbolic link
+# at one of them would carry the writes out of the workdir (or, for a file, be silently replaced), so none may be.
+WORKDIR_OUTPUTS = (
+  '.lock',
+  'captions',
+  'checkpoints',
+  'checkpoints_best',
+  'checkpoints_damaged',
+  'checkpoints_superseded',
+  'config.json',
+  'eval.jsonl',
+  'features',
+  'metrics.jsonl',
+  'plots',
+  'profile',
+  'results.json',
+  'synthetic_data',
+  'tensorboard',
+  'test_captions.json',
+  'vocab.json',
+)
+
+
+def check_no_links(folder: str, names=WORKDIR_OUTPUTS) -> None:
+  """UserError naming the first of folder/<name> that is a symbolic link: every write stays inside folder."""
+  for name in names:
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+      raise UserError(
+        f'{path} is a symbolic link (to {os.readlink(path)}) and runs write only inside their folder; replace '
+        'the link with a real folder or file (move what it points to aside first), or use another --workdir'
+      )
+
+
+def prepare_workdir(workdir: str, outputs=WORKDIR_OUTPUTS) -> None:
+  """Creates workdir if needed; UserError if it is a file, cannot be created or written, or an output is a link."""
   if not workdir:
     raise UserError('the workdir is empty; pass --workdir=<folder>')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -108,6 +142,7 @@ def prepare_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise UserError(f'--workdir={workdir} is not writable ({e.strerror}); choose a location you can write to') from None
+  check_no_links(workdir, outputs)
 
 
 def append_jsonl(path: str, record: dict) -> None:

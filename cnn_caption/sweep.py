@@ -22,6 +22,7 @@ from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import train
 from cnn_caption.errors import UserError
+from cnn_caption.training import parallel as parallel_lib
 from cnn_caption.training import workdir_lock
 
 POLL_S = 1.0  # how often the parent looks for members that died without reporting
@@ -45,7 +46,9 @@ def _child(config_json: str, workdir: str, queue) -> None:
   try:
     train.train_and_evaluate(ml_collections.ConfigDict(json.loads(config_json)), workdir)
     queue.put((workdir, None))
-  except Exception as e:
+  except parallel_lib.Preempted as e:
+    queue.put((workdir, f'stopped by {e.signal_name} ({e})'))
+  except Exception as e:  # any failure of a member is reported by the parent
     queue.put((workdir, f'{type(e).__name__}: {e}'))
 
 
@@ -56,8 +59,10 @@ def _num_cores() -> int:
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
   config_utils.validate(config)
-  io_utils.prepare_workdir(workdir)
   rates = list(config.sweep.learning_rates)
+  io_utils.prepare_workdir(
+    workdir, ('plots', 'results.json', *(os.path.basename(run_dir(workdir, lr)) for lr in rates))
+  )
   if len(set(rates)) != len(rates):
     raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
   parallel = config.sweep.parallel or _num_cores()
@@ -100,6 +105,21 @@ def _run_members(config: ml_collections.ConfigDict, workdir: str, todo: list[flo
   queue = ctx.Queue()
   running: dict[str, multiprocessing.Process] = {}
   errors = []
+  try:
+    _supervise(ctx, config, workdir, todo, parallel, queue, running, errors)
+  except parallel_lib.Preempted as e:  # a signal to this process: the running members save, then all stop
+    _stop(running)
+    raise parallel_lib.Preempted(None, e.signal_name, 'the sweep (its running members saved a checkpoint)') from None
+  if errors:
+    raise UserError(
+      'sweep member failed: '
+      + ' | '.join(e.splitlines()[0] for e in errors)
+      + '; rerun the same command to resume the unfinished members'
+    )
+
+
+def _supervise(ctx, config, workdir, todo, parallel, queue, running, errors) -> None:
+  """Starts members as slots free up and collects their reports until all are done or one failed."""
 
   def handle(done_dir: str, error: str | None) -> None:
     running.pop(done_dir).join()
@@ -134,12 +154,6 @@ def _run_members(config: ml_collections.ConfigDict, workdir: str, todo: list[flo
       logging.error('sweep: stopping the other members (they save a checkpoint first)')
       _stop(running)
       running.clear()
-  if errors:
-    raise UserError(
-      'sweep member failed: '
-      + ' | '.join(e.splitlines()[0] for e in errors)
-      + '; rerun the same command to resume the unfinished members'
-    )
 
 
 def _summarise(config: ml_collections.ConfigDict, workdir: str, rates: list[float]) -> dict:

@@ -121,7 +121,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   """Trains config's task in workdir (resuming if possible), evaluates, writes results.json.
 
   Validates config exactly as the command line does. Returns the results dict (also in results.json).
+  Raises parallel.Preempted on SIGTERM, SIGHUP or SIGINT (after saving, when training had started).
   """
+  with parallel.StopRequest(SETUP) as stop:
+    try:
+      results = _train_and_evaluate(config, workdir, mesh, stop)
+    except Exception as e:
+      if stop.signum is not None and parallel.peer_failure(e):
+        # Another process left on the same signal before this one reached the point they would have agreed on.
+        raise parallel.Preempted(None, stop.signal_name, stop.phase) from None
+      raise
+    parallel.barrier('finished')  # process 0 writes results and plots last: no process exits before it
+    return results
+
+
+SETUP = 'setup (config, data, features, restoring the checkpoint)'
+FINAL_EVALUATION = 'the final evaluation'
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None, stop) -> dict:
+  fields = config_utils.flatten(config.to_dict())
+  parallel.check_same_everywhere({'workdir': workdir, **{f'config.{k}': v for k, v in fields.items()}})
   parallel.same_verdict(lambda: config_utils.validate(config))
   if config.get('sweep') and config.sweep.get('learning_rates'):
     raise UserError(
@@ -140,7 +160,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
         logging.warning('removed %s, left by an interrupted save', path)
     mesh = mesh if mesh is not None else parallel.make_mesh()
     task = parallel.same_verdict(lambda: tasks_lib.get_task(config, workdir, mesh))
-    return parallel.same_verdict(lambda: Trainer(config, workdir, task, mesh)).run()
+    if stop.agreed():
+      raise parallel.Preempted(None, stop.signal_name, SETUP)
+    return parallel.same_verdict(lambda: Trainer(config, workdir, task, mesh)).run(stop)
 
 
 class Trainer:
@@ -156,6 +178,21 @@ class Trainer:
         'lower the batch size or add data'
       )
     self.total_steps = self.steps_per_epoch * config.num_epochs
+    window = profiling.check_profile_steps(config.get('profile_steps', ()))
+    if window is not None and window[1] > self.total_steps:
+      raise UserError(
+        f'config.profile_steps={tuple(config.profile_steps)} reaches past the end of the run ({self.total_steps} '
+        f'steps: {config.num_epochs} epochs of {self.steps_per_epoch}); choose a window within [0, {self.total_steps}]'
+      )
+    # A call never spans two epochs: more steps per call than an epoch has would only be cut to the epoch.
+    self.steps_per_call = min(config.steps_per_call, self.steps_per_epoch)
+    if self.steps_per_call < config.steps_per_call:
+      logging.info(
+        'config.steps_per_call=%d is more than the %d steps of an epoch; using %d',
+        config.steps_per_call,
+        self.steps_per_epoch,
+        self.steps_per_call,
+      )
     profiling.check_window_in_run(config.get('profile_steps', ()), self.total_steps)
     self._log_eval_cadence()
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -167,7 +204,7 @@ class Trainer:
 
   def _mid_epoch_eval_steps(self):
     """The steps after which eval_every_steps validates within epochs, from the calls _train_epoch makes."""
-    every, per_call, per_epoch = self.config.eval_every_steps, self.config.steps_per_call, self.steps_per_epoch
+    every, per_call, per_epoch = self.config.eval_every_steps, self.steps_per_call, self.steps_per_epoch
     for epoch in range(self.config.num_epochs):
       pos = 0
       while pos < per_epoch:
@@ -179,7 +216,7 @@ class Trainer:
 
   def _log_eval_cadence(self) -> None:
     """One line when eval_every_steps does not fall on call boundaries: validation waits for a call's end."""
-    every, per_call = self.config.get('eval_every_steps', 0), self.config.steps_per_call
+    every, per_call = self.config.get('eval_every_steps', 0), self.steps_per_call
     if not every or (every % per_call == 0 and self.steps_per_epoch % per_call == 0):
       return
     shown, rounded = [], False
@@ -200,19 +237,36 @@ class Trainer:
         ', '.join(shown),
       )
 
-  def run(self) -> dict:
-    """Restore, train the remaining epochs, then test and write results."""
+  def run(self, stop: parallel.StopRequest | None = None) -> dict:
+    """Restore, train the remaining epochs, then test and write results.
+
+    `stop` (entered by train_and_evaluate) turns signals into parallel.Preempted: in the epoch loop after
+    a checkpoint at an agreed step, elsewhere with nothing new to save.
+    """
+    with contextlib.ExitStack() as stack:
+      if stop is None:
+        stop = stack.enter_context(parallel.StopRequest(SETUP))
+      return self._run(stop)
+
+  def _run(self, stop: parallel.StopRequest) -> dict:
     try:
       state, meta, dropout_rng, num_params = self._restore()
+      if stop.agreed():
+        raise parallel.Preempted(None, stop.signal_name, SETUP)
       epoch = int(state.step) // self.steps_per_epoch
-      with parallel.StopRequest() as stop:
-        while epoch < self.config.num_epochs and not self._should_stop(meta):
-          state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
-          with self.monitor.paused(state):
-            self._end_of_epoch(state, meta, epoch, seconds)
-          if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
-            raise parallel.Preempted(int(state.step), stop.signal_name)
-          epoch += 1
+      stop.phase = parallel.TRAINING
+      while epoch < self.config.num_epochs and not self._should_stop(meta):
+        state, seconds = self._train_epoch(state, meta, dropout_rng, epoch, stop)
+        with self.monitor.paused(state):
+          self._end_of_epoch(state, meta, epoch, seconds)
+        if stop.stopping:  # the signal came in the epoch's last call: saved with the epoch above
+          raise parallel.Preempted(int(state.step), stop.signal_name)
+        epoch += 1
+      # A signal in the last epoch's end (validation, saves) or after the last call: the newest checkpoint
+      # is at this step (the loop saved it, or it was restored), so stop here rather than evaluate.
+      if stop.agreed():
+        raise parallel.Preempted(int(state.step), stop.signal_name)
+      stop.phase = FINAL_EVALUATION
       if self._should_stop(meta):
         logging.info(
           'early stopping after epoch %d: no val %s gain for %d epochs',
@@ -220,7 +274,10 @@ class Trainer:
           self.task.selection_metric,
           self.config.early_stopping_patience,
         )
-      return self._finish(state, meta, num_params)
+      results = self._finish(state, meta, num_params)
+      if stop.agreed():  # several processes finish the evaluation they are in together before stopping
+        logging.warning('%s came during %s, which finished first; results written', stop.signal_name, stop.phase)
+      return results
     finally:
       if self.monitor is not None:
         self.monitor.close()
@@ -237,8 +294,10 @@ class Trainer:
       try:  # compare configs before building anything: a changed model fails here, in one line
         self._check_resume_config(self.ckpt.read_meta(restore_step or steps[-1]), restore_step or steps[-1])
         checked = restore_step or steps[-1]
-      except checkpoint_lib.DAMAGE:
-        pass  # a damaged newest checkpoint: restore_intact reports it and falls back
+      except Exception as e:  # pylint: disable=broad-except
+        if not checkpoint_lib.is_damage(e):
+          raise
+        # a damaged newest checkpoint: restore_intact reports it and falls back
     run_record.record_config(config, self.workdir)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     tx = optim.make_optimizer(config.optimizer, self.total_steps)
@@ -379,7 +438,7 @@ class Trainer:
     self._eval_seconds = 0.0
     pending = None  # the previous call's device metrics: read one call late so the host runs ahead
     while pos < self.steps_per_epoch:
-      n = min(config.steps_per_call, self.steps_per_epoch - pos)
+      n = min(self.steps_per_call, self.steps_per_epoch - pos)
       batch = parallel.shard_local_batch(
         self._host_batches(order, pos, n, step, state.params), self.mesh, config.batch_size, 1
       )

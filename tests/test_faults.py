@@ -16,13 +16,17 @@ import time
 import jax
 import numpy as np
 import pytest
+from test_bad_inputs import _LOG_LINE as LOG_LINE
 from test_bad_inputs import assert_one_clear_line
 from test_bad_inputs import CLASSIFIER
 from test_bad_inputs import run_cli
 from test_bad_inputs import snapshot
 
+from cnn_caption import io_utils
 from cnn_caption import train
+from cnn_caption.captioning import features as features_lib
 from cnn_caption.errors import UserError
+from cnn_caption.tasks.classification import ClassificationTask
 from cnn_caption.training import checkpoint
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
@@ -78,6 +82,10 @@ def damage(workdir, step, kind):
     assert files
     for f in files:
       os.truncate(f, os.path.getsize(f) // 2)
+  elif kind == 'largest_cut':  # only the largest data file, cut in half: reads fail with OUT_OF_RANGE
+    files = [f for f in glob.glob(os.path.join(state, 'ocdbt.process_*', 'd', '*')) if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
   elif kind == 'ocdbt_deleted':
     for d in glob.glob(os.path.join(state, 'ocdbt.process_*')) + [os.path.join(state, 'd')]:
       shutil.rmtree(d)
@@ -92,9 +100,28 @@ def test_files_follow_the_umask(base):
     assert os.stat(path).st_mode & stat.S_IROTH, path  # another user can read the checkpoint (to caption)
 
 
-def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path, caplog):
+def test_every_output_of_a_run_is_checked_for_links(base):
+  assert set(os.listdir(base)) <= set(io_utils.WORKDIR_OUTPUTS)
+
+
+@pytest.mark.parametrize('mode, name', [('train', 'plots'), ('train', 'tensorboard'), ('caption', 'captions')])
+def test_linked_output_folder_stops_before_writing(base, tmp_path, monkeypatch, capsys, mode, name):
   workdir = copy_of(base, tmp_path)
-  damage(workdir, 16, 'truncated')
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+  os.symlink(outside, os.path.join(workdir, name))
+  before = snapshot(workdir)
+  args = [CLASSIFIER, *SMALL] if mode == 'train' else ['--mode=caption', f'--images={ROOT}/README.md']
+  code, err = run_cli(monkeypatch, capsys, *args, f'--workdir={workdir}')
+  assert_one_clear_line(code, err, f'{workdir}/{name} is a symbolic link')
+  assert snapshot(workdir) == before and os.listdir(outside) == []
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'largest_cut'])
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path, caplog, kind):
+  workdir = copy_of(base, tmp_path)
+  damage(workdir, 16, kind)
   # Leftovers of a killed save are removed on the next start.
   open(os.path.join(workdir, '.tmp-abc'), 'w').close()
   os.makedirs(os.path.join(workdir, 'checkpoints', '24.orbax-checkpoint-tmp-1'))
@@ -107,7 +134,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(base, tmp_path
   assert_same(params_at(workdir, 16), params_at(base, 16))  # retrained from step 8: the same numbers
 
 
-@pytest.mark.parametrize('kind', ['truncated', 'ocdbt_deleted', 'metadata_deleted'])
+@pytest.mark.parametrize('kind', ['truncated', 'largest_cut', 'ocdbt_deleted', 'metadata_deleted'])
 def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, kind):
   workdir = copy_of(base, tmp_path)
   for step in (8, 16):
@@ -117,6 +144,17 @@ def test_no_intact_checkpoint_is_one_line(base, tmp_path, monkeypatch, capsys, k
   assert_one_clear_line(code, err, 'no intact checkpoint')
   assert 'Event loop is closed' not in err
   assert snapshot(workdir) == before
+
+
+def test_damaged_best_checkpoint_is_one_line_when_captioning_or_testing(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  best = os.path.join(workdir, 'checkpoints_best', '16', 'state')
+  largest = max(
+    (f for f in glob.glob(os.path.join(best, '**', '*'), recursive=True) if os.path.isfile(f)), key=os.path.getsize
+  )
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  with pytest.raises(UserError, match='checkpoints_best/16 is damaged'):
+    checkpoint.best_params(workdir)
 
 
 @pytest.mark.parametrize(
@@ -238,3 +276,69 @@ def test_sweep_member_killed_is_named_and_the_parent_exits(tmp_path):
   lines = [line for line in err.splitlines() if line.startswith('error: ')]
   assert len(lines) == 1 and 'lr_0.1' in lines[0] and 'SIGKILL' in lines[0], err[-3000:]
   assert 'Traceback' not in err
+
+
+def _signal_when(monkeypatch, owner, name, signum, when=lambda *args, **kwargs: True):
+  """owner.name sends signum to this process when `when(...)` holds for a call, then runs as before."""
+  original = getattr(owner, name)
+
+  def wrapper(*args, **kwargs):
+    if when(*args, **kwargs):
+      os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, wrapper)
+
+
+def _one_stop_line(code, err, expected_code, text):
+  lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+  assert 'Traceback' not in err, err[-3000:]
+  assert (code, len(lines)) == (expected_code, 1), (code, err[-3000:])
+  assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+  'signum, code, line',
+  [
+    (signal.SIGTERM, 0, 'preempted during the final evaluation; nothing new to save; restart the same command'),
+    (signal.SIGINT, 130, 'interrupted during the final evaluation; nothing new to save; restart the same command'),
+  ],
+)
+def test_signal_in_the_final_evaluation_is_one_line(base, tmp_path, monkeypatch, capsys, signum, code, line):
+  workdir = copy_of(base, tmp_path)  # finished: a rerun restores step 16 and goes straight to the evaluation
+  os.remove(os.path.join(workdir, 'results.json'))
+  _signal_when(monkeypatch, ClassificationTask, 'final_results', signum)
+  got, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+  _one_stop_line(got, err, code, line)
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+
+@pytest.mark.slow
+def test_signal_in_the_last_epochs_end_saves_and_stops(base, tmp_path, monkeypatch, capsys):
+  workdir = copy_of(base, tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '16'))  # epoch 2 is trained again
+  os.remove(os.path.join(workdir, 'results.json'))
+  # The first validation after the restore at step 8 is epoch 2's, the last epoch's end.
+  _signal_when(monkeypatch, ClassificationTask, 'evaluate', signal.SIGTERM, lambda self, params, split: split == 'val')
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL)
+  _one_stop_line(code, err, 0, 'preempted at step 16; restart the same command to resume')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['16', '8']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+
+@pytest.mark.slow
+def test_sighup_mid_epoch_saves_at_the_next_call_like_sigterm(tmp_path, monkeypatch, capsys):
+  workdir = str(tmp_path / 'run')
+  _signal_when(monkeypatch, ClassificationTask, 'train_batch', signal.SIGHUP, lambda self, idx, step, p=None: step == 2)
+  code, err = run_cli(monkeypatch, capsys, CLASSIFIER, f'--workdir={workdir}', *SMALL, '--config.steps_per_call=2')
+  _one_stop_line(code, err, 0, 'preempted at step 4 (SIGHUP); restart the same command to resume')
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
+
+
+@pytest.mark.slow
+def test_sigterm_in_feature_extraction_is_one_line(tmp_path, monkeypatch, capsys):
+  workdir = str(tmp_path / 'run')
+  _signal_when(monkeypatch, features_lib, 'extract_features', signal.SIGTERM)
+  code, err = run_cli(monkeypatch, capsys, '--config=configs/captioner.py:smoke', f'--workdir={workdir}')
+  _one_stop_line(code, err, 0, 'preempted during setup (config, data, features, restoring the checkpoint)')
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))

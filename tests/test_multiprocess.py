@@ -65,7 +65,23 @@ def kill_leftovers():
 class Run:
   """N launch.py processes of one run (N=1: a plain single-process run); logs go to files."""
 
-  def __init__(self, args, workdir, num_processes=1, devices=1, log_dir=None, workdirs=None):
+  def __init__(
+    self,
+    args,
+    workdir,
+    num_processes=1,
+    devices=1,
+    log_dir=None,
+    workdirs=None,
+    extra=None,
+    port=None,
+    limit_s=None,
+    cwds=None,
+  ):
+    """Starts the processes; extra[i] holds more arguments for process i, cwds[i] its working folder.
+
+    limit_s wraps each in `timeout -k` (not for runs a test signals: timeout forwards the signals it receives).
+    """
     self.log_dir = str(log_dir or workdir) + '_logs'
     os.makedirs(self.log_dir, exist_ok=True)
     env = dict(
@@ -73,7 +89,8 @@ class Run:
       JAX_PLATFORMS='cpu',
       XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '',
     )
-    port = free_port()
+    port = port or free_port()
+    self.limit_s = limit_s
     self.procs, self.logs, self.spies = [], [], []
     self.start = time.time()
     _STARTED.append(self)
@@ -83,15 +100,21 @@ class Run:
         sys.executable,
         os.path.join(ROOT, 'tests', 'write_spy.py'),
         spy,
-        'launch.py',
+        os.path.join(ROOT, 'launch.py'),
         *args,
         f'--workdir={workdirs[i] if workdirs else workdir}',
       ]
       if num_processes > 1:
-        cmd += [f'--coordinator_address=localhost:{port}', f'--num_processes={num_processes}', f'--process_id={i}']
+        cmd += [f'--coordinator_address=localhost:{port}', f'--num_processes={num_processes}']
+        cmd += [] if any(a.startswith('--process_id') for a in (extra or {}).get(i, [])) else [f'--process_id={i}']
+      cmd += (extra or {}).get(i, [])
+      if limit_s:
+        cmd = ['timeout', '-k', '10', str(limit_s), *cmd]
       log = os.path.join(self.log_dir, f'process_{i}.log')
       with open(log, 'w') as f:
-        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(cmd, cwd=cwds[i] if cwds else ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        )
       self.logs.append(log)
       self.spies.append(spy)
 
@@ -110,7 +133,10 @@ class Run:
   def kill(self) -> None:
     for p in self.procs:
       if p.poll() is None:
-        p.kill()
+        if self.limit_s:
+          os.killpg(p.pid, signal.SIGKILL)  # `timeout` leads its own process group: it and its child
+        else:
+          p.kill()
         p.wait()
 
   def output(self, i: int) -> str:
@@ -236,12 +262,13 @@ def test_two_processes_with_two_devices_each(runs_dir):
 
 @needs_fmnist
 def test_workdir_not_shared_stops_every_process_within_30s(runs_dir):
-  r = Run(
-    CLASSIFIER,
-    str(runs_dir / 'unshared'),
-    num_processes=2,
-    workdirs=[str(runs_dir / 'unshared_a'), str(runs_dir / 'unshared_b')],
-  )
+  # One --workdir for both (as every process gets the same command), which each resolves in its own folder:
+  # the same path on two machines' own disks.
+  hosts = [runs_dir / 'host_a', runs_dir / 'host_b']
+  for host in hosts:
+    host.mkdir()
+  args = [a.replace('configs/', f'{ROOT}/configs/') for a in CLASSIFIER]
+  r = Run(args, str(runs_dir / 'unshared'), num_processes=2, workdirs=['run', 'run'], cwds=hosts)
   codes = r.wait(timeout=DEADLINE_S)
   ended = time.time()
   assert codes == [2, 2]
@@ -326,3 +353,74 @@ def test_checkpoint_on_two_devices_resumes_on_one_and_back(runs_dir):
   r = run(CLASSIFIER, workdir, devices=2)
   assert f'resuming from step {step}, saved on 1 device, now 2' in r.output(0)
   assert results(workdir)['epochs_trained'] == 2
+
+
+def _stop_lines(r: Run, i: int) -> list[str]:
+  return [line for line in r.output(i).splitlines() if 'preempted' in line or line.startswith('error:')]
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.parametrize('signum, target', [(signal.SIGTERM, [1]), (signal.SIGHUP, [0, 1])])
+def test_signal_at_the_default_steps_per_call_stops_every_process_at_one_step(runs_dir, signum, target):
+  # steps_per_call=8 (the default): JAX's preemption sync point counts calls, so steps never meet it.
+  workdir = str(runs_dir / f'cls_spc8_{signum.name}')
+  args = [a for a in CLASSIFIER if 'steps_per_call' not in a]
+  r = Run(args, workdir, num_processes=2)
+  wait_for_checkpoint(workdir, 40, r.procs)
+  for i in target:
+    r.procs[i].send_signal(signum)
+  assert r.wait() == [0, 0], r.output(0)[-3000:]
+  lines = [_stop_lines(r, i) for i in range(2)]
+  by = '' if signum == signal.SIGTERM else f' ({signum.name})'
+  assert lines[0] == lines[1] and len(lines[0]) == 1 and by + '; restart the same command' in lines[0][0], lines
+  step = int(lines[0][0].split(' at step ')[1].split(' ')[0].rstrip(';'))
+  assert step % 8 == 0 and max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == step
+  for i in range(2):
+    assert 'Traceback' not in r.output(i) and 'Check failure' not in r.output(i)
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.parametrize('case', ['other_config', 'same_process_id', 'port_taken'])
+def test_processes_that_disagree_or_collide_stop_with_one_line(runs_dir, case):
+  workdir = str(runs_dir / f'collide_{case}')
+  extra = {
+    'other_config': {1: ['--config.optimizer.learning_rate=0.1']},
+    'same_process_id': {0: ['--distributed_timeout=20'], 1: ['--process_id=0', '--distributed_timeout=20']},
+    'port_taken': {0: ['--distributed_timeout=20'], 1: ['--distributed_timeout=20']},
+  }[case]
+  with socket.socket() as holder:
+    port = None
+    if case == 'port_taken':
+      holder.bind(('localhost', 0))
+      holder.listen()
+      port = holder.getsockname()[1]
+    r = Run(CLASSIFIER, workdir, num_processes=2, extra=extra, port=port, limit_s=300)
+    codes = r.wait()
+  assert codes == [2, 2], [r.output(i)[-2000:] for i in range(2)]
+  expected = {
+    'other_config': ['config.optimizer.learning_rate: 0.01 on process 0, 0.1 here'] * 2,
+    'same_process_id': ['did not all join', '--process_id=0 is already taken on this machine'],
+    'port_taken': ['is already in use on this machine', 'did not all join'],
+  }[case]
+  lines = [_stop_lines(r, i) for i in range(2)]
+  assert [len(x) for x in lines] == [1, 1], [r.output(i)[-2000:] for i in range(2)]
+  if case == 'same_process_id':  # whichever of the two claims id 0 first waits for a process 1 in vain
+    lines.sort(key=lambda x: 'already taken' in x[0])
+  for i in range(2):
+    assert expected[i] in lines[i][0], lines
+    assert 'Traceback' not in r.output(i) and 'Check failure' not in r.output(i)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_rerun_of_a_finished_two_process_workdir_exits_cleanly(runs_dir):
+  workdir = str(runs_dir / 'cls_2x1')
+  if not os.path.exists(os.path.join(workdir, 'results.json')):
+    pytest.skip('needs the finished run of test_two_processes_equal_one_process_two_devices...')
+  before = results(workdir)
+  r = run(CLASSIFIER, workdir, num_processes=2, log_dir=str(runs_dir / 'cls_2x1_rerun'), limit_s=600)
+  assert results(workdir) == before
+  for i in range(2):
+    assert 'Check failure' not in r.output(i) and 'Traceback' not in r.output(i)

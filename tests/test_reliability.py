@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import pickle
 import stat
@@ -13,12 +14,21 @@ import zipfile
 import numpy as np
 import pytest
 
+from cnn_caption import config_utils
+from cnn_caption import inference
 from cnn_caption import io_utils
+from cnn_caption import train
+from cnn_caption.data import captions
 from cnn_caption.data import fashion_mnist
 from cnn_caption.data import images
+from cnn_caption.data import synthetic
 from cnn_caption.errors import UserError
 from cnn_caption.models import weights
+from cnn_caption.tasks import captioning
+from cnn_caption.training import parallel
 from cnn_caption.training import workdir_lock
+from configs import captioner as captioner_config
+from configs import classifier as classifier_config
 
 
 def write_idx(path, array: np.ndarray, gz: bool = False, cut: int = 0) -> None:
@@ -240,3 +250,136 @@ def test_lock_held_by_another_live_process_is_refused(tmp_path, caplog):
 def test_lock_in_an_unwritable_place_is_one_line(tmp_path):
   with pytest.raises(UserError, match='cannot create the lock file'):
     workdir_lock.WorkdirLock(str(tmp_path / 'missing' / 'dir')).acquire()
+
+
+@pytest.mark.parametrize('name', ['plots', 'tensorboard', 'captions', 'checkpoints', 'eval.jsonl'])
+def test_a_linked_output_in_the_workdir_is_refused(tmp_path, name):
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / name).symlink_to(outside)
+  with pytest.raises(UserError, match=rf'{workdir / name} is a symbolic link \(to {outside}\).*replace the link'):
+    io_utils.prepare_workdir(str(workdir))
+  assert os.listdir(outside) == []
+  (workdir / name).unlink()
+  io_utils.prepare_workdir(str(workdir))  # a real folder (or none) is fine
+
+
+# Settings that were silently wrong or ignored: each is one clear line before anything is trained or written.
+
+
+def _fake_raw(n_test: int) -> dict:
+  return {
+    'train_images': np.zeros((60_000, 28, 28), np.uint8),
+    'train_labels': np.zeros(60_000, np.uint8),
+    'test_images': np.zeros((n_test, 28, 28), np.uint8),
+    'test_labels': np.zeros(n_test, np.uint8),
+  }
+
+
+@pytest.mark.parametrize(
+  'n_test, limits, match',
+  [
+    (0, {}, 'the test split of the Fashion-MNIST data has no examples'),
+    (10, {'num_train': 50_001}, r'num_train=50001 asks for more train examples than the 50000 there are'),
+    (10, {'num_eval': 11}, r'num_eval=11 asks for more test examples than the 10 there are'),
+  ],
+)
+def test_empty_or_too_small_splits_are_refused(monkeypatch, n_test, limits, match):
+  monkeypatch.setattr(fashion_mnist, 'load_raw', lambda *args: _fake_raw(n_test))
+  with pytest.raises(UserError, match=match):
+    fashion_mnist.load_splits(None, **limits)
+  if n_test:
+    assert len(fashion_mnist.load_splits(None, num_eval=n_test)['test'][1]) == n_test  # all there is: fine
+
+
+class _FakeTask:
+  num_train = 64  # 8 steps of batch 8 an epoch
+
+
+def _trainer(tmp_path, **fields):
+  config = classifier_config.get_config('smoke')
+  config.num_epochs = 2
+  for key, value in fields.items():
+    config[key] = value
+  return train.Trainer(config, str(tmp_path), _FakeTask(), parallel.make_mesh())
+
+
+def test_profile_window_past_the_run_is_refused(tmp_path):
+  with pytest.raises(UserError, match=r'profile_steps=\(10, 17\) reaches past the end of the run \(16 steps'):
+    _trainer(tmp_path, profile_steps=(10, 17))
+  assert _trainer(tmp_path, profile_steps=(10, 16)).total_steps == 16
+
+
+def test_steps_per_call_beyond_an_epoch_is_cut_to_the_epoch_with_a_line(tmp_path, caplog):
+  with caplog.at_level('INFO'):
+    trainer = _trainer(tmp_path, steps_per_call=1000)
+  assert trainer.steps_per_call == 8
+  assert 'config.steps_per_call=1000 is more than the 8 steps of an epoch; using 8' in caplog.text
+
+
+def _captioner(**decoding):
+  config = captioner_config.get_config('smoke')
+  config.decoding.update(decoding)
+  return config
+
+
+@pytest.mark.parametrize(
+  'decoding, match',
+  [
+    ({'val_length_penalties': (0.5, 1.0)}, r'val_length_penalties=\(0.5, 1.0\) needs a beam size > 1'),
+    ({'val_beam_sizes': (1,), 'val_length_penalties': (0.5,)}, 'needs a beam size > 1'),
+    ({'method': 'beam', 'beam_size': 500}, r'beam_size holds beam size 500, but the vocabulary has only \d+'),
+    ({'val_beam_sizes': (1, 400)}, r'val_beam_sizes holds beam size 400'),
+  ],
+)
+def test_decoding_settings_that_cannot_work_are_refused_before_any_file(decoding, match):
+  with pytest.raises(UserError, match=match):
+    config_utils.validate(_captioner(**decoding))
+
+
+def test_synthetic_vocabulary_bound_holds_every_caption_word():
+  words = set()
+  for i in range(300):
+    rng = np.random.default_rng([0, i])
+    scene = synthetic._sample_scene(rng)
+    for template in range(synthetic._NUM_TEMPLATES):
+      words |= set(synthetic._caption(scene, template, rng).split())
+  assert words == synthetic.caption_words()
+
+
+def _tiny_dataset(root, tokens) -> str:
+  images = []
+  for i, split in enumerate(['train', 'val', 'test']):
+    (root / 'images').mkdir(parents=True, exist_ok=True)
+    (root / 'images' / f'{i}.png').write_bytes(b'')
+    images.append({'filename': f'{i}.png', 'filepath': 'images', 'split': split, 'sentences': [{'tokens': tokens}]})
+  (root / 'dataset.json').write_text(json.dumps({'images': images}))
+  return str(root)
+
+
+def test_beam_wider_than_a_real_vocabulary_stops_before_features(tmp_path):
+  config = _captioner(method='beam', beam_size=7)
+  config.data.dir = _tiny_dataset(tmp_path / 'data', ['a', 'red', 'circle'])  # 4 specials + 3 words
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with pytest.raises(UserError, match='beam size 7, but the vocabulary has only 7 entries'):
+    captioning.CaptioningTask(config, str(workdir), parallel.make_mesh())
+  assert os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize('token', ['<eos>', '<PAD>', '<bos>'])
+def test_a_caption_holding_a_vocabulary_marker_is_refused(tmp_path, token):
+  root = _tiny_dataset(tmp_path / 'data', ['a', token, 'circle'])
+  with pytest.raises(UserError, match=f'holds {token.lower()}, which the vocabulary reserves'):
+    captions.load_karpathy(root)
+  assert captions.load_karpathy(_tiny_dataset(tmp_path / 'ok', ['a', '<unk>', 'circle']))['train']
+
+
+def test_impossible_image_size_in_a_caption_workdir_blames_its_config(tmp_path):
+  config = captioner_config.get_config('smoke')
+  config.data.image_size = 0
+  io_utils.write_json(str(tmp_path / 'config.json'), config.to_dict())
+  with pytest.raises(UserError, match=r'config.json holds an impossible value \(config.data.image_size=0 is invalid'):
+    inference.load_trained(str(tmp_path))

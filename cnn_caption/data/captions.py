@@ -15,6 +15,9 @@ from absl import logging
 from cnn_caption.errors import UserError
 
 SPLITS = ('train', 'val', 'test')
+# The vocabulary's markers (data/vocab.py): a caption token equal to one would be read as padding, a caption
+# start or a caption end. '<unk>' may appear: it means an unknown word either way.
+RESERVED_TOKENS = ('<pad>', '<bos>', '<eos>')
 _SPLIT_ALIASES = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}
 _ON_ERROR = ('raise', 'skip')
 # Runs of letters/digits, apostrophes inside a word kept ("it's"); all punctuation dropped.
@@ -126,6 +129,12 @@ def _caption(sentence: Any, where: str) -> tuple[str, ...]:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
       raise _BadEntry(f'{where} "tokens" is not a list of strings')
     words = tuple(sys.intern(w) for w in (t.strip().lower() for t in tokens) if w)
+    reserved = sorted(set(words) & set(RESERVED_TOKENS))
+    if reserved:
+      raise _BadEntry(
+        f'{where} holds {", ".join(reserved)}, which the vocabulary reserves for padding and caption '
+        'boundaries; drop or respell the token'
+      )
   elif isinstance(sentence.get('raw'), str):
     words = tuple(sys.intern(w) for w in tokenize(sentence['raw']))
   else:

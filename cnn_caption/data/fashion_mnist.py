@@ -188,8 +188,15 @@ def load_splits(
   }
   out = {}
   for name, (x, y) in splits.items():
-    limit = num_train if name == 'train' else num_eval
+    field, limit = ('num_train', num_train) if name == 'train' else ('num_eval', num_eval)
+    if limit > len(x):
+      raise UserError(
+        f'config.data.{field}={limit} asks for more {name} examples than the {len(x)} there are; '
+        f'set --config.data.{field} to at most {len(x)} (0 = all)'
+      )
     if limit:
       x, y = x[:limit], y[:limit]
+    if len(x) == 0:
+      raise UserError(f'the {name} split of the Fashion-MNIST data has no examples; {_INSTALL_HINT}')
     out[name] = (x[..., None], y.astype(np.int32))
   return out

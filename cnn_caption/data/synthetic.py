@@ -98,6 +98,20 @@ def _render(scene: dict[str, Any], size: int, rng: np.random.Generator) -> Image
   return image
 
 
+# The template words of _caption besides the noun and position phrases.
+_TEMPLATE_WORDS = ('there', 'is', 'are', 'and', 'the', 'image', 'shows', 'on', 'a', 'background', 'picture', 'of', 'we')
+_TEMPLATE_WORDS += ('can', 'see')
+
+
+def caption_words() -> frozenset[str]:
+  """Every word a synthetic caption can hold: a bound on the vocabulary before any image is made."""
+  words = set(_TEMPLATE_WORDS) | set(_NUMBERS.values()) | set(COLORS) | set(BACKGROUNDS)
+  words |= set(SHAPES) | {shape + 's' for shape in SHAPES}
+  for phrase in _POSITION_PHRASES.values():
+    words |= set(phrase.split())
+  return frozenset(words)
+
+
 def _noun_phrase(group: dict[str, Any]) -> str:
   n = group['count']
   return f'{_NUMBERS[n]} {group["color"]} {group["shape"]}{"s" if n > 1 else ""}'

@@ -52,6 +52,19 @@ def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   )
 
 
+def check_beam_sizes(config: ml_collections.ConfigDict, vocab_size: int) -> None:
+  """UserError when a beam size config.decoding may use is not below the vocabulary size (beam search needs it)."""
+  d = config.get('decoding', {})
+  sizes = [('beam_size', d.beam_size)] if d.get('method') == 'beam' else []
+  sizes += [('val_beam_sizes', b) for b in d.get('val_beam_sizes') or ()]
+  for field, size in sizes:
+    if isinstance(size, int) and size >= vocab_size:
+      raise UserError(
+        f'config.decoding.{field} holds beam size {size}, but the vocabulary has only {vocab_size} entries '
+        f'(specials included); use beam sizes below {vocab_size}'
+      )
+
+
 def share_data_of(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
   """Unless set, the feature cache and the synthetic data of the workdir `source` are used (nothing recomputed)."""
   cache_dir = os.path.join(source, 'features')
@@ -170,6 +183,15 @@ class CaptioningTask(base.Task):
     check(
       config, 'decoding.val_length_penalties', lambda v: all(base.finite(x) for x in v), 'a tuple of finite numbers'
     )
+    d = config.get('decoding', {})
+    if d.get('val_length_penalties') and not any(b > 1 for b in d.get('val_beam_sizes') or ()):
+      raise UserError(
+        f'config.decoding.val_length_penalties={tuple(d.val_length_penalties)} needs a beam size > 1 in '
+        'config.decoding.val_beam_sizes (greedy decoding has no length penalty); add one, e.g. '
+        '--config.decoding.val_beam_sizes="(1, 3)", or set --config.decoding.val_length_penalties="()"'
+      )
+    if base.get_field(config, 'data.dir') is None:  # synthetic scenes: the vocabulary is bounded before they exist
+      check_beam_sizes(config, len(vocab_lib.SPECIALS) + len(synthetic.caption_words()))
     check(
       config,
       'selection_metric',
@@ -191,6 +213,7 @@ class CaptioningTask(base.Task):
       if not splits[split]:
         raise UserError(f'{data_dir}/dataset.json has no {split} images; captioning needs train, val and test')
     self.vocab = self._vocab(splits['train'])
+    check_beam_sizes(config, len(self.vocab))  # before any feature is computed
     # One extraction call for all splits: one encoder compilation, one progress log.
     all_entries = [e for split in ('train', 'val', 'test') for e in splits[split]]
     feats, ok = features_lib.extract_features(

@@ -46,12 +46,18 @@ class Checkpointer:
   def restore(self, step: int, target):
     """(state, meta) at step, restored into the shapes and shardings of target."""
     try:
+      if self._saved_shapes(step) != _shapes(target):
+        raise UserError(
+          f'checkpoint {self.directory}/{step} does not match this config (other array shapes); use a '
+          'fresh --workdir or the config it was trained with'
+        )
       restored = self.manager.restore(step, args=_restore_args(target))
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
       raise UserError(
-        f'checkpoint {self.directory}/{step} does not match this config '
-        f'({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was '
-        'trained with'
+        f'checkpoint {self.directory}/{step} is damaged ({_first_line(e)}); move that step folder aside '
+        'and rerun (an older one is used), or retrain in a fresh --workdir'
       ) from None
     return restored['state'], restored['meta']
 
@@ -97,7 +103,7 @@ class Checkpointer:
         f'config.checkpoint.restore_step={step} is not in {self.directory}; saved steps: {", ".join(map(str, steps))}'
       )
     candidates = [step] if step is not None else steps[::-1]
-    want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(target))
+    want = _shapes(target)
     args = _restore_args(target)
     damaged = []
     for candidate in candidates:
@@ -109,7 +115,9 @@ class Checkpointer:
             "config's model; use the config it was trained with or a fresh --workdir"
           )
         restored = self.manager.restore(candidate, args=args)
-      except DAMAGE as e:
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_damage(e):
+          raise
         reason = _first_line(e)
         logging.warning('checkpoint %s/%d is damaged (%s); trying an older one', self.directory, candidate, reason)
         damaged.append((candidate, reason))
@@ -132,8 +140,19 @@ class Checkpointer:
   def restore_params(self, step: int):
     """Only the parameters, onto this process's first device, whatever devices and processes saved them.
 
-    No target needed: used to caption from a workdir alone and by tests.
+    No target needed: used to caption from a workdir alone and by tests. UserError when the step is damaged.
     """
+    try:
+      return self._restore_params(step)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
+      raise UserError(
+        f'checkpoint {self.directory}/{step} is damaged ({_first_line(e)}); move that step folder aside '
+        'to use an older one, or retrain'
+      ) from None
+
+  def _restore_params(self, step: int):
     with ocp.CheckpointManager(
       self.directory, item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     ) as reader:
@@ -174,8 +193,18 @@ def _restore_args(target) -> ocp.args.Composite:
   return ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
 
 
-# What reading a damaged checkpoint raises (tensorstore errors are ValueErrors; missing items KeyErrors).
-DAMAGE = (ValueError, KeyError, OSError)
+def _shapes(target) -> list[tuple]:
+  return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(target))
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether an exception raised while reading a checkpoint means the files are damaged.
+
+  Reading a damaged step raises many kinds: tensorstore's ValueErrors (OUT_OF_RANGE, DATA_LOSS), KeyErrors
+  for missing items, OSErrors, and orbax's plain Exception wrapping them. Only bad input (UserError: another
+  model), memory exhaustion, and stops (KeyboardInterrupt, preemption: not Exceptions) are something else.
+  """
+  return isinstance(e, Exception) and not isinstance(e, (UserError, MemoryError))
 
 
 def _first_line(e: BaseException) -> str:
