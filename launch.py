@@ -2,6 +2,7 @@
 
 python launch.py --config=configs/classifier.py --workdir=runs/fmnist
 python launch.py --config=configs/q1_cnn.py --mode=summary
+python launch.py --config=configs/captioner.py --mode=baselines --workdir=runs/baselines   # no-decoder baselines
 python launch.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
 python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distributed finds the processes
 python launch.py ... --jax_platforms=cpu       # any --jax_* option

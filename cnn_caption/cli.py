@@ -23,15 +23,17 @@ from cnn_caption import inference
 from cnn_caption import io_utils
 from cnn_caption import plots
 from cnn_caption import sweep
+from cnn_caption import tasks as tasks_lib
 from cnn_caption import train as train_lib
 from cnn_caption.analysis import attention_check as check_lib
 from cnn_caption.analysis import equivariance
 from cnn_caption.analysis import layer_tables
 from cnn_caption.errors import UserError
 from cnn_caption.models import imagenet
+from cnn_caption.tasks import captioning as captioning_task
 from cnn_caption.training import parallel
 
-MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption')
+MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption', 'baselines')
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
@@ -269,6 +271,42 @@ def caption(workdir: str, image_paths: list[str]) -> int:
   return 2 if failures else 0  # a bad image is bad input: the same code as a UserError
 
 
+# The metrics a baseline's line starts with, in this order; any others follow in name order.
+_BASELINE_METRICS = (
+  'test_cider',
+  'test_bleu4',
+  'test_bleu1',
+  'test_bleu2',
+  'test_bleu3',
+  'test_rouge_l',
+  'test_meteor',
+  'test_bleu4_sentence_mean',
+)
+
+
+def _metric_line(name: str, scores: dict) -> str:
+  order = [m for m in _BASELINE_METRICS if m in scores] + sorted(set(scores) - set(_BASELINE_METRICS))
+  values = [f'{m}={scores[m]:.4g}' if isinstance(scores[m], float) else f'{m}={scores[m]}' for m in order]
+  return f'{name}: {" ".join(values)}'
+
+
+def baselines(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """--mode=baselines: one line per captioning baseline (captioning.baselines); writes workdir/baselines.json."""
+  task = config.get('task')
+  if task is None or not issubclass(tasks_lib.task_class(task), captioning_task.CaptioningTask):
+    raise UserError(
+      f'--mode=baselines needs a captioning config, not one with config.task={task!r}; '
+      'use --config=configs/captioner.py (or another captioning config)'
+    )
+  results = captioning_task.run_baselines(config, workdir)
+  for name, scores in results.scores.items():
+    print(_metric_line(name, scores))
+  for name, why in results.skipped.items():
+    print(f'{name}: skipped ({why})')
+  print(f'written: {os.path.join(workdir, captioning_task.BASELINES_FILE)}')
+  return 0
+
+
 def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
   if jax.process_count() > 1:  # every process must run the same command (apart from --process_id)
@@ -286,6 +324,8 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
     return train(config, config_utils.require_workdir(workdir, mode))
   if mode == 'summary':
     return summary(config)
+  if mode == 'baselines':
+    return baselines(config, config_utils.require_workdir(workdir, mode))
   if mode == 'attention_check':
     return attention_check(config)
   if mode == 'equivariance_check':

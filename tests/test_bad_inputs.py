@@ -125,6 +125,8 @@ CONFIG_CASES = [
   ('train_q1_config', ['--config=configs/q1_cnn.py'], 'has no config.task'),
   ('attention_check_classifier', [CLASSIFIER, '--mode=attention_check'], "model.name='classifier'"),
   ('mode_unknown', [CLASSIFIER, '--mode=fly'], 'fly'),
+  ('baselines_classifier', [CLASSIFIER, '--mode=baselines'], "config.task='classification'"),
+  ('baselines_q1_config', ['--config=configs/q1_cnn.py', '--mode=baselines'], 'config.task=None'),
   ('strong_hidden_zero', [STRONG, '--config.model.hidden=0'], 'config.model.hidden=0'),
   ('strong_channels_zero', [STRONG, '--config.model.channels=(0,8)'], 'config.model.channels=(0, 8)'),
   ('strong_convs_empty', [STRONG, '--config.model.convs_per_stage=()'], 'config.model.convs_per_stage=()'),

@@ -166,9 +166,21 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   captions = json.loads(open(os.path.join(workdir, 'test_captions.json')).read())
   assert len(captions) == results['num_images']['test']
   assert all(
-    set(c) == {'image_name', 'caption', 'cider', 'rouge_l'} and isinstance(c['caption'], list) for c in captions
+    set(c) == {'image_name', 'caption', 'cider', 'rouge_l', 'class'} and isinstance(c['caption'], list)
+    for c in captions
   )
   assert np.mean([c['cider'] for c in captions]) == pytest.approx(saved['test_cider'])
+  # Distinctiveness: recomputed here from the captions and the synthetic set's training captions.
+  data = json.loads(open(os.path.join(shared_dirs[0], 'dataset.json')).read())
+  seen = {tuple(s['tokens']) for item in data['images'] if item['split'] == 'train' for s in item['sentences']}
+  hyps = [tuple(c['caption']) for c in captions]
+  assert saved['test_copied_fraction'] == pytest.approx(np.mean([h in seen for h in hyps]))
+  assert saved['test_distinct_captions'] == len(set(hyps))
+  assert saved['test_vocab_used'] == len({w for h in hyps for w in h})
+  by_class = {}
+  for c in captions:
+    by_class.setdefault(c['class'], []).append(c['cider'])
+  assert saved['test_cider_per_class'] == pytest.approx({k: np.mean(v) for k, v in by_class.items()})
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
   capsys.readouterr()

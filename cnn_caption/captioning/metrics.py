@@ -162,6 +162,33 @@ class CiderD:
         total[k] += dot * penalty
     return float(10.0 * total.mean() / len(image_refs))
 
+  def pairwise_scores(self, captions: Sequence[Sequence[str]]) -> np.ndarray:
+    """M x M: entry [h, r] is image_score([captions[r]], captions[h]), the CIDEr-D of h against r alone.
+
+    The mean of a row over a set of columns is h's CIDEr-D against those captions as its references
+    (CIDEr-D averages over references). Computed through each n-gram's list of the captions holding it,
+    so M in the hundreds takes well under a second.
+    """
+    vectors = [self._vector([w.lower() for w in c]) for c in captions]
+    m = len(captions)
+    dots = np.zeros((self.n, m, m))
+    for k in range(self.n):
+      postings = collections.defaultdict(list)
+      for i, (vec, _, _) in enumerate(vectors):
+        for ngram, weight in vec[k].items():
+          postings[ngram].append((i, weight))
+      for items in postings.values():
+        rows = np.array([i for i, _ in items])
+        weights = np.array([w for _, w in items])
+        # Clipped as in image_score: min(w_h, w_r) * w_r for every (h, r) pair that holds the n-gram.
+        dots[k][np.ix_(rows, rows)] += np.minimum.outer(weights, weights) * weights[None, :]
+    norms = np.stack([v[1] for v in vectors], axis=1)  # n x M
+    denominators = norms[:, :, None] * norms[:, None, :]
+    dots = np.where(denominators > 0, dots / np.where(denominators > 0, denominators, 1.0), dots)
+    lengths = np.array([v[2] for v in vectors], np.float64)
+    penalty = np.exp(-((lengths[:, None] - lengths[None, :]) ** 2) / (2 * self.sigma**2))
+    return 10.0 * dots.mean(axis=0) * penalty
+
   def scores(self, references: References, hypotheses: Hypotheses) -> np.ndarray:
     """Per-image CIDEr-D."""
     refs, hyps = _lower(references, hypotheses)
@@ -221,6 +248,25 @@ def coco_scores(
     scores['per_image'] = {'cider': [float(s) for s in cider_per_image], 'rouge_l': [float(s) for s in rouge_per_image]}
     if meteor_per_image is not None:
       scores['per_image']['meteor'] = meteor_per_image
+  return scores
+
+
+def caption_scores(
+  references: References, hypotheses: Hypotheses, *, meteor: bool = False, per_image: bool = False
+) -> dict:
+  """What the project reports for a split's captions: coco_scores plus the mean sentence BLEU-4.
+
+  Args:
+    references: per image, its reference captions as token lists.
+    hypotheses: per image, one generated caption as a token list.
+    meteor: also compute METEOR (Java).
+    per_image: also return coco_scores' 'per_image' scores.
+
+  Returns:
+    {'bleu1'..'bleu4', 'rouge_l', 'cider'[, 'meteor'], 'bleu4_sentence_mean'[, 'per_image']}.
+  """
+  scores = coco_scores(references, hypotheses, meteor=meteor, per_image=per_image)
+  scores['bleu4_sentence_mean'] = sentence_bleu_mean(references, hypotheses)
   return scores
 
 

@@ -32,6 +32,7 @@ class ImageEntry:
   path: str  # where the image file is
   split: str  # 'train' | 'val' | 'test'
   captions: tuple[tuple[str, ...], ...]
+  label: str | None = None  # the entry's `class` (e.g. UC Merced's land-use class), None when it has none
 
 
 class _BadEntry(Exception):
@@ -173,7 +174,10 @@ def _entry(item: Any, i: int, dataset_dir: str, image_dir: str) -> ImageEntry:
       f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
       'not an image file (fix "filepath"/"filename")'
     )
-  return ImageEntry(name=filename, path=path, split=split, captions=captions)
+  label = item.get('class')
+  if label is not None and (not isinstance(label, str) or not label):
+    raise _BadEntry(f'{where} "class" is not a non-empty string')
+  return ImageEntry(name=filename, path=path, split=split, captions=captions, label=label)
 
 
 def load_karpathy(
@@ -182,7 +186,8 @@ def load_karpathy(
   """Reads `dataset_dir/dataset.json` (Karpathy format) into per-split image entries.
 
   Captions are lower-cased `tokens` (or the lower-cased words of `raw` when an
-  entry has no `tokens`); 'restval' counts as 'train'. An image's path is
+  entry has no `tokens`); 'restval' counts as 'train'. An entry's optional
+  `class` string becomes its `label`. An image's path is
   dataset_dir/filepath/filename when the entry has `filepath`, else
   image_dir/filename. Image files are only checked to exist, not decoded.
 

@@ -6,8 +6,9 @@ colour (red/green/blue/yellow), a shape (circle/square/triangle) and a position
 (left/right/top/bottom/center: the middle row's side cells, the middle
 column's top and bottom cells and the middle cell of a 3x3 grid). Captions are
 5 of 8 templates filled from the scene, e.g. "there are two red circles on the
-left". Image i depends only on (seed, i), so sets of different sizes share
-their first images.
+left". An image's `class` is its background (plain/striped/checkered), so
+class-based baselines run on this set too. Image i depends only on (seed, i),
+so sets of different sizes share their first images.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import ImageDraw
 
 from cnn_caption.errors import UserError
 
-GENERATOR = 'cnn_caption.data.synthetic/1'  # bump when the output for given parameters changes
+GENERATOR = 'cnn_caption.data.synthetic/2'  # bump when the output for given parameters changes
 CAPTIONS_PER_IMAGE = 5
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 215, 40)}
 SHAPES = ('circle', 'square', 'triangle')
@@ -194,6 +195,7 @@ def _write(out_dir: str, params: dict[str, Any]) -> None:
         'filename': f'{i}.png',
         'filepath': 'images',
         'split': split,
+        'class': scene['background'],
         'sentences': sentences,
         'scene': scene,
       }

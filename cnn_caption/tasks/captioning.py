@@ -21,6 +21,8 @@ import optax
 from cnn_caption import io_utils
 from cnn_caption import models
 from cnn_caption import plots
+from cnn_caption.captioning import baselines as baselines_lib
+from cnn_caption.captioning import distinct
 from cnn_caption.captioning import features as features_lib
 from cnn_caption.captioning import metrics as metrics_lib
 from cnn_caption.data import captions as captions_lib
@@ -157,6 +159,13 @@ def caption_loss(
   return loss, {'num_tokens': num_tokens}
 
 
+def _mean_pooled(feats, rows_per_read: int = 256) -> np.ndarray:
+  """N x C float32: the region features of each image (N x R x C, e.g. a FeatureStore) averaged over regions."""
+  return np.concatenate(
+    [np.asarray(feats[s : s + rows_per_read], np.float32).mean(axis=1) for s in range(0, len(feats), rows_per_read)]
+  )
+
+
 class CaptioningTask(base.Task):
   """Frozen-encoder features -> LSTM decoder (plain or attention), teacher forcing, coco metrics."""
 
@@ -266,6 +275,21 @@ class CaptioningTask(base.Task):
     logging.info('encoder head: trainable, from the %s ImageNet weights', self.config.encoder.name)
     return {**params, 'encoder_head': jax.tree.map(jnp.asarray, head)}
 
+  def labels(self, split: str) -> list[str] | None:
+    """The class of every image of a split (dataset.json's `class`), or None unless every image has one."""
+    labels = [e.label for e in self.entries[split]]
+    return None if None in labels else labels
+
+  def baseline_data(self) -> baselines_lib.BaselineData:
+    """References, mean-pooled encoder features and classes of every split, for captioning.baselines."""
+    splits = ('train', 'val', 'test')
+    labels = {s: self.labels(s) for s in splits}
+    return baselines_lib.BaselineData(
+      references={s: vocab_lib.references(self.entries[s]) for s in splits},
+      features={s: _mean_pooled(self.feats[s]) for s in splits},
+      labels=None if any(v is None for v in labels.values()) else labels,
+    )
+
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
     """The workdir's vocabulary when resuming (it must match the checkpoint), else built from train."""
     path = os.path.join(self.workdir, VOCAB_FILE)
@@ -353,10 +377,7 @@ class CaptioningTask(base.Task):
 
   def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False, per_image: bool = False) -> dict:
     """BLEU-1..4, mean sentence BLEU-4, ROUGE-L, CIDEr-D (and METEOR) of the split's captions."""
-    refs = self.references[split]
-    scores = metrics_lib.coco_scores(refs, hypotheses, meteor=meteor, per_image=per_image)
-    scores['bleu4_sentence_mean'] = metrics_lib.sentence_bleu_mean(refs, hypotheses)
-    return scores
+    return metrics_lib.caption_scores(self.references[split], hypotheses, meteor=meteor, per_image=per_image)
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     return self._scores(split, self.decode(params, split))
@@ -390,6 +411,12 @@ class CaptioningTask(base.Task):
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
+    train_captions = (c for e in self.entries['train'] for c in e.captions)
+    results.update({f'test_{k}': v for k, v in distinct.distinctiveness(hyps, train_captions).items()})
+    labels = self.labels('test')
+    if labels is not None:
+      # The mean of the per-image CIDEr-D (document frequencies from all test references) over each class.
+      results['test_cider_per_class'] = distinct.per_class_mean(per_image['cider'], labels)
     results['decoding'] = {
       'method': 'greedy' if beam_size == 1 else 'beam',
       'beam_size': beam_size,
@@ -409,6 +436,9 @@ class CaptioningTask(base.Task):
       {'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
       for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])
     ]
+    if labels is not None:
+      for caption, label in zip(captions, labels):
+        caption['class'] = label
     if parallel.is_main_process():
       io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
     return results
@@ -453,3 +483,32 @@ class CaptioningTask(base.Task):
       'validation CIDEr-D (greedy)',
       os.path.join(plot_dir, 'val_cider.png'),
     )
+
+
+BASELINES_FILE = 'baselines.json'
+BASELINE_CAPTIONS_FILE = 'baselines_captions.json'
+
+
+def run_baselines(config: ml_collections.ConfigDict, workdir: str) -> baselines_lib.BaselineResults:
+  """The captioning baselines (captioning.baselines) on this config's data and encoder features; no training.
+
+  The data, vocabulary and feature cache are built exactly as training builds them. Writes
+  workdir/baselines.json ({baseline: {metric: value}}) and workdir/baselines_captions.json (the consensus
+  caption of each class and every baseline's test captions). METEOR as config.meteor_at_test says.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  task = CaptioningTask(config, workdir, parallel.make_mesh())
+  results = baselines_lib.run_baselines(task.baseline_data(), meteor=config.get('meteor_at_test', True))
+  labels = task.labels('test')
+  rows = []
+  for i, entry in enumerate(task.entries['test']):
+    row = {'image_name': entry.name, **{name: captions[i] for name, captions in results.captions.items()}}
+    if labels is not None:
+      row['class'] = labels[i]
+    rows.append(row)
+  if parallel.is_main_process():
+    io_utils.write_json(os.path.join(workdir, BASELINES_FILE), results.scores)
+    io_utils.write_json(
+      os.path.join(workdir, BASELINE_CAPTIONS_FILE), {'consensus_by_class': results.consensus, 'test': rows}
+    )
+  return results
