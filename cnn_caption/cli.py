@@ -21,6 +21,7 @@ from cnn_caption import config_utils
 from cnn_caption import errors
 from cnn_caption import inference
 from cnn_caption import plots
+from cnn_caption import report
 from cnn_caption import sweep
 from cnn_caption import train as train_lib
 from cnn_caption.analysis import attention_check as check_lib
@@ -30,7 +31,7 @@ from cnn_caption.errors import UserError
 from cnn_caption.models import imagenet
 from cnn_caption.training import parallel
 
-MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption')
+MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption', 'report')
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
@@ -238,6 +239,9 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
     raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
   if mode == 'caption':
     return caption(config_utils.require_workdir(workdir, mode), images)
+  if mode == 'report':
+    print(report.write_report(config_utils.require_workdir(workdir, mode)))
+    return 0
   config = config_utils.require_config(config)
   parallel.same_verdict(lambda: config_utils.validate(config))
   if mode == 'train':

@@ -72,8 +72,8 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
   return {name: float(s) for name, s in zip(_BLEU_WEIGHTS, scores)}
 
 
-def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
-  """Mean over images of nltk sentence_bleu (default BLEU-4 weights, no smoothing): the homework's metric.
+def sentence_bleu_scores(references: References, hypotheses: Hypotheses) -> list[float]:
+  """Per image, nltk sentence_bleu (default BLEU-4 weights, no smoothing): the homework's metric.
 
   Without smoothing, an image whose hypothesis shares no n-gram of some order
   1..4 with its references (e.g. any hypothesis shorter than 4 words) scores
@@ -85,12 +85,17 @@ def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
     hypotheses: per image, one generated caption as a token list.
 
   Returns:
-    The mean score in [0, 1].
+    One score in [0, 1] per image.
   """
   refs, hyps = _lower(references, hypotheses)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)
-    scores = [_bleu_score().sentence_bleu(r, h) for r, h in zip(refs, hyps)]
+    return [float(_bleu_score().sentence_bleu(r, h)) for r, h in zip(refs, hyps)]
+
+
+def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
+  """Mean over images of sentence_bleu_scores."""
+  scores = sentence_bleu_scores(references, hypotheses)
   return float(sum(scores) / len(scores))
 
 

@@ -29,6 +29,7 @@ class ImageEntry:
   path: str  # where the image file is
   split: str  # 'train' | 'val' | 'test'
   captions: tuple[tuple[str, ...], ...]
+  category: str | None = None  # the entry's "class" where dataset.json has one (UCM: the land-use scene)
 
 
 class _BadEntry(Exception):
@@ -164,7 +165,14 @@ def _entry(item: Any, i: int, dataset_dir: str, image_dir: str) -> ImageEntry:
       f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
       'not an image file (fix "filepath"/"filename")'
     )
-  return ImageEntry(name=filename, path=path, split=split, captions=captions)
+  category = item.get('class')
+  return ImageEntry(
+    name=filename,
+    path=path,
+    split=split,
+    captions=captions,
+    category=category if isinstance(category, str) and category else None,
+  )
 
 
 def load_karpathy(

@@ -1,0 +1,398 @@
+"""The captioner's sections: every test image with its caption, references, scores and attention; per-class scores.
+
+The table's rows travel as one inline JSON array; the inline script renders one page of rows at a time (sorted,
+filtered), so a test split of thousands of images stays quick: only the visible page's images are decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import math
+import os
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from cnn_caption.captioning import metrics as metrics_lib
+from cnn_caption.data import captions as captions_lib
+from cnn_caption.errors import UserError
+from cnn_caption.report import page
+from cnn_caption.report.files import read_json
+from cnn_caption.report.files import Run
+from cnn_caption.report.page import esc
+
+CAPTIONS_FILE = 'test_captions.json'
+ATTENTION_FILE = 'test_attention.npz'
+PAGE_SIZE = 100  # table rows rendered at a time
+SCORES = (('cider', 'CIDEr-D'), ('bleu4', 'BLEU-4'), ('rouge_l', 'ROUGE-L'))
+
+
+def thumbnail_url(path: str, size: int) -> str:
+  """A JPEG data: URL of the image shrunk to fit size x size pixels; '' when the file cannot be read."""
+  try:
+    with Image.open(path) as im:
+      im = im.convert('RGB')
+      im.thumbnail((size, size), Image.Resampling.BILINEAR)
+      buf = io.BytesIO()
+      im.save(buf, format='JPEG', quality=80)
+  except (OSError, ValueError) as e:
+    logging.warning('report: no thumbnail for %s (%s)', path, e)
+    return ''
+  return 'data:image/jpeg;base64,' + base64.b64encode(buf.getvalue()).decode('ascii')
+
+
+def dataset_entries(run: Run) -> dict[str, captions_lib.ImageEntry]:
+  """The data set's entries by image name (paths, references, classes), or {} when it cannot be found."""
+  data = run.config.get('data') or {}
+  directory = data.get('dir') or data.get('synthetic_dir') or os.path.join(run.workdir, 'synthetic_data')
+  try:
+    splits = captions_lib.load_karpathy(directory, data.get('image_dir'), on_error='skip')
+  except UserError as e:
+    logging.warning('report: the images of %s are not available (%s); no thumbnails', run.workdir, e)
+    return {}
+  return {e.name: e for split in splits.values() for e in split}
+
+
+def load_attention(path: str) -> dict[str, np.ndarray]:
+  """Image name -> (words + 1) x N attention, from test_attention.npz; {} when absent."""
+  if not os.path.exists(path):
+    return {}
+  with np.load(path, allow_pickle=False) as data:
+    names, lengths, alphas = data['image_name'], data['length'], data['alphas']
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  return {str(n): alphas[offsets[i] : offsets[i + 1]] for i, n in enumerate(names)}
+
+
+def encode_attention(alphas_TxN: np.ndarray) -> str:
+  """Base64 of uint8 maps, each word's scaled so its largest region is 255 (the overlay shows where, not how much)."""
+  a = np.asarray(alphas_TxN, np.float32)
+  peak = np.maximum(a.max(axis=1, keepdims=True), 1e-12)
+  return base64.b64encode(np.round(a / peak * 255).astype(np.uint8).tobytes()).decode('ascii')
+
+
+def table_rows(run: Run, thumb_size: int | None = None) -> tuple[list[dict], int | None, str]:
+  """The caption table's rows (one dict per test image), the attention grid side, and a note ('' if none)."""
+  captions = read_json(run.path(CAPTIONS_FILE))
+  if not isinstance(captions, list):
+    raise UserError(f'{run.path(CAPTIONS_FILE)} is not a list of captions; rerun the captioning run to rewrite it')
+  entries = dataset_entries(run)
+  attention = load_attention(run.path(ATTENTION_FILE))
+  size = thumb_size or (128 if len(captions) <= 1000 else 64)
+  notes = []
+  if not entries:
+    notes.append('the data set was not found where config.json says: no thumbnails')
+  missing_refs = [i for i, c in enumerate(captions) if 'references' not in c]
+  if missing_refs and entries:  # an older test_captions.json: references (and classes) from the data set
+    for c in captions:
+      entry = entries.get(c['image_name'])
+      if entry is not None:
+        c.setdefault('references', [' '.join(r) for r in entry.captions])
+        if entry.category is not None:
+          c.setdefault('class', entry.category)
+  if any('bleu4' not in c for c in captions) and all('references' in c for c in captions):
+    refs = [[r.split() for r in c['references']] for c in captions]
+    for c, b in zip(captions, metrics_lib.sentence_bleu_scores(refs, [c['caption'] for c in captions])):
+      c.setdefault('bleu4', b)
+  side = None
+  for maps in attention.values():
+    n = maps.shape[1]
+    side = math.isqrt(n) if math.isqrt(n) ** 2 == n else None
+    break
+  if attention and side is None:
+    notes.append('the attention is not over a square grid of regions: no attention overlay')
+  rows = []
+  for i, c in enumerate(captions):
+    entry = entries.get(c['image_name'])
+    row = {
+      'i': i,
+      'name': c['image_name'],
+      'words': list(c['caption']),
+      'refs': list(c.get('references') or []),
+      'cls': c.get('class', ''),
+      **{key: _score(c.get(key)) for key, _ in SCORES},
+      'img': thumbnail_url(entry.path, size) if entry is not None else '',
+    }
+    maps = attention.get(c['image_name'])
+    if side is not None and maps is not None and len(maps) == len(row['words']) + 1:
+      row['att'] = encode_attention(maps)
+    rows.append(row)
+  return rows, side, '; '.join(notes)
+
+
+def _score(value) -> float | None:
+  return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def class_table(rows: list[dict]) -> str:
+  """Mean scores per class (worst CIDEr-D first), when the data has a class per image."""
+  by_class = collections.defaultdict(list)
+  for r in rows:
+    if r['cls']:
+      by_class[r['cls']].append(r)
+  if not by_class:
+    return ''
+  table_rows = []
+  for name, members in by_class.items():
+    means = [_mean([m[key] for m in members]) for key, _ in SCORES]
+    table_rows.append([name, len(members), *means])
+  table_rows.sort(key=lambda r: (r[2] is None, r[2]))
+  header = ['class', 'images', *(f'mean {label}' for _, label in SCORES)]
+  return '<h3 id="per-class">Per class (worst CIDEr-D first)</h3>' + page.table(
+    header, table_rows, numeric={1, 2, 3, 4}, attrs=' id="class-scores"'
+  )
+
+
+def _mean(values: list) -> float | None:
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def section(run: Run, page_size: int = PAGE_SIZE, thumb_size: int | None = None) -> tuple[str, str]:
+  """(HTML, script) of the test captions section."""
+  if not os.path.exists(run.path(CAPTIONS_FILE)):
+    return (
+      f'<h2 id="test">Test captions</h2><p class="note">No {CAPTIONS_FILE} yet (written when the run finishes).</p>',
+      '',
+    )
+  rows, side, note = table_rows(run, thumb_size)
+  has_class = any(r['cls'] for r in rows)
+  has_attention = any('att' in r for r in rows)
+  columns = [('i', '#', 'num'), ('name', 'image', ''), ('caption', 'generated caption', ''), ('refs', 'references', '')]
+  if has_class:
+    columns.append(('cls', 'class', ''))
+  columns += [(key, label, 'num') for key, label in SCORES]
+  head = ''.join(
+    f'<th data-key="{key}" class="sortable {cls}" title="sort by {esc(label)}">{esc(label)}'
+    '<span class="arrow"></span></th>'
+    for key, label, cls in columns
+  )
+  means = ', '.join(f'{label} {page.fmt(_mean([r[key] for r in rows]))}' for key, label in SCORES)
+  hint = ' Hover over (or click) a word of a caption to see where the decoder looked when it chose it.'
+  parts = [
+    '<h2 id="test">Test captions</h2>',
+    f'<p>{len(rows):,} test images; per-image means: {esc(means)}. Click a column header to sort; type to filter by '
+    f'caption, reference, image name or class.{hint if has_attention else ""}</p>',
+    f'<p class="note">{esc(note)}</p>' if note else '',
+    class_table(rows),
+    '<h3 id="table">Every test image</h3>',
+    '<div class="controls"><input id="filter" type="search" placeholder="filter: a word, an image name, a class" '
+    'size="40"> <button id="prev" type="button">&larr; previous</button> <span id="page-info"></span> '
+    '<button id="next" type="button">next &rarr;</button></div>',
+    f'<table id="captions"><thead><tr>{head}</tr></thead><tbody></tbody></table>',
+    page.json_script(
+      'caption-data',
+      {'rows': rows, 'side': side, 'page_size': page_size, 'sort': 'cider', 'columns': [c[0] for c in columns]},
+    ),
+  ]
+  return '\n'.join(p for p in parts if p), SCRIPT
+
+
+CSS = """
+.controls { margin: 0.5em 0; position: sticky; top: 0; background: #fff; padding: 0.3em 0; z-index: 2; }
+#captions td { font-size: 0.92em; }
+#captions ol { margin: 0; padding-left: 1.3em; color: #444; }
+th.sortable { cursor: pointer; user-select: none; white-space: nowrap; }
+th.sortable .arrow { color: #1f77b4; padding-left: 0.2em; }
+.thumb { position: relative; width: 128px; height: 128px; background: #eee; }
+.thumb img, .thumb canvas { position: absolute; left: 0; top: 0; width: 128px; height: 128px; }
+.thumb canvas { visibility: hidden; }
+.word { cursor: pointer; border-radius: 3px; padding: 0 1px; }
+.word:hover, .word.on { background: #ffe08a; }
+.word.end { color: #999; font-size: 0.85em; }
+.imgname { font-size: 0.8em; color: #666; }
+"""
+
+SCRIPT = r"""
+(function () {
+  'use strict';
+  const data = JSON.parse(document.getElementById('caption-data').textContent);
+  const rows = data.rows, side = data.side, pageSize = data.page_size;
+  rows.forEach(function (r) {
+    r.caption = r.words.join(' ');
+    r.text = [r.name, r.caption, r.refs.join(' | '), r.cls].join(' \u0001 ').toLowerCase();
+  });
+  const state = {key: data.sort, dir: 1, query: '', page: 0, view: []};
+  const tbody = document.querySelector('#captions tbody');
+  const info = document.getElementById('page-info');
+  let pinned = null;
+
+  function sortValue(r, key) {
+    if (key === 'refs') return r.refs.length ? r.refs[0] : '';
+    return r[key];
+  }
+  function applyView() {
+    const q = state.query.trim().toLowerCase();
+    const view = q ? rows.filter(function (r) { return r.text.indexOf(q) >= 0; }) : rows.slice();
+    const key = state.key, dir = state.dir;
+    view.sort(function (a, b) {
+      const x = sortValue(a, key), y = sortValue(b, key);
+      if (x === null && y !== null) return 1;  // no score: last either way
+      if (y === null && x !== null) return -1;
+      if (x < y) return -dir;
+      if (x > y) return dir;
+      return a.i - b.i;
+    });
+    state.view = view;
+  }
+  function cell(tr, text, cls) {
+    const td = document.createElement('td');
+    if (cls) td.className = cls;
+    if (text !== undefined) td.textContent = text;
+    tr.appendChild(td);
+    return td;
+  }
+  function fmt(v) { return v === null || v === undefined ? '\u2013' : v.toFixed(4); }
+  function renderRow(r) {
+    const tr = document.createElement('tr');
+    tr.dataset.i = r.i;
+    cell(tr, String(r.i), 'num');
+    const imgTd = cell(tr);
+    const box = document.createElement('div');
+    box.className = 'thumb';
+    if (r.img) {
+      const img = document.createElement('img');
+      img.src = r.img;
+      img.alt = r.name;
+      box.appendChild(img);
+    }
+    if (r.att && side) {
+      const canvas = document.createElement('canvas');
+      canvas.width = side;
+      canvas.height = side;
+      box.appendChild(canvas);
+    }
+    imgTd.appendChild(box);
+    const name = document.createElement('div');
+    name.className = 'imgname';
+    name.textContent = r.name;
+    imgTd.appendChild(name);
+    const capTd = cell(tr, undefined, 'cap');
+    r.words.concat(r.att ? ['<end>'] : []).forEach(function (w, t) {
+      const span = document.createElement('span');
+      span.className = 'word' + (t === r.words.length ? ' end' : '');
+      span.dataset.t = t;
+      span.textContent = w;
+      capTd.appendChild(span);
+      capTd.appendChild(document.createTextNode(' '));
+    });
+    const refTd = cell(tr);
+    const ol = document.createElement('ol');
+    r.refs.forEach(function (ref) {
+      const li = document.createElement('li');
+      li.textContent = ref;
+      ol.appendChild(li);
+    });
+    refTd.appendChild(ol);
+    if (data.columns.indexOf('cls') >= 0) cell(tr, r.cls);
+    cell(tr, fmt(r.cider), 'num');
+    cell(tr, fmt(r.bleu4), 'num');
+    cell(tr, fmt(r.rouge_l), 'num');
+    return tr;
+  }
+  function render() {
+    const pages = Math.max(1, Math.ceil(state.view.length / pageSize));
+    state.page = Math.min(state.page, pages - 1);
+    const start = state.page * pageSize;
+    const frag = document.createDocumentFragment();
+    state.view.slice(start, start + pageSize).forEach(function (r) { frag.appendChild(renderRow(r)); });
+    tbody.replaceChildren(frag);
+    pinned = null;
+    const shown = state.view.length;
+    info.textContent = 'page ' + (state.page + 1) + ' of ' + pages + ' \u00b7 ' +
+      (shown ? (start + 1) + '\u2013' + Math.min(start + pageSize, shown) : '0') + ' of ' + shown + ' images' +
+      (shown < rows.length ? ' (filtered from ' + rows.length + ')' : '');
+    document.getElementById('prev').disabled = state.page === 0;
+    document.getElementById('next').disabled = state.page >= pages - 1;
+    document.querySelectorAll('#captions th.sortable').forEach(function (th) {
+      const on = th.dataset.key === state.key;
+      th.querySelector('.arrow').textContent = on ? (state.dir > 0 ? '\u25b2' : '\u25bc') : '';
+      th.setAttribute('aria-sort', on ? (state.dir > 0 ? 'ascending' : 'descending') : 'none');
+    });
+  }
+  function attention(r) {
+    if (!r._att) {
+      const bin = atob(r.att);
+      r._att = new Uint8Array(bin.length);
+      for (let k = 0; k < bin.length; k++) r._att[k] = bin.charCodeAt(k);
+    }
+    return r._att;
+  }
+  function show(span) {
+    const tr = span.closest('tr');
+    const r = rows[+tr.dataset.i];
+    const canvas = tr.querySelector('canvas');
+    if (!canvas || !r.att) return;
+    const t = +span.dataset.t, n = side * side, a = attention(r);
+    const ctx = canvas.getContext('2d');
+    const image = ctx.createImageData(side, side);
+    for (let j = 0; j < n; j++) {
+      image.data[4 * j + 3] = Math.round((1 - a[t * n + j] / 255) * 210);  // dark where the decoder did not look
+    }
+    ctx.putImageData(image, 0, 0);
+    canvas.style.visibility = 'visible';
+    canvas.dataset.word = t;
+    tr.querySelectorAll('.word.on').forEach(function (w) { w.classList.remove('on'); });
+    span.classList.add('on');
+  }
+  function hide(tr) {
+    const canvas = tr.querySelector('canvas');
+    if (canvas) {
+      canvas.style.visibility = 'hidden';
+      delete canvas.dataset.word;
+    }
+    tr.querySelectorAll('.word.on').forEach(function (w) { w.classList.remove('on'); });
+  }
+  tbody.addEventListener('mouseover', function (e) {
+    const span = e.target.closest('.word');
+    if (span && !pinned) show(span);
+  });
+  tbody.addEventListener('mouseout', function (e) {
+    const span = e.target.closest('.word');
+    if (span && !pinned) hide(span.closest('tr'));
+  });
+  tbody.addEventListener('click', function (e) {
+    const span = e.target.closest('.word');
+    if (!span) return;
+    if (pinned === span) {
+      pinned = null;
+      hide(span.closest('tr'));
+    } else {
+      if (pinned) hide(pinned.closest('tr'));
+      pinned = span;
+      show(span);
+    }
+  });
+  document.querySelectorAll('#captions th.sortable').forEach(function (th) {
+    th.addEventListener('click', function () {
+      const key = th.dataset.key;
+      if (key === state.key) {
+        state.dir = -state.dir;
+      } else {
+        state.key = key;
+        state.dir = 1;
+      }
+      state.page = 0;
+      applyView();
+      render();
+    });
+  });
+  let timer = null;
+  document.getElementById('filter').addEventListener('input', function (e) {
+    clearTimeout(timer);
+    timer = setTimeout(function () {
+      state.query = e.target.value;
+      state.page = 0;
+      applyView();
+      render();
+    }, 120);
+  });
+  document.getElementById('prev').addEventListener('click', function () { state.page -= 1; render(); });
+  document.getElementById('next').addEventListener('click', function () { state.page += 1; render(); });
+  applyView();
+  render();
+  document.body.dataset.captionsReady = '1';
+})();
+"""
