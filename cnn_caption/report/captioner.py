@@ -116,8 +116,8 @@ def table_rows(run: Run, thumb_size: int | None = None) -> tuple[list[dict], int
       'img': thumbnail_url(entry.path, size) if entry is not None else '',
     }
     maps = attention.get(c['image_name'])
-    if side is not None and maps is not None and len(maps) == len(row['words']) + 1:
-      row['att'] = encode_attention(maps)
+    if side is not None and maps is not None and len(maps) in (len(row['words']), len(row['words']) + 1):
+      row['att'] = encode_attention(maps)  # one map per word, and one for the end unless cut at max_len
     rows.append(row)
   return rows, side, '; '.join(notes)
 
@@ -270,7 +270,8 @@ SCRIPT = r"""
     name.textContent = r.name;
     imgTd.appendChild(name);
     const capTd = cell(tr, undefined, 'cap');
-    r.words.concat(r.att ? ['<end>'] : []).forEach(function (w, t) {
+    const steps = r.att && side ? attention(r).length / (side * side) : 0;
+    r.words.concat(steps > r.words.length ? ['<end>'] : []).forEach(function (w, t) {
       const span = document.createElement('span');
       span.className = 'word' + (t === r.words.length ? ' end' : '');
       span.dataset.t = t;

@@ -414,10 +414,11 @@ class CaptioningTask(base.Task):
     return results
 
   def attention_maps(self, params, split: str, hyps: list[list[str]]) -> list[np.ndarray] | None:
-    """Per image, the attention ((len(words) + 1) x N) that chose each word of its caption and then the end.
+    """Per image, the attention (steps x N) that chose each word of its caption and then the end.
 
-    The decoder reads the generated caption teacher-forced, so the maps are those the decoding used, beam
-    search included. None for a decoder without attention or an ensemble.
+    steps is len(words) + 1, or len(words) for a caption cut at decoding.max_len (it has no end). The decoder
+    reads the generated caption teacher-forced, so the maps are those the decoding used, beam search
+    included. None for a decoder without attention or an ensemble.
     """
     if self.config.model.attention_dim is None or self.ensemble:
       return None
@@ -438,7 +439,8 @@ class CaptioningTask(base.Task):
       batch = parallel.shard_batch({'feats': batch['feats'], 'tokens': batch['tokens']}, self.mesh)
       out.append(np.asarray(fn(params, batch['feats'], batch['tokens']), np.float32)[:n])
     alphas_MxTxN = np.concatenate(out)
-    return [alphas_MxTxN[i, : len(h) + 1] for i, h in enumerate(hyps)]
+    max_len = self.config.decoding.max_len
+    return [alphas_MxTxN[i, : min(len(h) + 1, max_len)] for i, h in enumerate(hyps)]
 
   def tensorboard_images(self, params, num_images: int = 3) -> dict[str, np.ndarray]:
     """Greedy captions with their attention maps for the first validation images (attention decoders)."""
