@@ -31,7 +31,16 @@ from cnn_caption.errors import UserError
 from cnn_caption.models import imagenet
 from cnn_caption.training import parallel
 
-MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption', 'report')
+MODES = (
+  'train',
+  'summary',
+  'attention_check',
+  'equivariance_check',
+  'imagenet_predict',
+  'caption',
+  'report',
+  'compare',
+)
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
@@ -233,7 +242,7 @@ def caption(workdir: str, image_paths: list[str]) -> int:
   return 2 if failures else 0  # a bad image is bad input: the same code as a UserError
 
 
-def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
+def run(mode: str, config, workdir: str | None, images: list[str], compare_to: str | None = None) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
   if mode != 'train' and jax.process_count() > 1:
     raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
@@ -241,6 +250,11 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
     return caption(config_utils.require_workdir(workdir, mode), images)
   if mode == 'report':
     print(report.write_report(config_utils.require_workdir(workdir, mode)))
+    return 0
+  if mode == 'compare':
+    if not compare_to:
+      raise UserError('--mode=compare needs --compare_to=<the other captioning workdir> beside --workdir')
+    print(report.write_comparison(config_utils.require_workdir(workdir, mode), compare_to))
     return 0
   config = config_utils.require_config(config)
   parallel.same_verdict(lambda: config_utils.validate(config))
@@ -263,7 +277,14 @@ def _exit(code: int, line: str) -> None:
   sys.exit(code)
 
 
-def main(mode: str, config, workdir: str | None, images: list[str], distributed: Distributed | None = None) -> None:
+def main(
+  mode: str,
+  config,
+  workdir: str | None,
+  images: list[str],
+  distributed: Distributed | None = None,
+  compare_to: str | None = None,
+) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
   Exit codes: the mode's; 2 for a UserError; 0 after SIGTERM (preempted, checkpoint saved); 130 after
@@ -280,7 +301,7 @@ def main(mode: str, config, workdir: str | None, images: list[str], distributed:
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   try:
-    code = run(mode, config, workdir, images)
+    code = run(mode, config, workdir, images, compare_to)
   except UserError as e:
     _exit(2, f'error: {e}')
   except parallel.Preempted as e:

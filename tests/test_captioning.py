@@ -165,9 +165,13 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   captions = json.loads(open(os.path.join(workdir, 'test_captions.json')).read())
   assert len(captions) == results['num_images']['test']
   assert all(
-    set(c) == {'image_name', 'caption', 'cider', 'rouge_l'} and isinstance(c['caption'], list) for c in captions
+    set(c) == {'image_name', 'caption', 'references', 'cider', 'bleu4', 'rouge_l'} and isinstance(c['caption'], list)
+    for c in captions
   )
   assert np.mean([c['cider'] for c in captions]) == pytest.approx(saved['test_cider'])
+  assert np.mean([c['bleu4'] for c in captions]) == pytest.approx(saved['test_bleu4_sentence_mean'])
+  assert os.path.getsize(os.path.join(workdir, 'test_attention.npz')) > 0
+  assert os.path.getsize(os.path.join(workdir, 'report.html')) > 0
 
   image = os.path.join(shared_dirs[0], 'images', '0.png')
   capsys.readouterr()

@@ -490,3 +490,71 @@ def test_line_chart_drops_non_finite_points():
   svg = charts.line_chart({'a': [(1, 0.5), (2, float('inf')), (3, 0.7)], 'b': [(1, 0.1)]}, 'two')
   assert svg.count('<polyline') == 2 and svg.count('<circle') == 3
   assert 'a: 0.7 at epoch 3' in svg
+
+
+def _second_run(workdir_a: str, root: str) -> str:
+  """A copy of a caption workdir with other captions and scores on the same images."""
+  workdir_b = os.path.join(root, 'run_b')
+  shutil.copytree(workdir_a, workdir_b)
+  path = os.path.join(workdir_b, 'test_captions.json')
+  with open(path) as f:
+    rows = json.load(f)
+  rng = np.random.default_rng(1)
+  for r in rows:
+    r['caption'] = ['b'] + r['caption'][:3]
+    r['cider'], r['bleu4'] = float(rng.gamma(1.0, 1.0)), float(rng.uniform())
+  with open(path, 'w') as f:
+    json.dump(rows, f)
+  return workdir_b
+
+
+def test_comparison_page_pairs_the_images(tmp_path):
+  workdir_a = make_caption_workdir(str(tmp_path), 30, num_regions=4)
+  workdir_b = _second_run(workdir_a, str(tmp_path))
+  path = report.write_comparison(workdir_a, workdir_b, resamples=200)
+  assert path == os.path.join(workdir_a, 'compare_run_b.html')
+  html = open(path).read()
+  data = json.loads(html.split('id="caption-data">')[1].split('</script>')[0])
+  a = {r['image_name']: r for r in json.load(open(os.path.join(workdir_a, 'test_captions.json')))}
+  b = {r['image_name']: r for r in json.load(open(os.path.join(workdir_b, 'test_captions.json')))}
+  for row in data['rows']:
+    assert row['d_cider'] == pytest.approx(a[row['name']]['cider'] - b[row['name']]['cider'])
+    assert row['caption_b'] == ' '.join(b[row['name']]['caption'])
+  mean_diff = np.mean([a[n]['cider'] - b[n]['cider'] for n in a])
+  assert f'{mean_diff:.4g}' in html.split('id="summary-table"')[1].split('</table>')[0]
+  # Other images in B: one line naming both.
+  rows_b = list(b.values())[:-1]
+  with open(os.path.join(workdir_b, 'test_captions.json'), 'w') as f:
+    json.dump(rows_b, f)
+  with pytest.raises(UserError, match='captioned different test images'):
+    report.write_comparison(workdir_a, workdir_b)
+
+
+@needs_browser
+def test_comparison_page_in_browser(tmp_path, browser):
+  workdir_a = make_caption_workdir(str(tmp_path), 150, num_regions=4)
+  path = report.write_comparison(workdir_a, _second_run(workdir_a, str(tmp_path)), resamples=200)
+  opened = Opened(browser, path)
+  try:
+    _check_clean(opened)
+    page = opened.page
+    assert page.locator('#captions tbody tr').count() == 100 and page.inner_text('#page-info').startswith('page 1 of 2')
+    col = _column_index(opened, 'd_cider')
+    deltas = _numbers(opened.column(col))
+    assert deltas == sorted(deltas)  # A's worst against B first
+    page.click('#captions th[data-key="d_cider"]')
+    deltas = _numbers(opened.column(col))
+    assert deltas == sorted(deltas, reverse=True)
+    page.fill('#filter', 'b a')  # caption B starts with "b": found by B's caption
+    page.wait_for_function('() => document.querySelector("#page-info").textContent.includes("filtered")')
+    _check_attention_hover(opened)
+  finally:
+    opened.close()
+
+
+def test_compare_mode_needs_a_second_workdir(tmp_path):
+  proc = run_launch('--mode=compare', f'--workdir={tmp_path}')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+    'error: --mode=compare needs --compare_to=<the other captioning workdir> beside --workdir'
+  )

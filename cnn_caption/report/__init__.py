@@ -11,12 +11,14 @@ import os
 from cnn_caption import io_utils
 from cnn_caption.report import captioner
 from cnn_caption.report import classifier
+from cnn_caption.report import compare
 from cnn_caption.report import files
 from cnn_caption.report import page
 from cnn_caption.report import sections
 from cnn_caption.report import sweep
 
 CAPTIONING_TASKS = ('captioning', 'scst')
+write_comparison = compare.write_comparison
 
 
 def run_page(workdir: str, *, page_size: int = captioner.PAGE_SIZE, thumb_size: int | None = None) -> str:

@@ -73,7 +73,7 @@ def encode_attention(alphas_TxN: np.ndarray) -> str:
   return base64.b64encode(np.round(a / peak * 255).astype(np.uint8).tobytes()).decode('ascii')
 
 
-def table_rows(run: Run, thumb_size: int | None = None) -> tuple[list[dict], int | None, str]:
+def table_rows(run: Run, thumb_size: int | None = None, thumbnails: bool = True) -> tuple[list[dict], int | None, str]:
   """The caption table's rows (one dict per test image), the attention grid side, and a note ('' if none)."""
   captions = read_json(run.path(CAPTIONS_FILE))
   if not isinstance(captions, list):
@@ -113,7 +113,7 @@ def table_rows(run: Run, thumb_size: int | None = None) -> tuple[list[dict], int
       'refs': list(c.get('references') or []),
       'cls': c.get('class', ''),
       **{key: _score(c.get(key)) for key, _ in SCORES},
-      'img': thumbnail_url(entry.path, size) if entry is not None else '',
+      'img': thumbnail_url(entry.path, size) if entry is not None and thumbnails else '',
     }
     maps = attention.get(c['image_name'])
     if side is not None and maps is not None and len(maps) in (len(row['words']), len(row['words']) + 1):
@@ -160,15 +160,11 @@ def section(run: Run, page_size: int = PAGE_SIZE, thumb_size: int | None = None)
   rows, side, note = table_rows(run, thumb_size)
   has_class = any(r['cls'] for r in rows)
   has_attention = any('att' in r for r in rows)
-  columns = [('i', '#', 'num'), ('name', 'image', ''), ('caption', 'generated caption', ''), ('refs', 'references', '')]
+  columns = [('i', '#', 'index'), ('name', 'image', 'image'), ('caption', 'generated caption', 'words')]
+  columns.append(('refs', 'references', 'refs'))
   if has_class:
-    columns.append(('cls', 'class', ''))
+    columns.append(('cls', 'class', 'text'))
   columns += [(key, label, 'num') for key, label in SCORES]
-  head = ''.join(
-    f'<th data-key="{key}" class="sortable {cls}" title="sort by {esc(label)}">{esc(label)}'
-    '<span class="arrow"></span></th>'
-    for key, label, cls in columns
-  )
   means = ', '.join(f'{label} {page.fmt(_mean([r[key] for r in rows]))}' for key, label in SCORES)
   hint = ' Hover over (or click) a word of a caption to see where the decoder looked when it chose it.'
   parts = [
@@ -178,16 +174,36 @@ def section(run: Run, page_size: int = PAGE_SIZE, thumb_size: int | None = None)
     f'<p class="note">{esc(note)}</p>' if note else '',
     class_table(rows),
     '<h3 id="table">Every test image</h3>',
-    '<div class="controls"><input id="filter" type="search" placeholder="filter: a word, an image name, a class" '
-    'size="40"> <button id="prev" type="button">&larr; previous</button> <span id="page-info"></span> '
-    '<button id="next" type="button">next &rarr;</button></div>',
-    f'<table id="captions"><thead><tr>{head}</tr></thead><tbody></tbody></table>',
-    page.json_script(
-      'caption-data',
-      {'rows': rows, 'side': side, 'page_size': page_size, 'sort': 'cider', 'columns': [c[0] for c in columns]},
-    ),
+    interactive_table(rows, columns, side=side, page_size=page_size, sort='cider'),
   ]
   return '\n'.join(p for p in parts if p), SCRIPT
+
+
+def interactive_table(
+  rows: list[dict], columns: list[tuple[str, str, str]], *, side: int | None, page_size: int, sort: str
+) -> str:
+  """The controls, the empty table and its rows as inline JSON; SCRIPT renders them a page at a time.
+
+  columns: (key in the rows, header, kind); kinds: 'index', 'image' (thumbnail `img`, attention `att`, `name`),
+  'words' (a word list, each word hoverable for its attention), 'refs' (a list), 'text', 'num' (4 decimals).
+  """
+  head = ''.join(
+    f'<th data-key="{key}" class="sortable{" num" if kind in ("num", "index") else ""}" title="sort by '
+    f'{esc(label)}">{esc(label)}<span class="arrow"></span></th>'
+    for key, label, kind in columns
+  )
+  spec = [{'key': key, 'kind': kind} for key, _, kind in columns]
+  return '\n'.join(
+    [
+      '<div class="controls"><input id="filter" type="search" placeholder="filter: a word, an image name, a class" '
+      'size="40"> <button id="prev" type="button">&larr; previous</button> <span id="page-info"></span> '
+      '<button id="next" type="button">next &rarr;</button></div>',
+      f'<table id="captions"><thead><tr>{head}</tr></thead><tbody></tbody></table>',
+      page.json_script(
+        'caption-data', {'rows': rows, 'side': side, 'page_size': page_size, 'sort': sort, 'columns': spec}
+      ),
+    ]
+  )
 
 
 CSS = """
@@ -210,9 +226,20 @@ SCRIPT = r"""
   'use strict';
   const data = JSON.parse(document.getElementById('caption-data').textContent);
   const rows = data.rows, side = data.side, pageSize = data.page_size;
+  const columns = data.columns;
   rows.forEach(function (r) {
-    r.caption = r.words.join(' ');
-    r.text = [r.name, r.caption, r.refs.join(' | '), r.cls].join(' \u0001 ').toLowerCase();
+    const texts = [r.name];
+    columns.forEach(function (c) {
+      if (c.kind === 'words') {
+        r[c.key] = r.words.join(' ');
+        texts.push(r[c.key]);
+      } else if (c.kind === 'refs') {
+        texts.push(r[c.key].join(' | '));
+      } else if (c.kind === 'text') {
+        texts.push(r[c.key]);
+      }
+    });
+    r.text = texts.join(' \u0001 ').toLowerCase();
   });
   const state = {key: data.sort, dir: 1, query: '', page: 0, view: []};
   const tbody = document.querySelector('#captions tbody');
@@ -220,8 +247,9 @@ SCRIPT = r"""
   let pinned = null;
 
   function sortValue(r, key) {
-    if (key === 'refs') return r.refs.length ? r.refs[0] : '';
-    return r[key];
+    const v = r[key];
+    if (Array.isArray(v)) return v.length ? v[0] : '';
+    return key === 'name' ? r.i : v;  // images in the data set's order
   }
   function applyView() {
     const q = state.query.trim().toLowerCase();
@@ -245,11 +273,7 @@ SCRIPT = r"""
     return td;
   }
   function fmt(v) { return v === null || v === undefined ? '\u2013' : v.toFixed(4); }
-  function renderRow(r) {
-    const tr = document.createElement('tr');
-    tr.dataset.i = r.i;
-    cell(tr, String(r.i), 'num');
-    const imgTd = cell(tr);
+  function imageCell(td, r) {
     const box = document.createElement('div');
     box.className = 'thumb';
     if (r.img) {
@@ -264,33 +288,43 @@ SCRIPT = r"""
       canvas.height = side;
       box.appendChild(canvas);
     }
-    imgTd.appendChild(box);
+    td.appendChild(box);
     const name = document.createElement('div');
     name.className = 'imgname';
     name.textContent = r.name;
-    imgTd.appendChild(name);
-    const capTd = cell(tr, undefined, 'cap');
+    td.appendChild(name);
+  }
+  function wordsCell(td, r) {
     const steps = r.att && side ? attention(r).length / (side * side) : 0;
     r.words.concat(steps > r.words.length ? ['<end>'] : []).forEach(function (w, t) {
       const span = document.createElement('span');
       span.className = 'word' + (t === r.words.length ? ' end' : '');
       span.dataset.t = t;
       span.textContent = w;
-      capTd.appendChild(span);
-      capTd.appendChild(document.createTextNode(' '));
+      td.appendChild(span);
+      td.appendChild(document.createTextNode(' '));
     });
-    const refTd = cell(tr);
+  }
+  function refsCell(td, refs) {
     const ol = document.createElement('ol');
-    r.refs.forEach(function (ref) {
+    refs.forEach(function (ref) {
       const li = document.createElement('li');
       li.textContent = ref;
       ol.appendChild(li);
     });
-    refTd.appendChild(ol);
-    if (data.columns.indexOf('cls') >= 0) cell(tr, r.cls);
-    cell(tr, fmt(r.cider), 'num');
-    cell(tr, fmt(r.bleu4), 'num');
-    cell(tr, fmt(r.rouge_l), 'num');
+    td.appendChild(ol);
+  }
+  function renderRow(r) {
+    const tr = document.createElement('tr');
+    tr.dataset.i = r.i;
+    columns.forEach(function (c) {
+      if (c.kind === 'index') cell(tr, String(r.i), 'num');
+      else if (c.kind === 'num') cell(tr, fmt(r[c.key]), 'num');
+      else if (c.kind === 'image') imageCell(cell(tr), r);
+      else if (c.kind === 'words') wordsCell(cell(tr, undefined, 'cap'), r);
+      else if (c.kind === 'refs') refsCell(cell(tr), r[c.key]);
+      else cell(tr, r[c.key]);
+    });
     return tr;
   }
   function render() {
