@@ -3,6 +3,8 @@
 python launch.py --config=configs/classifier.py --workdir=runs/fmnist
 python launch.py --config=configs/q1_cnn.py --mode=summary
 python launch.py --config=configs/captioner.py --mode=baselines --workdir=runs/baselines   # no-decoder baselines
+python launch.py --mode=report --workdir=runs/fmnist  # (re)writes runs/fmnist/report.html
+python launch.py --mode=compare --workdir=runs/att --compare_to=runs/plain  # runs/att/compare_plain.html
 python launch.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
 python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distributed finds the processes
 python launch.py ... --jax_platforms=cpu       # any --jax_* option
@@ -19,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, plots, results.')
 _MODE = flags.DEFINE_enum('mode', 'train', list(cli.MODES), 'What to do with the config.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image paths for --mode=imagenet_predict / caption.')
+_COMPARE_TO = flags.DEFINE_string('compare_to', None, '--mode=compare: the captioning workdir set beside --workdir.')
 # Several processes (jax.distributed): these three, or the same from the environment, or --distributed_auto.
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, f'host:port of process 0, the same for every process (default: ${cli.ENV_COORDINATOR}).'
@@ -56,6 +59,7 @@ def main(argv) -> None:
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value, _DISTRIBUTED_TIMEOUT.value
     ),
     _CACHE_DIR.value if _CACHE.value else '',
+    _COMPARE_TO.value,
   )
 
 

@@ -6,6 +6,7 @@ packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 command -v java >/dev/null || packages+=(default-jre-headless)  # METEOR (pycocoevalcap) runs a Java jar
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+command -v chromium >/dev/null || packages+=(chromium)  # tests/test_report.py opens the report pages in it
 if [ ${#packages[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
   $SUDO apt-get update -qq

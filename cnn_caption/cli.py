@@ -22,6 +22,7 @@ from cnn_caption import errors
 from cnn_caption import inference
 from cnn_caption import io_utils
 from cnn_caption import plots
+from cnn_caption import report
 from cnn_caption import sweep
 from cnn_caption import tasks as tasks_lib
 from cnn_caption import train as train_lib
@@ -33,7 +34,17 @@ from cnn_caption.models import imagenet
 from cnn_caption.tasks import captioning as captioning_task
 from cnn_caption.training import parallel
 
-MODES = ('train', 'summary', 'attention_check', 'equivariance_check', 'imagenet_predict', 'caption', 'baselines')
+MODES = (
+  'train',
+  'summary',
+  'attention_check',
+  'equivariance_check',
+  'imagenet_predict',
+  'caption',
+  'baselines',
+  'report',
+  'compare',
+)
 ENV_COORDINATOR = 'CNN_CAPTION_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CNN_CAPTION_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CNN_CAPTION_PROCESS_ID'
@@ -307,7 +318,7 @@ def baselines(config: ml_collections.ConfigDict, workdir: str) -> int:
   return 0
 
 
-def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
+def run(mode: str, config, workdir: str | None, images: list[str], compare_to: str | None = None) -> int:
   """Dispatches one mode; returns the exit code (UserError propagates)."""
   if jax.process_count() > 1:  # every process must run the same command (apart from --process_id)
     fields = config_utils.flatten(config.to_dict()) if isinstance(config, ml_collections.ConfigDict) else {}
@@ -318,6 +329,14 @@ def run(mode: str, config, workdir: str | None, images: list[str]) -> int:
     raise UserError(f'--mode={mode} runs in one process; drop --num_processes / --distributed_auto')
   if mode == 'caption':
     return caption(config_utils.require_workdir(workdir, mode), images)
+  if mode == 'report':
+    print(report.write_report(config_utils.require_workdir(workdir, mode)))
+    return 0
+  if mode == 'compare':
+    if not compare_to:
+      raise UserError('--mode=compare needs --compare_to=<the other captioning workdir> beside --workdir')
+    print(report.write_comparison(config_utils.require_workdir(workdir, mode), compare_to))
+    return 0
   config = config_utils.require_config(config)
   parallel.same_verdict(lambda: config_utils.validate(config))
   if mode == 'train':
@@ -360,6 +379,7 @@ def main(
   images: list[str],
   distributed: Distributed | None = None,
   compilation_cache: str | None = None,
+  compare_to: str | None = None,
 ) -> None:
   """Joins the other processes (if any), runs a mode and exits with one line for anything but success.
 
@@ -400,7 +420,7 @@ def main(
     logging.info('compiled programs are kept in %s (--compilation_cache_dir, --nocompilation_cache)', cache_dir)
   try:
     with parallel.StopRequest(f'--mode={mode}'):  # training and sweeps name their own phases
-      code = run(mode, config, workdir, images)
+      code = run(mode, config, workdir, images, compare_to)
   except UserError as e:
     _exit(2, f'error: {e}')
   except parallel.Preempted as e:

@@ -191,6 +191,7 @@ def _summarise(config: ml_collections.ConfigDict, workdir: str, rates: list[floa
     os.path.join(plot_dir, 'val_accuracy.png'),
   )
   io_utils.write_json(os.path.join(workdir, 'results.json'), results)
+  train.write_report(workdir)
   logging.info(
     'sweep: best lr %g (val %.4f, test %.4f)', best['learning_rate'], best['val_accuracy'], best['test_accuracy']
   )

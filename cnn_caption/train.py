@@ -28,6 +28,7 @@ import numpy as np
 
 from cnn_caption import config_utils
 from cnn_caption import io_utils
+from cnn_caption import report
 from cnn_caption import tasks as tasks_lib
 from cnn_caption.errors import UserError
 from cnn_caption.io_utils import write_json
@@ -571,5 +572,14 @@ class Trainer:
     if parallel.is_main_process():
       task.make_plots(history, state.params, self.workdir)
       write_json(os.path.join(self.workdir, 'results.json'), results)
+      write_report(self.workdir)
     logging.info('results: %s', {k: v for k, v in results.items() if k != 'config'})
     return results
+
+
+def write_report(workdir: str) -> None:
+  """workdir/report.html; the run's results are already saved, so a failure here only logs a warning."""
+  try:
+    logging.info('report: %s', report.write_report(workdir))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('report: not written (%s: %s); retry with launch.py --mode=report', type(e).__name__, e)

@@ -166,10 +166,14 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   captions = json.loads(open(os.path.join(workdir, 'test_captions.json')).read())
   assert len(captions) == results['num_images']['test']
   assert all(
-    set(c) == {'image_name', 'caption', 'cider', 'rouge_l', 'class'} and isinstance(c['caption'], list)
+    set(c) == {'image_name', 'caption', 'references', 'cider', 'bleu4', 'rouge_l', 'class'}
+    and isinstance(c['caption'], list)
     for c in captions
   )
   assert np.mean([c['cider'] for c in captions]) == pytest.approx(saved['test_cider'])
+  assert np.mean([c['bleu4'] for c in captions]) == pytest.approx(saved['test_bleu4_sentence_mean'])
+  assert os.path.getsize(os.path.join(workdir, 'test_attention.npz')) > 0
+  assert os.path.getsize(os.path.join(workdir, 'report.html')) > 0
   # Distinctiveness: recomputed here from the captions and the synthetic set's training captions.
   data = json.loads(open(os.path.join(shared_dirs[0], 'dataset.json')).read())
   seen = {tuple(s['tokens']) for item in data['images'] if item['split'] == 'train' for s in item['sentences']}

@@ -245,7 +245,16 @@ def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
   npy_0 = {p for p in r.writes(0) if p.endswith('.npy')}
   npy_1 = {p for p in r.writes(1) if p.endswith('.npy')}
   assert npy_0 and npy_1 and not npy_0 & npy_1  # each process encoded its own share
-  for name in ('test_captions.json', 'vocab.json', 'config.json', 'results.json', 'key.json', '.png'):
+  for name in (
+    'test_captions.json',
+    'test_attention.npz',
+    'report.html',
+    'vocab.json',
+    'config.json',
+    'results.json',
+    'key.json',
+    '.png',
+  ):
     assert not [p for p in r.writes(1) if p.endswith(name)]
   assert os.path.exists(os.path.join(two, 'test_captions.json'))
 

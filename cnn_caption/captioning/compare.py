@@ -5,8 +5,8 @@
 Reads each workdir's test_captions.json (written by every captioning run: per-image CIDEr-D and ROUGE-L),
 pairs the images by name and prints, per metric, both means, the mean difference A - B, its 95%
 percentile-bootstrap interval and the fraction of resamples in which A is not better. Exit code 2 with
-one line when a workdir lacks the file, the two were scored on different images, or a flag is wrong
-(absl flags: --help lists them).
+one line when a workdir lacks the file or the two were scored on different images. A page of the per-image
+differences (sortable, with thumbnails): launch.py --mode=compare --workdir=A --compare_to=B.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def corpus_bleu_scores(references: References, hypotheses: Hypotheses) -> dict[s
   return dict(zip(_BLEU_WEIGHTS, _bleu_or_zero(refs, hyps, list(_BLEU_WEIGHTS.values()))))
 
 
-def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
-  """Mean over images of nltk sentence_bleu (default BLEU-4 weights, no smoothing): the homework's metric.
+def sentence_bleu_scores(references: References, hypotheses: Hypotheses) -> list[float]:
+  """Per image, nltk sentence_bleu (default BLEU-4 weights, no smoothing): the homework's metric.
 
   Without smoothing, an image whose hypothesis shares no n-gram of some order
   1..4 with its references (e.g. any hypothesis shorter than 4 words) scores
@@ -105,10 +105,16 @@ def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
     hypotheses: per image, one generated caption as a token list.
 
   Returns:
-    The mean score in [0, 1].
+    One score in [0, 1] per image.
   """
   refs, hyps = _lower(references, hypotheses)
   scores = [_bleu_or_zero([r], [h], [_BLEU_WEIGHTS['bleu4']])[0] for r, h in zip(refs, hyps)]
+  return [float(s) for s in scores]
+
+
+def sentence_bleu_mean(references: References, hypotheses: Hypotheses) -> float:
+  """Mean over images of sentence_bleu_scores."""
+  scores = sentence_bleu_scores(references, hypotheses)
   return float(sum(scores) / len(scores))
 
 
@@ -266,7 +272,10 @@ def caption_scores(
     {'bleu1'..'bleu4', 'rouge_l', 'cider'[, 'meteor'], 'bleu4_sentence_mean'[, 'per_image']}.
   """
   scores = coco_scores(references, hypotheses, meteor=meteor, per_image=per_image)
-  scores['bleu4_sentence_mean'] = sentence_bleu_mean(references, hypotheses)
+  sentence_bleu4 = sentence_bleu_scores(references, hypotheses)
+  scores['bleu4_sentence_mean'] = float(sum(sentence_bleu4) / len(sentence_bleu4))
+  if per_image:
+    scores['per_image']['bleu4'] = sentence_bleu4
   return scores
 
 

@@ -34,6 +34,10 @@ class ImageEntry:
   captions: tuple[tuple[str, ...], ...]
   label: str | None = None  # the entry's `class` (e.g. UC Merced's land-use class), None when it has none
 
+  @property
+  def category(self) -> str | None:
+    return self.label
+
 
 class _BadEntry(Exception):
   """One entry of dataset.json is unusable; the message says why and names the file."""

@@ -38,6 +38,7 @@ from cnn_caption.training import run_record
 
 VOCAB_FILE = 'vocab.json'
 CONFIG_FILE = run_record.CONFIG_FILE
+ATTENTION_FILE = 'test_attention.npz'  # per test image, the attention over the regions behind each generated word
 
 
 def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -431,17 +432,62 @@ class CaptioningTask(base.Task):
     results['dataset'] = 'synthetic' if self.synthetic else self.config.data.dir
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
-    # Per-image CIDEr-D and ROUGE-L: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci).
-    captions = [
-      {'image_name': e.name, 'caption': h, 'cider': c, 'rouge_l': r}
-      for e, h, c, r in zip(self.entries['test'], hyps, per_image['cider'], per_image['rouge_l'])
-    ]
-    if labels is not None:
-      for caption, label in zip(captions, labels):
-        caption['class'] = label
+    # Per-image scores: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci) and what
+    # the report's caption table shows, with the references and the image's class where the data has one.
+    captions = []
+    for i, (entry, hyp) in enumerate(zip(self.entries['test'], hyps)):
+      row = {
+        'image_name': entry.name,
+        'caption': hyp,
+        'references': [' '.join(r) for r in self.references['test'][i]],
+        'cider': per_image['cider'][i],
+        'bleu4': per_image['bleu4'][i],
+        'rouge_l': per_image['rouge_l'][i],
+      }
+      if entry.category is not None:
+        row['class'] = entry.category
+      captions.append(row)
+    alphas = self.attention_maps(best_params, 'test', hyps)
     if parallel.is_main_process():
       io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+      if alphas is not None:
+        lengths = np.array([len(a) for a in alphas], np.int32)
+        arrays = {
+          'image_name': np.array([e.name for e in self.entries['test']]),
+          'length': lengths,
+          'alphas': np.concatenate(alphas).astype(np.float16),
+        }
+        io_utils.atomic_write(os.path.join(workdir, ATTENTION_FILE), lambda f: np.savez_compressed(f, **arrays))
     return results
+
+  def attention_maps(self, params, split: str, hyps: list[list[str]]) -> list[np.ndarray] | None:
+    """Per image, the attention (steps x N) that chose each word of its caption and then the end.
+
+    steps is len(words) + 1, or len(words) for a caption cut at decoding.max_len (it has no end). The decoder
+    reads the generated caption teacher-forced, so the maps are those the decoding used, beam search
+    included. None for a decoder without attention or an ensemble.
+    """
+    if self.config.model.attention_dim is None or self.ensemble:
+      return None
+    width = max(len(h) for h in hyps) + 1
+    inputs = np.full((len(hyps), width), decoders.PAD_ID, np.int32)
+    inputs[:, 0] = self.vocab.bos_id
+    for i, hyp in enumerate(hyps):
+      inputs[i, 1 : len(hyp) + 1] = self.vocab.encode(hyp)
+    if 'teacher_forced_alphas' not in self._decoders:
+      self._decoders['teacher_forced_alphas'] = jax.jit(
+        lambda p, f, x: self.model.apply({'params': p}, f, x, train=False)[1],
+        out_shardings=parallel.replicated(self.mesh),
+      )
+    fn, feats = self._decoders['teacher_forced_alphas'], self.feats[split]
+    fetch = lambda rows: {'feats': feats[rows].astype(np.float32), 'tokens': inputs[rows]}
+    out = []
+    for batch, n in parallel.padded_batches(len(hyps), self.config.eval_batch_size, fetch):
+      batch = parallel.shard_batch({'feats': batch['feats'], 'tokens': batch['tokens']}, self.mesh)
+      out.append(np.asarray(fn(params, batch['feats'], batch['tokens']), np.float32)[:n])
+    alphas_MxTxN = np.concatenate(out)
+    max_len = self.config.decoding.max_len
+    return [alphas_MxTxN[i, : min(len(h) + 1, max_len)] for i, h in enumerate(hyps)]
 
   def tensorboard_images(self, params, num_images: int = 3) -> dict[str, np.ndarray]:
     """Greedy captions with their attention maps for the first validation images (attention decoders)."""

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cnn_caption import io_utils
 from cnn_caption import models
 from cnn_caption import plots
 from cnn_caption.data import augment
@@ -38,6 +39,7 @@ def classification_loss(params, batch, *, apply_fn, rngs, train: bool, label_smo
 
 
 _FASHION_MNIST_SHAPE = (28, 28, 1)
+PREDICTIONS_FILE = 'test_predictions.npz'  # written with the final results, read by the report
 
 
 class ClassificationTask(base.Task):
@@ -76,6 +78,7 @@ class ClassificationTask(base.Task):
     )
     self._batch_norm = norm.has_batch_norm(self.model, self.example_inputs())
     self._moments_fn = jax.jit(functools.partial(norm.batch_moments, self.model))
+    self._predict_fn = None  # jitted at the first predict
     self.loss = functools.partial(
       classification_loss, label_smoothing=config.get('loss', {}).get('label_smoothing', 0.0)
     )
@@ -128,12 +131,16 @@ class ClassificationTask(base.Task):
     )
     return {'params': params, **norm.population_stats(self._moments_fn, params, batches)}
 
-  def _eval_counts(self, variables, batch):
-    logp = self.model.apply(variables, batch['image'], train=False)
+  def _log_probs(self, variables, images):
+    logp = self.model.apply(variables, images, train=False)
     if self.config.data.get('eval_flip', False):
       # Test-time augmentation: the mean of the probabilities of each image and its mirror.
-      logp_flip = self.model.apply(variables, batch['image'][:, :, ::-1], train=False)
+      logp_flip = self.model.apply(variables, images[:, :, ::-1], train=False)
       logp = jnp.logaddexp(logp, logp_flip) - jnp.log(2.0)
+    return logp
+
+  def _eval_counts(self, variables, batch):
+    logp = self._log_probs(variables, batch['image'])
     labels, mask = batch['label'], batch['mask']
     correct = (jnp.argmax(logp, -1) == labels) & mask
     nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
@@ -167,9 +174,48 @@ class ClassificationTask(base.Task):
   def save_assets(self, workdir: str) -> None:
     del workdir
 
+  def _predictions(self, variables, images):
+    logp = self._log_probs(variables, images)
+    return jnp.argmax(logp, -1), jnp.exp(jnp.max(logp, -1))
+
+  def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted class of every image of a split and its probability (as evaluate scores them)."""
+    if self._predict_fn is None:
+      self._predict_fn = jax.jit(self._predictions, out_shardings=parallel.replicated(self.mesh))
+    images = self.splits[split][0]
+    fetch = lambda rows: {'image': fashion_mnist.to_float(images[rows])}
+    variables = self._variables(params)
+    preds, probs = [], []
+    for batch, n in parallel.padded_batches(len(images), self.config.eval_batch_size, fetch):
+      pred, prob = self._predict_fn(variables, parallel.shard_batch({'image': batch['image']}, self.mesh)['image'])
+      preds.append(np.asarray(pred)[:n])
+      probs.append(np.asarray(prob, np.float32)[:n])
+    return np.concatenate(preds).astype(np.int32), np.concatenate(probs)
+
+  def save_predictions(self, params, workdir: str, num_mistakes: int = 30) -> None:
+    """workdir/test_predictions.npz: per test image its label, prediction and the prediction's probability.
+
+    Also the images of the num_mistakes most confident mistakes (`mistake_index` into the test split,
+    `mistake_image` uint8), so the report needs no data set.
+    """
+    pred, prob = self.predict(params, 'test')
+    images, labels = self.splits['test']
+    wrong = np.flatnonzero(pred != labels)
+    worst = wrong[np.argsort(-prob[wrong], kind='stable')][:num_mistakes]
+    arrays = {
+      'label': labels.astype(np.int32),
+      'pred': pred,
+      'prob': prob,
+      'mistake_index': worst.astype(np.int32),
+      'mistake_image': images[worst, :, :, 0],
+      'class_names': np.array(fashion_mnist.CLASS_NAMES[: self.config.model.num_classes]),
+    }
+    if parallel.is_main_process():
+      io_utils.atomic_write(os.path.join(workdir, PREDICTIONS_FILE), lambda f: np.savez_compressed(f, **arrays))
+
   def final_results(self, params, best_params, workdir: str) -> dict:
-    del workdir
     test = self.evaluate(params, 'test')
+    self.save_predictions(params, workdir)  # the parameters whose test_accuracy is reported
     test_best = self.evaluate(best_params, 'test')
     return {
       'test_accuracy': test['accuracy'],
