@@ -29,6 +29,7 @@ class ImageEntry:
   path: str  # where the image file is
   split: str  # 'train' | 'val' | 'test'
   captions: tuple[tuple[str, ...], ...]
+  scene_class: str | None = None  # the entry's "class" (e.g. UC Merced's land-use class), if it has one
 
 
 class _BadEntry(Exception):
@@ -164,7 +165,10 @@ def _entry(item: Any, i: int, dataset_dir: str, image_dir: str) -> ImageEntry:
       f'{where} image {path} is a {"directory" if os.path.isdir(path) else "special file"}, '
       'not an image file (fix "filepath"/"filename")'
     )
-  return ImageEntry(name=filename, path=path, split=split, captions=captions)
+  scene_class = item.get('class')
+  if scene_class is not None and not isinstance(scene_class, str):
+    raise _BadEntry(f'{where} "class" is not a string')
+  return ImageEntry(name=filename, path=path, split=split, captions=captions, scene_class=scene_class)
 
 
 def load_karpathy(
