@@ -18,8 +18,8 @@ Expected on UCM-captions test (CIDEr-D / BLEU-4, mean of seeds 0, 1, 2): (to be 
 
 Variants: `smoke` (the synthetic scenes of configs/captioner.py:smoke; they have no classes, so the head is
 off, with one log line); `scst` (self-critical training from a finished run of this config:
-`--config.init_from=XE_WORKDIR`, as configs/captioner_scst.py:plain; the head and its loss stay on);
-`scst_smoke`.
+`--config.init_from=XE_WORKDIR`, as configs/captioner_scst.py:plain with its measured protocol, learning rate
+1e-4 and 10 epochs; the head and its loss stay on, and so do the 8 transforms); `scst_smoke`.
 """
 
 import os

@@ -156,9 +156,10 @@ def test_training_features_are_one_transform_chosen_by_seed_and_epoch(class_data
   for row, (t, image) in enumerate(zip(choice, images)):
     np.testing.assert_array_equal(both['feats'][row], np.asarray(task.train_views[t][[image]], np.float32)[0])
   assert len(set(choice.tolist())) > 1
-  # Val decodes the mean of the 8 transforms' features, each map rotated back.
   view = lambda t: np.asarray(task.train_views[t][[0]], np.float32)[0]
-  assert not np.allclose(view(0), view(1))
+  assert not np.allclose(view(0), view(1))  # the images are not symmetric: the transforms' features differ
+  # Val and test decode the mean of the 8 transforms (tests: test_dihedral_mean_...), not transform 0.
+  assert task.feats['val'].path != task.train_views[0].path
   assert np.array_equal(task.scene_labels['val'], np.arange(3))  # one image per sorted class
 
 
@@ -198,7 +199,7 @@ def test_scene_run_reports_class_accuracy_and_scst_trains_with_the_head(class_da
   config = scene_smoke(class_data)
   scst = scene_config.get_config('scst_smoke')
   scst.data.dir, scst.encoder.cache_dir, scst.init_from = config.data.dir, config.encoder.cache_dir, workdir
-  scst.num_epochs = 1
+  scst.num_epochs, scst.batch_size = 1, 2  # 6 training images
   scst_results = train.train_and_evaluate(scst, str(tmp_path / 'scst'))
   assert np.isfinite(scst_results['test_cider']) and 'test_scene_accuracy' in scst_results
 

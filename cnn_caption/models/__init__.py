@@ -50,7 +50,7 @@ _REGISTRY = {
     _caption_inputs,
     lambda config: {
       'vocab_size': config.model_inputs.vocab_size,
-      **({'scene_classes': config.model_inputs.scene_classes} if config.model.get('scene_head') else {}),
+      **({'scene_classes': config.model_inputs.get('scene_classes', 0)} if config.model.get('scene_head') else {}),
     },
   ),
 }

@@ -285,7 +285,9 @@ class CaptioningTask(base.Task):
       self.entries['train'], self.vocab, config.data.max_caption_len
     )
     self.num_train = len(self.tokens)
-    scene = {'scene_head': True, 'scene_classes': len(self.scene_classes)} if self.scene_classes else {}
+    scene = {}
+    if config.model.get('scene_head', False):  # on when the data has classes (_scene_classes says so if not)
+      scene = {'scene_head': bool(self.scene_classes), 'scene_classes': len(self.scene_classes)}
     self.model = models.create_model(config, vocab_size=len(self.vocab), **scene)
     self.scene_weight = config.loss.get('scene_weight', 0.0) if self.scene_classes else 0.0
     self.loss = with_scene_loss(
