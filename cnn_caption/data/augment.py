@@ -1,4 +1,4 @@
-"""Training-time image augmentation on host (numpy): random crops of a zero-padded image, horizontal flips."""
+"""Image augmentation on host (numpy): random crops of a zero-padded image, flips, the 8 dihedral transforms."""
 
 from __future__ import annotations
 
@@ -26,3 +26,41 @@ def random_crop_flip(images_BxHxWxC: np.ndarray, rng: np.random.Generator, *, pa
     mirror = rng.random(b) < 0.5
     out = np.where(mirror[:, None, None, None], out[:, :, ::-1], out)
   return out
+
+
+NUM_DIHEDRAL = 8  # the symmetries of a square: 4 rotations, each with or without a mirror
+
+
+def dihedral(x: np.ndarray, transform: int) -> np.ndarray:
+  """One of the 8 symmetries of the square grid in the last-but-one two axes (... x H x W x C).
+
+  transform t in 0..7: a left-right mirror first when t >= 4, then a rotation by (t % 4) * 90 degrees
+  counter-clockwise (np.rot90). t = 0 is the identity. Returns a view where numpy can.
+  """
+  if not 0 <= transform < NUM_DIHEDRAL:
+    raise ValueError(f'dihedral transform {transform} must be in [0, {NUM_DIHEDRAL})')
+  if transform >= 4:
+    x = np.flip(x, axis=-2)
+  return np.rot90(x, transform % 4, axes=(-3, -2))
+
+
+def undo_dihedral(y: np.ndarray, transform: int) -> np.ndarray:
+  """The inverse transform: `undo_dihedral(dihedral(x, t), t)` is x exactly."""
+  if not 0 <= transform < NUM_DIHEDRAL:
+    raise ValueError(f'dihedral transform {transform} must be in [0, {NUM_DIHEDRAL})')
+  x = np.rot90(y, -(transform % 4), axes=(-3, -2))
+  return np.flip(x, axis=-2) if transform >= 4 else x
+
+
+def undo_dihedral_regions(regions_xNxC: np.ndarray, transform: int) -> np.ndarray:
+  """A transformed image's region features (... x N x C) put back in the original image's orientation.
+
+  The N = S*S regions are a row-major square map; afterwards region (i, j) describes the same place of the
+  image in every transform.
+  """
+  n = regions_xNxC.shape[-2]
+  side = int(round(n**0.5))
+  if side * side != n:
+    raise ValueError(f'{n} regions are not a square map; dihedral transforms need a square feature map')
+  grid = regions_xNxC.reshape(*regions_xNxC.shape[:-2], side, side, regions_xNxC.shape[-1])
+  return np.ascontiguousarray(undo_dihedral(grid, transform)).reshape(regions_xNxC.shape)

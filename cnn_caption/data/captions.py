@@ -38,6 +38,10 @@ class ImageEntry:
   def category(self) -> str | None:
     return self.label
 
+  @property
+  def scene_class(self) -> str | None:
+    return self.label
+
 
 class _BadEntry(Exception):
   """One entry of dataset.json is unusable; the message says why and names the file."""

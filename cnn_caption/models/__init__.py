@@ -48,7 +48,10 @@ _REGISTRY = {
   'captioner': Entry(
     'cnn_caption.models.decoders:CaptionDecoder',
     _caption_inputs,
-    lambda config: {'vocab_size': config.model_inputs.vocab_size},
+    lambda config: {
+      'vocab_size': config.model_inputs.vocab_size,
+      **({'scene_classes': config.model_inputs.get('scene_classes', 0)} if config.model.get('scene_head') else {}),
+    },
   ),
 }
 

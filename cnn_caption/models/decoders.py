@@ -30,7 +30,8 @@ _ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
 # Decoding state carried between steps: {'h': BxH, 'c': BxH}.
 Carry = dict[str, jax.Array]
 # Per-call constants for `step`: 'table' (Vx4H) always; with attention 'keys' (GxNxA) and either
-# 'feats' (GxNxC) or 'feat_gates' (GxNx4H), once per image (G images; K = B / G beams each).
+# 'feats' (GxNxC) or 'feat_gates' (GxNx4H), once per image (G images; K = B / G beams each); with a scene
+# head fed to every step, 'scene_gates' (Gx4H).
 Cache = dict[str, jax.Array]
 
 
@@ -104,6 +105,12 @@ class CaptionDecoder(nn.Module):
   attention_dim: int | None = None
   attention_act: str = 'relu'
   encoder_head_dim: int = 0  # > 0: a trainable encoder head relu6(Dense) maps the input regions to this width first
+  # A linear scene-class head on the mean region: its predicted class distribution (never the true class) joins
+  # the mean region in the initial state. Needs scene_classes > 0 (the task takes it from the data).
+  scene_head: bool = False
+  scene_classes: int = 0  # classes of the scene head
+  scene_embed_dim: int = 0  # > 0: the distribution enters as a learnt embedding of this width; 0: as it is
+  scene_every_step: bool = False  # also add the scene vector to every step's LSTM input
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); params and the LSTM state stay float32
 
   def setup(self):
@@ -123,6 +130,20 @@ class CaptionDecoder(nn.Module):
       # The encoder's last 1x1 conv + BatchNorm as one Dense, trained with the decoder; the task starts it
       # from the ImageNet weights (encoders.head_as_dense) and the features are the encoder's 'before_head'.
       self.encoder_head = nn.Dense(self.encoder_head_dim, dtype=self.dtype)
+    if self.scene_head:
+      if self.scene_classes <= 0:
+        raise UserError(
+          f'the scene head needs scene classes (got {self.scene_classes}): train on data whose images have a '
+          '"class", or set --config.model.scene_head=False'
+        )
+      if self.scene_embed_dim < 0:
+        raise UserError(f'config.model.scene_embed_dim={self.scene_embed_dim} must be >= 0 (0 = the distribution)')
+      self.scene_logits_head = nn.Dense(self.scene_classes, dtype=self.dtype)
+      if self.scene_embed_dim:
+        self.scene_embed = nn.Dense(self.scene_embed_dim, use_bias=False, dtype=self.dtype)
+      if self.scene_every_step:
+        # Concatenating the scene vector to each step's input = adding its projection to the input gates.
+        self.scene_gates = nn.Dense(4 * self.hidden_dim, use_bias=False, dtype=self.dtype)
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
     self.init_h = nn.Dense(self.hidden_dim, dtype=self.dtype)
     self.init_c = nn.Dense(self.hidden_dim, dtype=self.dtype)
@@ -168,24 +189,42 @@ class CaptionDecoder(nn.Module):
       return feats_BxNxC
     return jax.nn.relu6(self.encoder_head(feats_BxNxC.astype(self.dtype)))
 
+  def scene_logits(self, feats_BxNxC: jax.Array) -> jax.Array:
+    """The scene head's class logits (float32, BxS) from the mean region; needs scene_head."""
+    return self._scene_logits(self._regions(feats_BxNxC).mean(axis=1))
+
+  def _scene_logits(self, mean_BxC: jax.Array) -> jax.Array:
+    return self.scene_logits_head(mean_BxC).astype(jnp.float32)
+
   def _gate_table(self) -> jax.Array:
     """The embedding half of the gates for every vocabulary word, Vx4H."""
     return self.x_gates(self.embed.embedding)
 
-  def _start(self, feats_BxNxC: jax.Array) -> tuple[Carry, jax.Array | None]:
+  def _start(self, feats_BxNxC: jax.Array) -> tuple[Carry, jax.Array | None, jax.Array | None]:
+    """(h0, c0), the attention keys (or None) and the scene's share of every step's input gates (or None)."""
     if feats_BxNxC.ndim != 3:
       raise UserError(
         f'caption decoder features have shape {feats_BxNxC.shape}; expected '
         '(batch, regions, channels): flatten the encoder map to regions first'
       )
     mean_BxC = feats_BxNxC.mean(axis=1)
+    start_BxD, scene_gates_Bx4H = mean_BxC, None
+    if self.scene_head:
+      scene_BxS = jax.nn.softmax(self._scene_logits(mean_BxC), axis=-1).astype(mean_BxC.dtype)
+      if self.scene_embed_dim:
+        scene_BxS = self.scene_embed(scene_BxS)
+      start_BxD = jnp.concatenate([mean_BxC, scene_BxS], axis=-1)
+      if self.scene_every_step:
+        scene_gates_Bx4H = self.scene_gates(scene_BxS)
     # The LSTM state is float32 in every compute dtype: c sums over the whole caption.
-    carry = {'h': self.init_h(mean_BxC).astype(jnp.float32), 'c': self.init_c(mean_BxC).astype(jnp.float32)}
+    carry = {'h': self.init_h(start_BxD).astype(jnp.float32), 'c': self.init_c(start_BxD).astype(jnp.float32)}
     keys_BxNxA = self.keys(feats_BxNxC) if self.attention_dim is not None else None
-    return carry, keys_BxNxA
+    return carry, keys_BxNxA, scene_gates_Bx4H
 
   def _run(self, feats_BxNxC, xgates_BxTx4H, train):
-    carry, keys_BxNxA = self._start(feats_BxNxC)
+    carry, keys_BxNxA, scene_gates_Bx4H = self._start(feats_BxNxC)
+    if scene_gates_Bx4H is not None:
+      xgates_BxTx4H = xgates_BxTx4H + scene_gates_Bx4H[:, None]
     regions = None
     if self.attention_dim is not None:
       # The regions through the context half of the gates once, before the scan: one large matmul instead of
@@ -210,9 +249,11 @@ class CaptionDecoder(nn.Module):
       (cache, carry) for `step`.
     """
     feats_BxNxC = self._regions(feats_BxNxC)
-    carry, keys_BxNxA = self._start(feats_BxNxC)
+    carry, keys_BxNxA, scene_gates_Gx4H = self._start(feats_BxNxC)
     carry = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), carry)
     cache = {'table': self._gate_table()}
+    if scene_gates_Gx4H is not None:
+      cache['scene_gates'] = scene_gates_Gx4H
     if self.attention_dim is not None:
       cache['keys'] = keys_BxNxA
       if repeat > 1:
@@ -226,7 +267,10 @@ class CaptionDecoder(nn.Module):
   def step(self, cache: Cache, carry: Carry, token_B: jax.Array) -> tuple[Carry, jax.Array, jax.Array | None]:
     """One decoding step from `init_state`'s cache: returns (carry, logits_BxV, alpha_BxN or None)."""
     xgates_Bx4H = jnp.take(cache['table'], token_B, axis=0)
-    regions = {k: v for k, v in cache.items() if k != 'table'} or None
+    if 'scene_gates' in cache:  # once per image; rows are image-major beams
+      scene_gates_Gx4H = cache['scene_gates']
+      xgates_Bx4H = xgates_Bx4H + jnp.repeat(scene_gates_Gx4H, token_B.shape[0] // scene_gates_Gx4H.shape[0], axis=0)
+    regions = {k: v for k, v in cache.items() if k not in ('table', 'scene_gates')} or None
     carry, (h_BxH, alpha_BxN) = self.cell(carry, xgates_Bx4H, regions)
     return carry, self.out(h_BxH), alpha_BxN
 

@@ -1,7 +1,16 @@
 """Image captioning task (homework question 3): teacher-forced training, decoding chosen on val, coco metrics.
 
 The encoder is frozen, so its region features are computed once (cnn_caption.captioning.features caches them)
-and training only ever sees features: a batch is {'feats': BxNxC, 'tokens': Bx(T+2)}.
+and training only ever sees features: a batch is {'feats': BxNxC, 'tokens': Bx(T+2)} (plus 'scene_label': B
+with a trained scene-class head).
+
+Two levers for data sets that are nearly scene classification (UCM-captions), both off by default:
+  config.data.dihedral_train / dihedral_test: features of the 8 rotations / mirrors of every image (one cache
+    each); a training caption reads one of them chosen by (seed, epoch, caption), val and test decode the mean
+    of the 8 (each region map rotated back to the image's orientation first);
+  config.model.scene_head with config.loss.scene_weight: a linear class head on the mean region, trained with
+    an auxiliary cross-entropy on the images' "class", whose predicted distribution feeds the decoder's initial
+    state (models.decoders.CaptionDecoder). Data without classes (the synthetic scenes) trains without it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from cnn_caption.captioning import baselines as baselines_lib
 from cnn_caption.captioning import distinct
 from cnn_caption.captioning import features as features_lib
 from cnn_caption.captioning import metrics as metrics_lib
+from cnn_caption.data import augment
 from cnn_caption.data import captions as captions_lib
 from cnn_caption.data import synthetic
 from cnn_caption.data import vocab as vocab_lib
@@ -37,6 +47,7 @@ from cnn_caption.training import parallel
 from cnn_caption.training import run_record
 
 VOCAB_FILE = 'vocab.json'
+SCENE_CLASSES_FILE = 'scene_classes.json'  # the scene head's class names, in logit order (absent: no head)
 CONFIG_FILE = run_record.CONFIG_FILE
 ATTENTION_FILE = 'test_attention.npz'  # per test image, the attention over the regions behind each generated word
 
@@ -167,6 +178,36 @@ def _mean_pooled(feats, rows_per_read: int = 256) -> np.ndarray:
   )
 
 
+def with_scene_loss(loss_fn, scene_weight: float):
+  """loss_fn plus scene_weight x the scene head's cross-entropy on batch['scene_label'] (0: loss_fn itself).
+
+  The class logits come from the same features as the captions (batch['feats'], images x N x C); aux gains
+  'scene_loss' (the unweighted cross-entropy) and 'scene_correct' (the share of images classified right).
+  """
+  if not scene_weight:
+    return loss_fn
+
+  def loss(params, batch, *, apply_fn, rngs, train: bool):
+    value, aux = loss_fn(params, batch, apply_fn=apply_fn, rngs=rngs, train=train)
+    logits_BxS = apply_fn({'params': params}, batch['feats'], method='scene_logits')
+    labels_B = batch['scene_label']
+    scene_ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxS, labels_B).mean()
+    correct = (jnp.argmax(logits_BxS, axis=-1) == labels_B).mean()
+    return value + scene_weight * scene_ce, {**aux, 'scene_loss': scene_ce, 'scene_correct': correct}
+
+  return loss
+
+
+def dihedral_choice(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The dihedral transform (0..7) each training example reads in `epoch`: a function of (seed, epoch) only.
+
+  An example is seen once per epoch, so a resumed run (any steps_per_call, any process count) reads the
+  same transforms as an uninterrupted one.
+  """
+  rng = np.random.default_rng([seed, epoch, 0xD1ED])
+  return rng.integers(augment.NUM_DIHEDRAL, size=num_examples)
+
+
 class CaptioningTask(base.Task):
   """Frozen-encoder features -> LSTM decoder (plain or attention), teacher forcing, coco metrics."""
 
@@ -178,6 +219,15 @@ class CaptioningTask(base.Task):
     check(config, 'loss.scheduled_sampling', base.prob, 'in [0, 1) (0 = off)')
     check(config, 'loss.doubly_stochastic', base.nonneg, 'a finite number >= 0 (0 = off)')
     check(config, 'model.encoder_head_dim', base.nonneg_int, 'an integer >= 0 (0 = off; 1280 fine-tunes the head)')
+    check(config, 'model.scene_embed_dim', base.nonneg_int, 'an integer >= 0 (0 = the class distribution itself)')
+    check(config, 'loss.scene_weight', base.nonneg, 'a finite number >= 0 (0 = no scene-class loss)')
+    for field in ('model.scene_head', 'model.scene_every_step', 'data.dihedral_train', 'data.dihedral_test'):
+      check(config, field, lambda v: isinstance(v, bool), 'True or False')
+    if base.get_field(config, 'loss.scene_weight') and not base.get_field(config, 'model.scene_head'):
+      raise UserError(
+        f'config.loss.scene_weight={config.loss.scene_weight} trains a scene head, but config.model.scene_head '
+        'is off; set --config.model.scene_head=True or --config.loss.scene_weight=0'
+      )
     check(config, 'model.attention_act', lambda v: v in ('relu', 'tanh'), "'relu' or 'tanh'")
     check(config, 'data.synthetic_num_images', pos_int, 'a positive integer')
     check(config, 'encoder.batch_size', pos_int, 'a positive integer')
@@ -224,38 +274,63 @@ class CaptioningTask(base.Task):
         raise UserError(f'{data_dir}/dataset.json has no {split} images; captioning needs train, val and test')
     self.vocab = self._vocab(splits['train'])
     check_beam_sizes(config, len(self.vocab))  # before any feature is computed
-    # One extraction call for all splits: one encoder compilation, one progress log.
+    self.scene_classes = self._scene_classes(splits['train'])
+    # One extraction call per transform for all splits: one encoder compilation, one progress log.
     all_entries = [e for split in ('train', 'val', 'test') for e in splits[split]]
-    feats, ok = features_lib.extract_features(
-      config.encoder.name,
-      config.encoder.weights,
-      [e.path for e in all_entries],
-      config.data.image_size,
-      config.encoder.cache_dir or os.path.join(workdir, 'features'),
-      config.encoder.batch_size,
-      config.data.on_error,
-      layer=feature_layer(config),
-    )
+    dihedral_train, dihedral_test = config.data.get('dihedral_train', False), config.data.get('dihedral_test', False)
+    stores = []
+    ok = np.ones((len(all_entries),), bool)
+    for transform in range(augment.NUM_DIHEDRAL if dihedral_train or dihedral_test else 1):
+      store, transform_ok = features_lib.extract_features(
+        config.encoder.name,
+        config.encoder.weights,
+        [e.path for e in all_entries],
+        config.data.image_size,
+        config.encoder.cache_dir or os.path.join(workdir, 'features'),
+        config.encoder.batch_size,
+        config.data.on_error,
+        layer=feature_layer(config),
+        transform=transform,
+      )
+      stores.append(store)
+      ok &= transform_ok
+    eval_feats = features_lib.dihedral_mean(stores) if dihedral_test else stores[0]
     self.feats, self.entries = {}, {}
+    self.train_views = []  # with dihedral_train, the train features of each transform
     start = 0
     for split in ('train', 'val', 'test'):
       rows = slice(start, start + len(splits[split]))
       start = rows.stop
-      self.feats[split] = feats[rows][ok[rows]]
+      self.feats[split] = (stores[0] if split == 'train' else eval_feats)[rows][ok[rows]]
+      if split == 'train' and dihedral_train:
+        self.train_views = [store[rows][ok[rows]] for store in stores]
       self.entries[split] = [e for e, good in zip(splits[split], ok[rows]) if good]
       if not self.entries[split]:
         raise UserError(f'every {split} image of {data_dir} failed to load; see the warnings above')
+    index = {name: i for i, name in enumerate(self.scene_classes)}
+    # -1: no class, or one the training images do not have (never predicted, so counted wrong).
+    self.scene_labels = {
+      split: np.array([index.get(e.scene_class, -1) for e in self.entries[split]], np.int32)
+      for split in ('train', 'val', 'test')
+    }
     self.references = {split: vocab_lib.references(self.entries[split]) for split in ('val', 'test')}
     self.image_index, self.tokens, _ = vocab_lib.encode_captions(
       self.entries['train'], self.vocab, config.data.max_caption_len
     )
     self.num_train = len(self.tokens)
-    self.model = models.create_model(config, vocab_size=len(self.vocab))
-    self.loss = functools.partial(
-      caption_loss,
-      doubly_stochastic=config.loss.doubly_stochastic,
-      label_smoothing=config.loss.get('label_smoothing', 0.0),
-      scheduled_sampling=config.loss.get('scheduled_sampling', 0.0),
+    scene = {}
+    if config.model.get('scene_head', False):  # on when the data has classes (_scene_classes says so if not)
+      scene = {'scene_head': bool(self.scene_classes), 'scene_classes': len(self.scene_classes)}
+    self.model = models.create_model(config, vocab_size=len(self.vocab), **scene)
+    self.scene_weight = config.loss.get('scene_weight', 0.0) if self.scene_classes else 0.0
+    self.loss = with_scene_loss(
+      functools.partial(
+        caption_loss,
+        doubly_stochastic=config.loss.doubly_stochastic,
+        label_smoothing=config.loss.get('label_smoothing', 0.0),
+        scheduled_sampling=config.loss.get('scheduled_sampling', 0.0),
+      ),
+      self.scene_weight,
     )
     logging.info(
       'captioning: %s images train/val/test %d/%d/%d, %d training captions, vocabulary %d, features %s',
@@ -265,7 +340,40 @@ class CaptioningTask(base.Task):
       len(self.vocab),
       self.feats['train'].shape[1:],
     )
+    if self.scene_classes:
+      logging.info(
+        'scene head: %d classes, loss weight %g, features%s%s',
+        len(self.scene_classes),
+        self.scene_weight,
+        ' of one of 8 rotations/mirrors in training' if dihedral_train else '',
+        ', mean of the 8 at val/test' if dihedral_test else '',
+      )
     self._decoders = {}
+
+  def _scene_classes(self, train_entries) -> list[str]:
+    """The scene head's classes (sorted train classes); [] without config.model.scene_head or without classes."""
+    if not self.config.model.get('scene_head', False):
+      return []
+    missing = sum(e.scene_class is None for e in train_entries)
+    if missing == len(train_entries):
+      logging.info('scene head: off, the training images have no "class" (e.g. the synthetic scenes)')
+      return []
+    if missing:
+      raise UserError(
+        f'{missing} of {len(train_entries)} training images have no "class" in dataset.json; give every '
+        'training image a class or set --config.model.scene_head=False'
+      )
+    names = sorted({e.scene_class for e in train_entries})
+    path = os.path.join(self.workdir, SCENE_CLASSES_FILE)
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        saved = json.load(f)
+      if saved != names:
+        raise UserError(
+          f'{path} lists other scene classes than this data; use a fresh --workdir or the data the workdir was '
+          'trained on'
+        )
+    return names
 
   def initial_params(self, params):
     """A fresh model's trainable encoder head starts from the encoder's ImageNet head (folded BatchNorm)."""
@@ -310,16 +418,36 @@ class CaptioningTask(base.Task):
 
   def train_batch(self, indices: np.ndarray, step: int, params=None) -> dict[str, np.ndarray]:
     del params  # teacher forcing: batches do not depend on the model
-    del step  # no random augmentation
-    return {'feats': self.feats['train'][self.image_index[indices]].astype(np.float32), 'tokens': self.tokens[indices]}
+    images = self.image_index[indices]
+    batch = {'feats': self.train_feats(indices, images, step), 'tokens': self.tokens[indices]}
+    if self.scene_weight:
+      batch['scene_label'] = self.scene_labels['train'][images]
+    return batch
+
+  def train_feats(self, indices: np.ndarray, images: np.ndarray, step: int) -> np.ndarray:
+    """Float32 features of the train images `images` for the examples `indices` at global step `step`.
+
+    With config.data.dihedral_train each example reads the transform dihedral_choice gives it this epoch.
+    """
+    if not self.train_views:
+      return self.feats['train'][images].astype(np.float32)
+    epoch = step // max(self.num_train // self.config.batch_size, 1)
+    choice = dihedral_choice(self.config.seed, epoch, self.num_train)[indices]
+    out = np.empty((len(indices), *self.feats['train'].shape[1:]), np.float32)
+    for transform in np.unique(choice):
+      picked = choice == transform
+      out[picked] = self.train_views[transform][images[picked]].astype(np.float32)
+    return out
 
   @staticmethod
   def metrics(loss, aux, grads) -> dict:
+    scene = {k: aux[k] for k in ('scene_loss', 'scene_correct') if k in aux}
     return {
       'loss': loss,
       'grad_norm': optax.tree.norm(grads),
       'num_tokens': aux['num_tokens'],
       'loss_weight': aux['num_tokens'],
+      **scene,
     }  # the epoch loss is a mean over tokens, not over batches
 
   def _decode_fn(self, beam_size: int = 1, length_penalty: float = 1.0):
@@ -376,15 +504,39 @@ class CaptioningTask(base.Task):
       out.extend(self.vocab.decode(row.tolist()) for row in tokens)
     return out
 
+  def scene_accuracy(self, params, split: str) -> float | None:
+    """The scene head's accuracy on a split's images (the features decoding reads); None without a head.
+
+    Images whose class is not a training class count as wrong.
+    """
+    if not self.scene_classes:
+      return None
+    if 'scene' not in self._decoders:
+      probs = lambda p, f: jax.nn.softmax(self.model.apply({'params': p}, f, method='scene_logits'), axis=-1)
+      fn = (lambda p, f: jax.vmap(probs, in_axes=(0, None))(p, f).mean(0)) if self.ensemble else probs
+      self._decoders['scene'] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
+    feats = self.feats[split]
+    fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
+    predicted = []
+    for batch, n in parallel.padded_batches(len(feats), self.config.eval_batch_size, fetch):
+      probs_BxS = self._decoders['scene'](params, parallel.shard_batch({'feats': batch['feats']}, self.mesh)['feats'])
+      predicted.append(np.asarray(probs_BxS)[:n].argmax(-1))
+    return float(np.mean(np.concatenate(predicted) == self.scene_labels[split]))
+
   def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False, per_image: bool = False) -> dict:
     """BLEU-1..4, mean sentence BLEU-4, ROUGE-L, CIDEr-D (and METEOR) of the split's captions."""
     return metrics_lib.caption_scores(self.references[split], hypotheses, meteor=meteor, per_image=per_image)
 
   def evaluate(self, params, split: str) -> dict[str, float]:
-    return self._scores(split, self.decode(params, split))
+    scores = self._scores(split, self.decode(params, split))
+    if self.scene_classes:
+      scores['scene_accuracy'] = self.scene_accuracy(params, split)
+    return scores
 
   def save_assets(self, workdir: str) -> None:
     self.vocab.save(os.path.join(workdir, VOCAB_FILE))  # config.json: written by the trainer for every task
+    if self.scene_classes:
+      io_utils.write_json(os.path.join(workdir, SCENE_CLASSES_FILE), self.scene_classes)
 
   def _choose_decoding(self, params) -> tuple[tuple[int, float], list[dict]]:
     """The (beam size, length penalty) best on VAL by the selection metric, and every candidate's score."""
@@ -432,6 +584,10 @@ class CaptioningTask(base.Task):
     results['dataset'] = 'synthetic' if self.synthetic else self.config.data.dir
     results['num_images'] = {s: len(self.entries[s]) for s in ('train', 'val', 'test')}
     results['vocab_size'] = len(self.vocab)
+    if self.scene_classes:
+      results['scene_classes'] = self.scene_classes
+      results['val_scene_accuracy'] = self.scene_accuracy(best_params, 'val')
+      results['test_scene_accuracy'] = self.scene_accuracy(best_params, 'test')
     # Per-image scores: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci) and what
     # the report's caption table shows, with the references and the image's class where the data has one.
     captions = []

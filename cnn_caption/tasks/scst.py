@@ -35,6 +35,7 @@ from cnn_caption.tasks import base
 from cnn_caption.tasks.captioning import CaptioningTask
 from cnn_caption.tasks.captioning import share_data_of
 from cnn_caption.tasks.captioning import VOCAB_FILE
+from cnn_caption.tasks.captioning import with_scene_loss
 
 
 def sample_captions(
@@ -253,7 +254,8 @@ class ScstTask(CaptioningTask):
       max_len=config.decoding.max_len,
       seed=config.seed,
     )
-    self.loss = scst_loss
+    # With a scene head, its cross-entropy goes on beside the policy gradient (config.loss.scene_weight).
+    self.loss = with_scene_loss(scst_loss, self.scene_weight)
 
   def _check_init_vocab(self, init_from: str) -> None:
     path = os.path.join(init_from, VOCAB_FILE)
@@ -269,8 +271,11 @@ class ScstTask(CaptioningTask):
     """K sampled captions per image with their advantages (the Trainer passes the current parameters)."""
     if params is None:
       raise ValueError('ScstTask.train_batch needs the current parameters (on_policy)')
-    feats = self.feats['train'][indices].astype(np.float32)
-    return self.batcher(params, feats, [self.train_references[i] for i in indices], step)
+    feats = self.train_feats(indices, indices, step)
+    batch = self.batcher(params, feats, [self.train_references[i] for i in indices], step)
+    if self.scene_weight:
+      batch['scene_label'] = self.scene_labels['train'][indices]
+    return batch
 
   @staticmethod
   def metrics(loss, aux, grads) -> dict:
