@@ -1,9 +1,10 @@
-"""Speed probe for configs/classifier.py:strong: training images/s of candidate StrongCNN shapes, one pinned core.
+"""Speed probe for configs/classifier.py:strong (or --variant=resnet): training images/s of candidate shapes, one core.
 
   python bench/probe_strong.py [--core=1] [--seconds=4] [--candidates='{"wide": {"channels": [64, 128, 256]}}']
+  python bench/probe_strong.py --variant=resnet --candidates='{"default": {}, "narrow": {"widths": [48, 96, 192]}}'
 
-Each candidate is a dict of config.model overrides on the strong variant; the timed call is the trainer's own
-`jax.jit(train.train_steps)` with the strong config's optimizer and batch size, on random data of
+Each candidate is a dict of config.model overrides on the variant; the timed call is the trainer's own
+`jax.jit(train.train_steps)` with the variant's optimizer and batch size, on random data of
 Fashion-MNIST's shape prepared before timing (no host augmentation). Prints one JSON line per candidate:
 parameter count, images/s and the projected seconds of one 50,000-image epoch. Not used by training.
 """
@@ -31,7 +32,8 @@ def main():
   parser.add_argument('--core', type=int, default=1, help='core to pin to; -1 leaves affinity')
   parser.add_argument('--seconds', type=float, default=4.0, help='timed seconds per candidate')
   parser.add_argument('--candidates', default=None, help='JSON {name: {model field: value}}; default: a built-in set')
-  parser.add_argument('--batch_size', type=int, default=0, help="0 = the strong config's")
+  parser.add_argument('--batch_size', type=int, default=0, help="0 = the variant's")
+  parser.add_argument('--variant', default='strong', help='configs/classifier.py variant the candidates modify')
   args = parser.parse_args()
   common.pin(args.core)
   import jax  # pylint: disable=g-import-not-at-top
@@ -45,7 +47,7 @@ def main():
   from configs import classifier  # pylint: disable=g-import-not-at-top
 
   candidates = json.loads(args.candidates) if args.candidates else DEFAULT_CANDIDATES
-  config = classifier.get_config('strong')
+  config = classifier.get_config(args.variant)
   b = args.batch_size or config.batch_size
   rng = np.random.default_rng(0)
   batches = [
@@ -90,6 +92,7 @@ def main():
         'what': name,
         'fields': fields,
         'params': num_params,
+        'multiply_adds': model.multiply_adds() if hasattr(model, 'multiply_adds') else None,
         'images_per_s': round(ips, 1),
         'epoch_s': round(50_000 / ips, 1),
       }
