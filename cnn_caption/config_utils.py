@@ -65,6 +65,8 @@ _MODEL_SHAPES = (
   'model.pool_strides',
   'model.channels',
   'model.convs_per_stage',
+  'model.widths',
+  'model.blocks',
 )
 
 
@@ -83,9 +85,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(
     config,
     'optimizer.schedule',
-    lambda v: v in ('constant', 'cosine', 'warmup_cosine'),
-    "one of 'constant', 'cosine', 'warmup_cosine'",
+    lambda v: v in ('constant', 'cosine', 'warmup_cosine', 'one_cycle'),
+    "one of 'constant', 'cosine', 'warmup_cosine', 'one_cycle'",
   )
+  check(config, 'optimizer.warmup_fraction', lambda v: prob(v) and v > 0, 'in (0, 1) (one_cycle only)')
   check(config, 'optimizer.accumulate_steps', pos_int, 'a positive integer (1 = no accumulation)')
   check(config, 'model.dropout', prob, 'in [0, 1)')
   for field in _MODEL_SIZES:
@@ -167,5 +170,7 @@ def computation_differences(saved: dict, current: dict) -> list[str]:
       continue  # a switch added after the checkpoint was written, left off (False / 0): the computation it had
     if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
       continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
+    if path == 'optimizer.warmup_fraction' and new.get('optimizer.schedule') != 'one_cycle':
+      continue  # read by the one_cycle schedule alone
     diffs.append(f'{path}: {old.get(path, "<absent>")!r} -> {new.get(path, "<absent>")!r}')
   return diffs

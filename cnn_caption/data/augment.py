@@ -1,4 +1,4 @@
-"""Image augmentation on host (numpy): random crops of a zero-padded image, flips, the 8 dihedral transforms."""
+"""Image augmentation on host (numpy): crops of a zero-padded image, flips, random erasing, dihedral transforms."""
 
 from __future__ import annotations
 
@@ -64,3 +64,31 @@ def undo_dihedral_regions(regions_xNxC: np.ndarray, transform: int) -> np.ndarra
     raise ValueError(f'{n} regions are not a square map; dihedral transforms need a square feature map')
   grid = regions_xNxC.reshape(*regions_xNxC.shape[:-2], side, side, regions_xNxC.shape[-1])
   return np.ascontiguousarray(undo_dihedral(grid, transform)).reshape(regions_xNxC.shape)
+
+
+def random_erase(
+  images_BxHxWxC: np.ndarray, rng: np.random.Generator, *, prob: float, area: tuple[float, float] = (0.02, 0.25)
+) -> np.ndarray:
+  """With probability `prob` per image, one random rectangle set to zero (Zhong et al. 2020, "Random Erasing").
+
+  The rectangle covers a fraction in `area` of the image, with aspect ratio (height / width) log-uniform in
+  [1/3, 3], clipped to the image. Same dtype and shape in and out; `prob` = 0 returns the images unchanged.
+  The caller seeds `rng` from what identifies the batch (seed and step), so a resumed run erases the same pixels.
+  """
+  if not 0 <= prob <= 1:
+    raise ValueError(f'prob={prob} must be in [0, 1]')
+  if prob == 0:
+    return images_BxHxWxC
+  b, h, w, _ = images_BxHxWxC.shape
+  erase = rng.random(b) < prob
+  frac = rng.uniform(*area, size=b)
+  aspect = np.exp(rng.uniform(np.log(1 / 3), np.log(3), size=b))
+  eh = np.clip(np.round(np.sqrt(frac * h * w * aspect)), 1, h).astype(int)
+  ew = np.clip(np.round(np.sqrt(frac * h * w / aspect)), 1, w).astype(int)
+  top = (rng.random(b) * (h - eh + 1)).astype(int)
+  left = (rng.random(b) * (w - ew + 1)).astype(int)
+  rows, cols = np.arange(h)[None], np.arange(w)[None]  # 1xH, 1xW
+  in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # BxH
+  in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # BxW
+  mask_BxHxW = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
+  return np.where(mask_BxHxW[..., None], np.zeros((), images_BxHxWxC.dtype), images_BxHxWxC)

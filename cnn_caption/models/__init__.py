@@ -42,6 +42,7 @@ class Entry:
 _REGISTRY = {
   'classifier': Entry('cnn_caption.models.classifier:FashionCNN'),
   'strong_classifier': Entry('cnn_caption.models.strong_classifier:StrongCNN'),
+  'resnet': Entry('cnn_caption.models.resnet:ResNet'),
   'q1_cnn': Entry('cnn_caption.models.q1:Q1CNN'),
   'q1_mlp': Entry('cnn_caption.models.q1:Q1MLP'),
   'self_attention': Entry('cnn_caption.models.attention:MultiHeadSelfAttention'),

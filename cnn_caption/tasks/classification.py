@@ -38,6 +38,26 @@ def classification_loss(params, batch, *, apply_fn, rngs, train: bool, label_smo
   return nll, {'logp': logp_BxK}
 
 
+def _shift(x_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
+  """The images moved by (dy, dx) pixels, zeros filling in (as a random crop of the zero-padded image)."""
+  _, h, w, _ = x_BxHxWxC.shape
+  padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return padded[:, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+
+
+def _tta_log_probs(log_probs_fn, images_BxHxWxC: jax.Array, *, flip: bool, shift: bool) -> jax.Array:
+  """Test-time augmentation: log mean probability over the image, 1-pixel shifts (shift), mirrors (flip)."""
+  views = [images_BxHxWxC]
+  if shift:
+    views += [_shift(images_BxHxWxC, dy, dx) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+  if flip:
+    views += [v[:, :, ::-1] for v in views]
+  if len(views) == 1:
+    return log_probs_fn(images_BxHxWxC)
+  logp_VxBxK = jnp.stack([log_probs_fn(v) for v in views])
+  return jax.nn.logsumexp(logp_VxBxK, axis=0) - jnp.log(float(len(views)))
+
+
 _FASHION_MNIST_SHAPE = (28, 28, 1)
 PREDICTIONS_FILE = 'test_predictions.npz'  # written with the final results, read by the report
 
@@ -56,6 +76,7 @@ class ClassificationTask(base.Task):
         f'{_FASHION_MNIST_SHAPE}; set --config.model.input_shape="{_FASHION_MNIST_SHAPE}"'
       )
     base.check(config, 'data.augment_pad', base.nonneg_int, 'an integer >= 0 (0 = no random crops)')
+    base.check(config, 'data.random_erase', lambda v: base.prob(v) or v == 1, 'a probability in [0, 1] (0 = off)')
     base.check(
       config, 'data.bn_stats_examples', base.pos_int, 'a positive integer (training images for BatchNorm statistics)'
     )
@@ -90,18 +111,17 @@ class ClassificationTask(base.Task):
     del params  # off-policy: batches do not depend on the model
     images, labels = self.splits['train']
     x = images[indices]
-    pad, flip = self.config.data.get('augment_pad', 0), self.config.data.get('augment_flip', False)
-    if pad or flip:
+    data = self.config.data
+    pad, flip, erase = data.get('augment_pad', 0), data.get('augment_flip', False), data.get('random_erase', 0.0)
+    if pad or flip or erase:
       # One generator per step, seeded by (seed, step): the same crops after a resume, whatever the chunking.
       b = self.config.batch_size
-      x = np.concatenate(
-        [
-          augment.random_crop_flip(
-            x[i : i + b], np.random.default_rng([self.config.seed, step + i // b]), pad=pad, flip=flip
-          )
-          for i in range(0, len(x), b)
-        ]
-      )
+      chunks = []
+      for i in range(0, len(x), b):
+        rng = np.random.default_rng([self.config.seed, step + i // b])
+        chunk = augment.random_crop_flip(x[i : i + b], rng, pad=pad, flip=flip)
+        chunks.append(augment.random_erase(chunk, rng, prob=erase))
+      x = np.concatenate(chunks)
     return {'image': fashion_mnist.to_float(x), 'label': labels[indices]}
 
   @staticmethod
@@ -132,12 +152,13 @@ class ClassificationTask(base.Task):
     return {'params': params, **norm.population_stats(self._moments_fn, params, batches)}
 
   def _log_probs(self, variables, images):
-    logp = self.model.apply(variables, images, train=False)
-    if self.config.data.get('eval_flip', False):
-      # Test-time augmentation: the mean of the probabilities of each image and its mirror.
-      logp_flip = self.model.apply(variables, images[:, :, ::-1], train=False)
-      logp = jnp.logaddexp(logp, logp_flip) - jnp.log(2.0)
-    return logp
+    """Log-probabilities for evaluation, with the configured test-time augmentation (flips, 1-pixel shifts)."""
+    return _tta_log_probs(
+      lambda x: self.model.apply(variables, x, train=False),
+      images,
+      flip=self.config.data.get('eval_flip', False),
+      shift=self.config.data.get('eval_shift', False),
+    )
 
   def _eval_counts(self, variables, batch):
     logp = self._log_probs(variables, batch['image'])

@@ -23,6 +23,12 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.cosine_decay_schedule(lr, updates)
   if opt.schedule == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, max(updates, opt.warmup_steps + 1))
+  if opt.schedule == 'one_cycle':
+    # Cosine rise from lr/25 to lr over warmup_fraction of the updates, then cosine fall to lr/25/1e4 (Smith's
+    # one cycle as optax.cosine_onecycle_schedule draws it).
+    return optax.cosine_onecycle_schedule(
+      updates, lr, pct_start=opt.get('warmup_fraction', 0.3), div_factor=25.0, final_div_factor=1e4
+    )
   return lr
 
 
