@@ -107,10 +107,15 @@ WORKDIR_OUTPUTS = (
   'metrics.jsonl',
   'plots',
   'profile',
+  'report',
+  'report.html',
   'results.json',
   'synthetic_data',
   'tensorboard',
+  'scene_classes.json',
+  'test_attention.npz',
   'test_captions.json',
+  'test_predictions.npz',
   'vocab.json',
 )
 

@@ -179,6 +179,7 @@ class Trainer:
         'lower the batch size or add data'
       )
     self.total_steps = self.steps_per_epoch * config.num_epochs
+    profiling.check_window_in_run(config.get('profile_steps', ()), self.total_steps)
     window = profiling.check_profile_steps(config.get('profile_steps', ()))
     if window is not None and window[1] > self.total_steps:
       raise UserError(
@@ -194,7 +195,6 @@ class Trainer:
         self.steps_per_epoch,
         self.steps_per_call,
       )
-    profiling.check_window_in_run(config.get('profile_steps', ()), self.total_steps)
     self._log_eval_cadence()
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.max_to_keep)
