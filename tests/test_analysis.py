@@ -94,6 +94,7 @@ def test_print_summary(capsys, name, total):
   assert out.splitlines()[0] == f'{name}: {"Q1CNN" if name == "q1_cnn" else "Q1MLP"}'
 
 
+@pytest.mark.slow
 def test_launch_summary_end_to_end():
   from conftest import run_launch
 

@@ -62,6 +62,7 @@ def test_module_shapes_and_formula(scale):
     np.testing.assert_allclose(out[:, h * d : (h + 1) * d], ref @ x64 @ wv, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batched_matches_unbatched_and_scaling_matters():
   module = MultiHeadSelfAttention(num_heads=2, head_dim=3)
   x = np.random.default_rng(2).standard_normal((4, 6, 5)).astype(np.float32)
@@ -118,6 +119,7 @@ def _shapes(draw):
   return draw(st.integers(2, 9)), n, draw(st.integers(1, n))
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(shape=_shapes(), seed=st.integers(0, 2**31 - 1), scale=st.booleans())
 def test_identities_hold_over_shapes_and_seeds(shape, seed, scale):

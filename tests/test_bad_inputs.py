@@ -393,6 +393,7 @@ def test_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
   assert_one_clear_line(code, err, 'No space left on device')
 
 
+@pytest.mark.slow
 def test_subprocess_boundary(tmp_path):
   """The real process: exit code 2 and exactly one stderr line (the in-process cases share its code path)."""
   result = run_launch(CLASSIFIER, f'--workdir={tmp_path}', '--config.seed=-1', timeout=120)
@@ -409,6 +410,7 @@ def test_profile_window_after_the_run_is_one_line(monkeypatch, capsys, tmp_path)
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys, tmp_path):
   """An evaluation batch that cannot fit is refused when compiled, before the first step (nothing trained)."""
   if not has_fashion_mnist():
@@ -419,6 +421,7 @@ def test_eval_batch_larger_than_memory_stops_before_training(monkeypatch, capsys
   assert not os.listdir(tmp_path / 'checkpoints')
 
 
+@pytest.mark.slow
 def test_encoder_batch_larger_than_memory_stops_before_extraction(monkeypatch, capsys, tmp_path):
   from cnn_caption.training import memory
 

@@ -51,6 +51,7 @@ def _smoke(**overrides):
   return strong_smoke({'data.bn_stats_examples': 64, 'model.norm': 'batch', 'steps_per_call': 1, **overrides})
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_strong_cnn_with_batch_norm_trains_and_its_scores_follow_from_the_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
@@ -84,6 +85,7 @@ def test_strong_cnn_with_batch_norm_trains_and_its_scores_follow_from_the_checkp
   )
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_fewer_statistics_examples_than_a_batch_stop_before_the_first_step(tmp_path):
   with pytest.raises(UserError, match=r'config.data.bn_stats_examples=10 is below one batch \(config.batch_size=32\)'):

@@ -72,6 +72,7 @@ def test_label_smoothing_matches_a_hand_computation_and_leaves_evaluation_alone(
   assert loss(False, 0.1) == pytest.approx(plain, rel=1e-5)  # val/test losses stay the cross-entropy
 
 
+@pytest.mark.slow
 def test_scheduled_inputs_swap_words_for_samples_and_keep_bos_and_pad():
   inputs = jnp.array([[1, 4, 5, 3, 2, 0], [1, 3, 2, 0, 0, 0]])
   # Each position's prediction is (almost surely) word 7 - t: the sample for input t is 8 - t.
@@ -129,6 +130,7 @@ def test_doubly_stochastic_term_adds_to_the_loss():
   assert float(reg - base) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   workdir = str(tmp_path / 'run')
   # Selected on CIDEr-D: the task reads config.selection_metric, the trainer the task's.
@@ -200,6 +202,7 @@ def test_attention_smoke_run_and_caption_command(tmp_path, shared_dirs, capsys):
   assert all(os.path.exists(m) for m in maps) and f'attention map: {maps[1]}' in out
 
 
+@pytest.mark.slow
 def test_fine_tuned_encoder_head_starts_from_imagenet_and_trains(tmp_path, shared_dirs):
   config = smoke(captioner_config, shared_dirs, **{'model.encoder_head_dim': 1280, 'num_epochs': 1})
   workdir = str(tmp_path / 'head')
@@ -225,6 +228,7 @@ def test_fine_tuned_encoder_head_starts_from_imagenet_and_trains(tmp_path, share
     train.train_and_evaluate(override(config, **{'model.encoder_head_dim': 512}), str(tmp_path / 'bad'))
 
 
+@pytest.mark.slow
 def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   train.train_and_evaluate(smoke(captioner_config, shared_dirs), full)
@@ -256,6 +260,7 @@ def test_plain_captioner_resume_equals_uninterrupted(tmp_path, shared_dirs):
   )
 
 
+@pytest.mark.slow
 def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, shared_dirs):
   synthetic_dir, cache_dir = shared_dirs
   args = [
@@ -284,6 +289,7 @@ def test_attention_captioner_sigkill_then_resume_equals_uninterrupted(tmp_path, 
   )
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path, shared_dirs):
 
   # Two members of one architecture and vocabulary (the synthetic data follow config.seed, so the members
@@ -309,11 +315,20 @@ def test_ensemble_of_two_seeds_chooses_decoding_on_val_and_scores_test(tmp_path,
   assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
     'error: --val_beam_sizes=0 must list beam sizes >= 1, e.g. 1,3,5'
   ], failed.stderr[-2000:]
-  with pytest.raises(UserError, match='at least 2 workdirs'):
+  assert not os.path.exists(tmp_path / 'bad')
+
+
+def test_ensemble_inputs_are_checked_before_anything_is_loaded(tmp_path):
+  runs = [str(tmp_path / 'member0'), str(tmp_path / 'member1')]
+  with pytest.raises(UserError, match='at least 2 workdirs, got 1'):
     inference.ensemble_results(runs[:1], str(tmp_path / 'one'))
   with pytest.raises(UserError, match='named twice'):
-    inference.ensemble_results([runs[0], runs[0]], str(tmp_path / 'same'))
+    inference.ensemble_results([runs[0], runs[0] + '/'], str(tmp_path / 'same'))
   with pytest.raises(UserError, match='comma-separated numbers'):
     inference.decoding_choices(['1', 'x'], ['1.0'])
+  with pytest.raises(UserError, match='beam sizes >= 1'):
+    inference.decoding_choices(['0'], ['1.0'])
   assert inference.decoding_choices(['1', '3'], ['0.5', '1']) == ((1, 3), (0.5, 1.0))
-  assert not any(os.path.exists(tmp_path / d) for d in ('one', 'same', 'bad'))
+  with pytest.raises(UserError, match='not found: --workdir must be a captioning training workdir'):
+    inference.load_trained(runs[0])
+  assert not any(os.path.exists(tmp_path / d) for d in ('one', 'same'))

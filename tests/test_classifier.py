@@ -61,6 +61,7 @@ def test_max_pool_matches_flax():
   np.testing.assert_array_equal(classifier.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
 
 
+@pytest.mark.slow
 def test_conv1_as_matmul_is_the_same_convolution():
   """The opt-in conv1 (9 shifted slices + a matmul) has nn.Conv's parameters and computes the same function."""
   x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
@@ -77,6 +78,7 @@ def test_conv1_as_matmul_is_the_same_convolution():
   assert not jnp.any(out.at[..., 5].set(0.0))
 
 
+@pytest.mark.slow
 def test_loss_falls_when_one_batch_is_overfit():
   from cnn_caption.tasks import classification as tasks
 

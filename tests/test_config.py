@@ -9,6 +9,7 @@ from configs import classifier as classifier_config
 from conftest import run_launch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'args, culprit',
   [
@@ -29,6 +30,7 @@ def test_bad_overrides_give_one_clear_line(tmp_path, args, culprit):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_missing_config_file_is_clear(tmp_path):
   result = run_launch('--config=configs/nope.py', f'--workdir={tmp_path}', timeout=120)
   assert result.returncode == 2 and 'Traceback' not in result.stderr

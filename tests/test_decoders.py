@@ -262,6 +262,7 @@ def test_beam_matches_reference():
     assert (got[row, len(want) :] == decoders.PAD_ID).all()
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch():
   model = _model(8, dropout=0.0)
   feats, _ = _data(batch=4)
@@ -310,6 +311,7 @@ def test_registry_builds_from_configs(config_file):
   assert (alphas is None) == (config.model.attention_dim is None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_ensemble_of_copies_is_the_model_and_of_two_follows_the_mean_probability(variant):
   model, params, feats, _ = _setup(variant)

@@ -111,6 +111,7 @@ def test_lite0_other_sizes_and_variable_count(lite0):
   assert sum(v.size for v in jax.tree.leaves(variables)) == 4_694_024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'name,size,golden,top5,num_variables',
   [

@@ -42,6 +42,7 @@ def test_cli_prints_pass_lines_and_exit_code(capsys):
   assert '[FAIL] control' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_config_without_checks():
   result = run_launch('--config=configs/classifier.py', '--mode=equivariance_check', timeout=120)
   assert result.returncode == 2 and 'Traceback' not in result.stderr

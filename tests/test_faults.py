@@ -33,7 +33,7 @@ from conftest import needs_fmnist
 from conftest import override
 from conftest import ROOT
 
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.slow]
 SMALL = ['--config.data.num_train=64', '--config.data.num_eval=32', '--config.eval_batch_size=32']
 
 

@@ -63,6 +63,7 @@ def _check_tracks(make_model, example, batches, loss_fn, learning_rate):
   assert abs(bf16[-50:].mean() - f32[-50:].mean()) < TOLERANCE, (f32[-50:].mean(), bf16[-50:].mean())
 
 
+@pytest.mark.slow
 def test_classifier_bfloat16_tracks_float32():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, (16, 8)).astype(np.int32)
@@ -82,6 +83,7 @@ def test_classifier_bfloat16_tracks_float32():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention_dim', [None, 16])
 def test_decoder_bfloat16_tracks_float32(attention_dim):
   rng = np.random.default_rng(0)

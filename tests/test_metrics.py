@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnn_caption.captioning import metrics
+from cnn_caption.errors import UserError
 from conftest import run_module
 
 # Two images with two references each.
@@ -180,6 +181,7 @@ def test_project_bleu_and_cider_equal_pycocoevalcap():
   np.testing.assert_allclose(metrics.CiderD(refs).scores(refs, hyps), coco_per_image, rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not metrics.java_available(), reason='METEOR needs java')
 def test_meteor_orders_captions():
   # One call (the Java process takes most of the time): two images captioned by a reference, two unrelated.
@@ -229,7 +231,17 @@ def test_compare_two_workdirs_pairs_images_by_name(tmp_path):
   out = compare.compare(str(tmp_path / 'a'), str(tmp_path / 'b'), resamples=500)
   assert out['cider']['mean_diff'] == pytest.approx(0.5) and out['cider']['low'] == pytest.approx(0.5)
   assert out['rouge_l']['mean_diff'] == 0.0
+  with pytest.raises(UserError, match='missing/test_captions.json: No such file'):
+    compare.compare(str(tmp_path / 'a'), str(tmp_path / 'missing'))
+
+
+@pytest.mark.slow
+def test_compare_command_reports_and_bad_input_is_one_line(tmp_path):
   # The command (absl flags, positional workdirs): its report, then bad input in one line with exit code 2.
+  rows = lambda shift: [{'image_name': f'{i}.jpg', 'cider': i + shift, 'rouge_l': 0.5} for i in range(20)]
+  for name, shift in (('a', 0.5), ('b', 0.0)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'test_captions.json').write_text(json.dumps(rows(shift)))
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
   done = run_module('cnn_caption.captioning.compare', a, b, '--resamples=100')
   assert done.returncode == 0, done.stderr[-2000:]

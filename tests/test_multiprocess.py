@@ -27,6 +27,8 @@ from conftest import read_jsonl
 from conftest import ROOT
 from conftest import strip_timing
 
+pytestmark = pytest.mark.slow
+
 # 1600 examples at batch 8: 200 steps an epoch, long enough (seconds) that a signal lands mid-epoch.
 CLASSIFIER = [
   '--config=configs/classifier.py:smoke',

@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from conftest import needs_fmnist
 from conftest import ROOT
 
@@ -23,6 +25,7 @@ def readme_session() -> str:
   return blocks[0]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_readme_python_session_runs_as_written(capsys):
   namespace = {'__name__': '__readme__'}

@@ -42,6 +42,7 @@ def test_mean_of_others_and_greedy_baselines_by_hand():
     scst.advantages(rewards[:, :1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention_dim', [None, 4])
 def test_samples_are_image_major_padded_after_eos_and_seeded(attention_dim):
   model, params, feats = _setup(attention_dim)
@@ -178,6 +179,7 @@ def _scst_config(xe_workdir, **overrides):
   return override(config, **overrides)
 
 
+@pytest.mark.slow
 def test_scst_starts_from_init_from_and_resumes_exactly(xe_workdir, tmp_path):
   straight = str(tmp_path / 'straight')
   results = train.train_and_evaluate(_scst_config(xe_workdir), straight)
@@ -203,6 +205,7 @@ def test_scst_starts_from_init_from_and_resumes_exactly(xe_workdir, tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_scst_refuses_a_model_other_than_init_from(xe_workdir, tmp_path):
   with pytest.raises(UserError, match='do not fit this model'):
     train.train_and_evaluate(_scst_config(xe_workdir, **{'model.hidden_dim': 32}), str(tmp_path / 'w'))

@@ -54,6 +54,7 @@ def test_space_to_depth_and_same_pooling():
     np.testing.assert_array_equal(pooled, nn.max_pool(y, (2, 2), strides=(2, 2), padding='SAME'))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_eval_flip_averages_the_probabilities_of_the_mirror(tmp_path):
   config = _strong_smoke(**{'data.num_eval': 8, 'eval_batch_size': 8})
@@ -97,6 +98,7 @@ def _strong_smoke(**overrides):
   return strong_smoke(overrides)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_augmented_batches_are_seeded_by_step_and_resume_is_exact(tmp_path):
   task = classification.ClassificationTask(_strong_smoke(), str(tmp_path), parallel.make_mesh())
@@ -124,6 +126,7 @@ def _final_params(workdir):
   return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm', ['none', 'group', 'batch'])
 def test_jitted_gradient_is_finite(norm):
   # Regression: with the reshape-and-max pool behind GroupNorm the jitted gradient was NaN (see the module doc).

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnn_caption import sweep
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from configs import classifier as classifier_config
@@ -35,6 +36,7 @@ def assert_same_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file(tmp_path):
   result = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -65,6 +67,7 @@ def test_smoke_run_writes_every_file(tmp_path):
   assert strip_timing(read_jsonl(tmp_path / 'metrics.jsonl')) == strip_timing(history)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   train.train_and_evaluate(smoke_config(), full)
@@ -80,6 +83,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   args = [
     '--config=configs/classifier.py:smoke',
@@ -100,6 +104,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
   args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=160', '--config.data.num_eval=100']
   one = run_launch(*args, f'--workdir={tmp_path / "one"}', devices=1)
@@ -114,6 +119,7 @@ def test_two_devices_match_one_device(tmp_path):
   assert r1['test_accuracy'] == pytest.approx(r2['test_accuracy'], abs=0.011)
 
 
+@pytest.mark.slow
 def test_batch_size_not_divisible_by_devices(tmp_path):
   result = run_launch(
     '--config=configs/classifier.py:smoke', '--config.batch_size=3', f'--workdir={tmp_path}', devices=2
@@ -123,6 +129,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
@@ -140,6 +147,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
 
 
+@pytest.mark.slow
 def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
   args = ['--config.data.num_eval=50', '--config.eval_batch_size=50', '--config.num_epochs=1']
   result = run_launch('--config=configs/classifier.py:smoke_sweep', *args, f'--workdir={tmp_path / "sweep"}')
@@ -175,6 +183,7 @@ def test_early_stopping_rule_also_holds_on_resume():
   assert not train.Trainer._should_stop(fake, meta(9, 1))
 
 
+@pytest.mark.slow
 def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
   """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
   import shutil
@@ -220,3 +229,23 @@ def test_eval_cadence_off_call_boundaries_is_logged_once(tmp_path, monkeypatch):
   lines.clear()
   _trainer_of(smoke_config(eval_every_steps=8, steps_per_call=4), str(tmp_path / 'b'), 160)
   assert cadence() == []  # every multiple of 8 ends a call
+
+
+def test_finished_sweep_only_summarises_and_picks_by_validation(tmp_path):
+  config = classifier_config.get_config('smoke_sweep')  # rates 0.001, 0.01, 0.1
+  val = {0.001: 0.5, 0.01: 0.8, 0.1: 0.7}
+  for lr, accuracy in val.items():
+    member = sweep.run_dir(str(tmp_path), lr)
+    os.makedirs(member)
+    record = {'val_accuracy': accuracy, 'test_accuracy': 1 - accuracy, 'best_val_accuracy': accuracy}
+    (tmp_path / member / 'results.json').write_text(json.dumps({**record, 'train_loss': 1.0, 'train_seconds': 2.0}))
+    (tmp_path / member / 'metrics.jsonl').write_text(json.dumps({'train_loss': 1.0, 'val_accuracy': accuracy}) + '\n')
+  results = sweep.run_sweep(config, str(tmp_path))  # every member has its results.json: nothing is trained
+  assert results['best']['learning_rate'] == 0.01 and results['best']['test_accuracy'] == pytest.approx(0.2)
+  assert [r['learning_rate'] for r in results['runs']] == [0.001, 0.01, 0.1]
+  assert os.path.getsize(tmp_path / 'plots' / 'val_accuracy.png') > 0
+  member = sweep.single_run_config(config, 0.1)
+  assert member.optimizer.learning_rate == 0.1 and member.sweep.learning_rates == ()
+  config.sweep.learning_rates = (0.1, 0.1)
+  with pytest.raises(UserError, match='has duplicates'):
+    sweep.run_sweep(config, str(tmp_path / 'dup'))

@@ -61,6 +61,7 @@ def classifier_run(tmp_path_factory):
   return workdir, first, results
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_tensorboard_curves_continue_after_resume(classifier_run):
   workdir, _, _ = classifier_run
@@ -81,6 +82,7 @@ def test_tensorboard_curves_continue_after_resume(classifier_run):
   assert '"eval_every_steps": 10' in texts[0].tensor_proto.string_val[0].decode()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_eval_log_and_metrics_rows(classifier_run):
   workdir, _, results = classifier_run
@@ -96,6 +98,7 @@ def test_eval_log_and_metrics_rows(classifier_run):
   assert results['test_params'] == 'ema'
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_run_record(classifier_run):
   workdir, first, results = classifier_run
@@ -107,6 +110,7 @@ def test_run_record(classifier_run):
   assert first['epochs_trained'] == 1 and results['epochs_trained'] == 2
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_profiler_trace_of_two_steps(classifier_run):
   workdir, _, _ = classifier_run
@@ -143,6 +147,7 @@ def captioner_run(tmp_path_factory):
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_captioner_attention_images_and_token_weighted_loss(captioner_run):
   workdir, results = captioner_run
   acc = read_events(workdir)

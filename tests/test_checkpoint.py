@@ -1,0 +1,58 @@
+"""Checkpoints and the run record on small pytrees, without training: save, restore, fall back, refuse."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cnn_caption.errors import UserError
+from cnn_caption.training import checkpoint
+from cnn_caption.training import run_record
+
+
+def _state(value: float) -> dict:
+  value = float(value)
+  return {'params': {'w': jnp.full((3, 2), value), 'b': jnp.arange(2.0) + value}, 'step': jnp.asarray(int(value))}
+
+
+def test_save_restore_and_fall_back_past_a_damaged_newest(tmp_path, caplog):
+  directory = str(tmp_path / 'checkpoints')
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {'epoch': step})
+  ckpt.save(2, _state(99.0), {'epoch': 99})  # a step already saved is kept as it is
+  assert ckpt.all_steps() == [1, 2] and ckpt.read_meta(2) == {'epoch': 2}
+  step, state, meta = ckpt.restore_intact(_state(0.0))
+  assert step == 2 and meta == {'epoch': 2}
+  np.testing.assert_array_equal(np.asarray(state['params']['w']), np.full((3, 2), 2.0))
+  np.testing.assert_array_equal(np.asarray(ckpt.restore_params(1)['b']), [1.0, 2.0])
+  shutil.rmtree(os.path.join(directory, '2', 'state', 'd'))  # the newest loses its arrays
+  with caplog.at_level('WARNING'):
+    step, state, _ = ckpt.restore_intact(_state(0.0))
+  assert step == 1 and float(state['params']['w'][0, 0]) == 1.0
+  assert 'checkpoints/2 is damaged' in caplog.text
+  assert ckpt.all_steps() == [1] and os.listdir(directory + '_damaged') == ['2']
+  with pytest.raises(UserError, match='restore_step=5 is not in'):
+    ckpt.restore_intact(_state(0.0), step=5)
+  with pytest.raises(UserError, match='other shapes than this'):
+    ckpt.restore_intact({'params': {'w': jnp.zeros((4, 2)), 'b': jnp.zeros(2)}, 'step': jnp.asarray(0)})
+  ckpt.close()
+  found_dir, found_step, params = checkpoint.best_params(str(tmp_path))
+  assert (found_dir, found_step) == (directory, 1)
+  np.testing.assert_array_equal(np.asarray(params['w']), np.full((3, 2), 1.0))
+  assert checkpoint.best_params(str(tmp_path / 'empty')) is None
+
+
+def test_run_record_writes_the_config_and_the_environment(tmp_path):
+  config = ml_collections.ConfigDict({'optimizer': {'learning_rate': 0.5}, 'seed': 3})
+  run_record.record_config(config, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f) == {'optimizer': {'learning_rate': 0.5}, 'seed': 3}
+  assert '"learning_rate": 0.5' in run_record.config_text(config)
+  env = run_record.environment()
+  assert env['jax_version'] == jax.__version__ and env['device_count'] == jax.device_count()
