@@ -296,13 +296,19 @@ _BASELINE_METRICS = (
 
 
 def _metric_line(name: str, scores: dict) -> str:
-  order = [m for m in _BASELINE_METRICS if m in scores] + sorted(set(scores) - set(_BASELINE_METRICS))
-  values = [f'{m}={scores[m]:.4g}' if isinstance(scores[m], float) else f'{m}={scores[m]}' for m in order]
-  return f'{name}: {" ".join(values)}'
+  """'name: metric=value ...', the numbers first, then any text fields (e.g. features) in parentheses."""
+  numbers = {m: v for m, v in scores.items() if isinstance(v, (int, float))}
+  order = [m for m in _BASELINE_METRICS if m in numbers] + sorted(set(numbers) - set(_BASELINE_METRICS))
+  values = [f'{m}={numbers[m]:.4g}' if isinstance(numbers[m], float) else f'{m}={numbers[m]}' for m in order]
+  notes = [f'{m}: {v}' for m, v in sorted(scores.items()) if m not in numbers]
+  return f'{name}: {" ".join(values)}' + (f' ({"; ".join(notes)})' if notes else '')
 
 
 def baselines(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """--mode=baselines: one line per captioning baseline (captioning.baselines); writes workdir/baselines.json."""
+  """--mode=baselines: one line per captioning baseline (captioning.baselines); writes workdir/baselines.json.
+
+  Also workdir/baselines/NAME per baseline with test captions, each comparable with a run (--mode=compare).
+  """
   task = config.get('task')
   if task is None or not issubclass(tasks_lib.task_class(task), captioning_task.CaptioningTask):
     raise UserError(
@@ -315,6 +321,11 @@ def baselines(config: ml_collections.ConfigDict, workdir: str) -> int:
   for name, why in results.skipped.items():
     print(f'{name}: skipped ({why})')
   print(f'written: {os.path.join(workdir, captioning_task.BASELINES_FILE)}')
+  folders = os.path.join(workdir, captioning_task.BASELINE_WORKDIRS)
+  print(
+    f'workdirs: {folders}/{{{",".join(results.captions)}}} (compare a run with one: launch.py --mode=compare '
+    f'--workdir=RUN --compare_to={folders}/NAME)'
+  )
   return 0
 
 

@@ -1,18 +1,25 @@
 """Captioning baselines and distinctiveness figures on hand-made data, and --mode=baselines end to end."""
 
+import dataclasses
 import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
 from cnn_caption import cli
 from cnn_caption.captioning import baselines
+from cnn_caption.captioning import compare
 from cnn_caption.captioning import distinct
 from cnn_caption.captioning import metrics
 from cnn_caption.data import captions as captions_lib
 from cnn_caption.errors import UserError
+from cnn_caption.report import captioner as captioner_report
+from cnn_caption.report import compare as compare_report
+from cnn_caption.report import files as report_files
+from cnn_caption.tasks import captioning
 from configs import captioner as captioner_config
 from configs import classifier as classifier_config
 from conftest import run_launch
@@ -179,6 +186,128 @@ def test_run_baselines_without_classes_skips_the_class_baselines():
   assert 'no classes' in out.skipped['class_oracle'] and out.consensus == {}
 
 
+def dihedral_views(data):
+  """8 x 6 x 2 train views: view v of image i is its feature shifted by (v, -v), so their mean is shifted by 3.5."""
+  shifts = np.array([[v, -v] for v in range(8)], np.float32)
+  return data.features['train'][None] + shifts[:, None]
+
+
+def test_dihedral_views_reach_the_probe_as_rows_per_image_and_the_neighbours_as_their_mean(monkeypatch):
+  seen = {}
+  fit = baselines.fit_linear_probe
+  nearest = baselines.nearest_neighbour_captions
+
+  def spy_fit(train_features, train_labels, *args, **kwargs):
+    seen['probe'] = (np.array(train_features), list(train_labels))
+    return fit(train_features, train_labels, *args, **kwargs)
+
+  def spy_nearest(scorer, train_features, *args, **kwargs):
+    seen['neighbours'] = np.array(train_features)
+    return nearest(scorer, train_features, *args, **kwargs)
+
+  monkeypatch.setattr(baselines, 'fit_linear_probe', spy_fit)
+  monkeypatch.setattr(baselines, 'nearest_neighbour_captions', spy_nearest)
+  # Without views (the default): the probe and the neighbours read features['train'] as they are.
+  plain = toy_data()
+  out = baselines.run_baselines(plain, meteor=False, k=1)
+  np.testing.assert_array_equal(seen['probe'][0], plain.features['train'])
+  assert seen['probe'][1] == TRAIN_LABELS
+  np.testing.assert_array_equal(seen['neighbours'], plain.features['train'])
+  assert out.scores['linear_probe']['features'] == out.scores['nearest_neighbour']['features'] == plain.feature_note
+  assert 'features' not in out.scores['class_oracle']
+  # With 8 views: 48 probe rows, view-major (row v * 6 + i is image i under view v), labels repeated 8 times.
+  views = dihedral_views(plain)
+  data = baselines.BaselineData(
+    references=plain.references,
+    features={**plain.features, 'train': views.mean(axis=0)},
+    labels=plain.labels,
+    train_views=views,
+    feature_note='8 views',
+  )
+  out = baselines.run_baselines(data, meteor=False, k=1)
+  rows, labels = seen['probe']
+  assert rows.shape == (48, 2) and labels == TRAIN_LABELS * 8
+  np.testing.assert_allclose(rows[5 * 6 + 2], plain.features['train'][2] + [5.0, -5.0], rtol=1e-6)
+  np.testing.assert_array_equal(rows.reshape(8, 6, 2), views)
+  np.testing.assert_allclose(seen['neighbours'], plain.features['train'] + [3.5, -3.5], atol=1e-6)  # a row per image
+  assert out.scores['linear_probe']['features'] == '8 views'
+  with pytest.raises(ValueError, match='expected views x 6 training images'):
+    baselines.probe_rows(dataclasses.replace(data, train_views=views[:, :5]))
+
+
+class StubTask(captioning.CaptioningTask):
+  """A CaptioningTask holding region features of hand-made images and nothing else (no data set, no encoder)."""
+
+  def __init__(self, dihedral_train: bool, dihedral_test: bool):
+    self.config = ml_collections.ConfigDict(
+      {'data': {'dihedral_train': dihedral_train, 'dihedral_test': dihedral_test}}
+    )
+    regions = lambda n, scale: np.arange(n * 4 * 2, dtype=np.float32).reshape(n, 4, 2) * scale
+    self.entries = {
+      s: [captions_lib.ImageEntry(f'{s}{i}.png', '', s, (('a', 'b'),), 'c') for i in range(n)]
+      for s, n in (('train', 3), ('val', 2), ('test', 2))
+    }
+    # What CaptioningTask.__init__ leaves: transform 0 for train, the decoded features (there: the mean of the
+    # 8 transforms with dihedral_test) for val and test, and each transform's train features with dihedral_train.
+    self.feats = {'train': regions(3, 1.0), 'val': regions(2, 10.0), 'test': regions(2, 100.0)}
+    self.train_views = [regions(3, 1.0) + t for t in range(8)] if dihedral_train else []
+
+
+def test_baseline_data_reads_the_features_the_captioner_reads():
+  # Image i's regions hold 8i..8i+7 (x scale), so their mean over the 4 regions is (8i + 3, 8i + 4) x scale.
+  plain = StubTask(dihedral_train=False, dihedral_test=False).baseline_data()
+  np.testing.assert_array_equal(plain.features['train'], [[3, 4], [11, 12], [19, 20]])
+  np.testing.assert_array_equal(plain.features['test'], [[300, 400], [1100, 1200]])
+  assert plain.train_views is None and plain.feature_note == 'encoder features, mean over regions'
+  scene = StubTask(dihedral_train=True, dihedral_test=True).baseline_data()
+  # View t adds t to every region: 8 rows per image for the probe, their mean (+3.5) for the neighbours.
+  assert scene.train_views.shape == (8, 3, 2)
+  np.testing.assert_array_equal(scene.train_views[5], [[8, 9], [16, 17], [24, 25]])
+  np.testing.assert_array_equal(scene.features['train'], [[6.5, 7.5], [14.5, 15.5], [22.5, 23.5]])
+  np.testing.assert_array_equal(scene.features['test'], plain.features['test'])  # the task's decoded features
+  assert baselines.probe_rows(scene)[0].shape == (24, 2)
+  assert '8 dihedral views per image' in scene.feature_note and 'val/test: mean of the 8' in scene.feature_note
+
+
+def test_each_baseline_is_a_workdir_that_compare_reads(tmp_path):
+  data = toy_data()
+  out = baselines.run_baselines(data, meteor=False, k=1)
+  test_refs = data.references['test']
+  entries = [
+    captions_lib.ImageEntry(f'img{i}.png', '', 'test', tuple(map(tuple, refs)), label)
+    for i, (refs, label) in enumerate(zip(test_refs, data.labels['test']))
+  ]
+  config = {'task': 'captioning', 'data': {'dir': str(tmp_path / 'no_data')}}
+  folders = captioning.write_baseline_workdirs(str(tmp_path / 'w'), config, entries, test_refs, out)
+  names = ['class_oracle', 'linear_probe', 'nearest_neighbour']
+  assert folders == [str(tmp_path / 'w' / 'baselines' / n) for n in names]  # human: no caption per image
+  probe_dir = tmp_path / 'w' / 'baselines' / 'linear_probe'
+  assert sorted(os.listdir(probe_dir)) == ['config.json', 'results.json', 'test_captions.json']
+  rows = json.loads((probe_dir / 'test_captions.json').read_text())
+  # The rows a captioning run writes: its per-image scores are metrics.caption_scores' per-image scores.
+  per_image = metrics.caption_scores(test_refs, out.captions['linear_probe'], per_image=True)['per_image']
+  assert rows == captioning.caption_rows(entries, test_refs, out.captions['linear_probe'], per_image)
+  assert rows[0]['image_name'] == 'img0.png' and rows[0]['caption'] == ['a', 'red', 'roof']
+  assert rows[0]['class'] == 'houses' and rows[0]['references'] == ['a red roof', 'red roofs']
+  results = json.loads((probe_dir / 'results.json').read_text())
+  assert results['baseline'] == 'linear_probe' and results['test_cider'] == out.scores['linear_probe']['test_cider']
+  assert results['test_cider'] == pytest.approx(np.mean(per_image['cider']))  # CIDEr-D is the per-image mean
+  assert set(results['test_cider_per_class']) == {'houses', 'beach', 'roads'}
+  assert json.loads((probe_dir / 'config.json').read_text()) == config
+  # A run on the same test images: CIDEr-D 1 and ROUGE-L 0.5 on every image.
+  run = tmp_path / 'run'
+  run.mkdir()
+  run_rows = [{**r, 'caption': ['x'], 'cider': 1.0, 'bleu4': 0.0, 'rouge_l': 0.5} for r in rows]
+  (run / 'test_captions.json').write_text(json.dumps(run_rows))
+  (run / 'config.json').write_text(json.dumps(config))
+  (run / 'results.json').write_text(json.dumps({'test_cider': 1.0}))
+  paired = compare.compare(str(run), str(probe_dir), resamples=200)
+  assert paired['cider']['mean_a'] == 1.0 and paired['cider']['mean_b'] == pytest.approx(np.mean(per_image['cider']))
+  assert paired['rouge_l']['mean_b'] == pytest.approx(np.mean(per_image['rouge_l']))
+  html = compare_report.comparison_page(str(run), str(probe_dir), resamples=200)
+  assert 'a red roof' in html and 'Per-image means, A - B' in html
+
+
 def test_karpathy_class_becomes_the_label(tmp_path):
   (tmp_path / 'x.png').write_bytes(b'')
   item = {'filename': 'x.png', 'split': 'train', 'sentences': [{'tokens': ['a']}], 'class': 'beach'}
@@ -209,13 +338,17 @@ def test_baselines_mode_on_the_smoke_config(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
-  assert [line.split(':')[0] for line in lines] == [*baselines.NAMES, 'written']
+  assert [line.split(':')[0] for line in lines] == [*baselines.NAMES, 'written', 'workdirs']
   assert lines[0].startswith('class_oracle: test_cider=')
+  note = 'encoder features, mean over regions'
+  assert lines[1].endswith(f'(features: {note})')
   saved = json.loads((workdir / 'baselines.json').read_text())
   assert set(saved) == set(baselines.NAMES)
   metric_names = {f'test_{m}' for m in ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l', 'cider', 'copied_fraction')}
   for name, scores in saved.items():
-    assert metric_names <= set(scores) and all(isinstance(v, (int, float)) for v in scores.values()), name
+    numbers = {k: v for k, v in scores.items() if k != 'features'}
+    assert metric_names <= set(scores) and all(isinstance(v, (int, float)) for v in numbers.values()), name
+  assert saved['linear_probe']['features'] == saved['nearest_neighbour']['features'] == note
   assert {'val_class_accuracy', 'test_class_accuracy', 'l2'} <= set(saved['linear_probe'])
   assert saved['class_oracle']['test_copied_fraction'] == 1.0
   shown = {n: s['test_cider'] for n, s in saved.items()}
@@ -226,3 +359,14 @@ def test_baselines_mode_on_the_smoke_config(tmp_path):
   assert set(captions['consensus_by_class']) == {'plain', 'striped', 'checkered'}
   assert len(captions['test']) == 3
   assert all(row['class_oracle'] == captions['consensus_by_class'][row['class']] for row in captions['test'])
+  # Each baseline with captions is a workdir: the paired bootstrap and the compare page read it like a run's.
+  folders = workdir / 'baselines'
+  assert sorted(os.listdir(folders)) == ['class_oracle', 'linear_probe', 'nearest_neighbour']
+  probe, neighbours = str(folders / 'linear_probe'), str(folders / 'nearest_neighbour')
+  assert json.loads((folders / 'linear_probe' / 'results.json').read_text())['test_cider'] == shown['linear_probe']
+  paired = compare.compare(probe, neighbours, resamples=100)
+  assert paired['cider']['mean_a'] == pytest.approx(shown['linear_probe'])
+  # The synthetic scenes are found from the folder's config.json: the page shows thumbnails.
+  assert len(captioner_report.dataset_entries(report_files.load_run(probe))) == 30
+  assert cli.run('compare', None, probe, [], compare_to=neighbours) == 0
+  assert 'data:image/jpeg;base64,' in open(os.path.join(probe, 'compare_nearest_neighbour.html')).read()

@@ -10,11 +10,12 @@ results.json: `test_bleu1`..`test_bleu4`, `test_bleu4_sentence_mean`, `test_roug
   images' captions) with the highest mean CIDEr-D against every other caption instance of that class, each
   taken as a single reference; an identical caption written for another image (or the same image) counts
   as another instance. The first of equals in data order wins.
-- `linear_probe` (data with classes only): multinomial logistic regression on the standardised train
-  features (train mean and standard deviation; a constant feature is left centred) with an unregularised
-  bias, `PROBE_STEPS` steps of full-batch L-BFGS (optax) on mean cross-entropy + l2 / 2 * |W|^2, l2 chosen
-  from `L2_GRID` by val class accuracy (ties: the larger l2). The predicted class's consensus caption is the
-  test image's caption. Its val and test class accuracies are reported beside the caption metrics.
+- `linear_probe` (data with classes only): multinomial logistic regression on the standardised train rows
+  (`probe_rows`: one per training image, or one per image and dihedral view; train mean and standard
+  deviation; a constant feature is left centred) with an unregularised bias, `PROBE_STEPS` steps of
+  full-batch L-BFGS (optax) on mean cross-entropy + l2 / 2 * |W|^2, l2 chosen from `L2_GRID` by val class
+  accuracy (ties: the larger l2). The predicted class's consensus caption is the test image's caption. Its
+  val and test class accuracies are reported beside the caption metrics.
 - `nearest_neighbour`: the k most similar training images by cosine similarity of the features (raw, not
   standardised), among the training images of the probe's predicted class when the data has classes.
   Their captions are the candidates; each candidate's consensus is its mean CIDEr-D against the other
@@ -28,6 +29,12 @@ results.json: `test_bleu1`..`test_bleu4`, `test_bleu4_sentence_mean`, `test_roug
 
 The consensus scores above (class and nearest-neighbour) use CIDEr-D with document frequencies from the
 TRAINING references (one document per training image), so no test caption informs a choice.
+
+Features are those the captioner reads (BaselineData): with dihedral training views (`train_views`), the
+probe trains on every view of every training image (labels repeated) and the nearest-neighbour pool is each
+training image's mean over its views (one row per image, so neighbours are images); val and test are as
+given (the task gives the features decoding reads). `linear_probe` and `nearest_neighbour` name them in a
+string field `features` beside their metrics.
 """
 
 from __future__ import annotations
@@ -58,21 +65,30 @@ class BaselineData:
   """One data set's splits as the captioner sees them.
 
   references: split ('train', 'val', 'test') -> per image, its reference captions (token lists).
-  features: split -> N x C float array: each image's region features of the run's encoder, mean-pooled.
+  features: split -> N x C float array: each image's region features of the run's encoder, mean-pooled
+    (with train_views, features['train'] is their mean over the views: the nearest-neighbour pool).
   labels: split -> per image, its class; None when the data has no classes.
+  train_views: V x N x C, each training image's mean-pooled features under each of V transforms (the 8
+    dihedral views a captioner with config.data.dihedral_train trains on): the linear probe's rows; None
+    for one view per image.
+  feature_note: what the features are, recorded beside the feature-based baselines' scores.
   """
 
   references: dict[str, metrics_lib.References]
   features: dict[str, np.ndarray]
   labels: dict[str, list[str]] | None = None
+  train_views: np.ndarray | None = None
+  feature_note: str = 'encoder features, mean over regions'
 
 
 @dataclasses.dataclass
 class BaselineResults:
   """What run_baselines found."""
 
-  scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # baseline -> {metric: value}
+  scores: dict[str, dict[str, float | str]] = dataclasses.field(default_factory=dict)  # baseline -> {metric: value}
   captions: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # baseline -> test captions
+  # baseline -> metrics.caption_scores' per-image scores of its test captions ({'cider': [...], ...})
+  per_image: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
   consensus: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # class -> its consensus caption
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # baseline -> why it did not run
 
@@ -213,10 +229,27 @@ def nearest_neighbour_captions(
   return out
 
 
-def _scored(references, hypotheses, train_captions, meteor: bool) -> dict[str, float]:
-  scores = metrics_lib.caption_scores(references, hypotheses, meteor=meteor)
+def probe_rows(data: BaselineData) -> tuple[np.ndarray, list[str]]:
+  """The linear probe's training rows and their labels: one per training image, or one per image and view.
+
+  With data.train_views (V x N x C) the rows are view-major (row v * N + i is image i under view v) and the
+  labels repeat V times.
+  """
+  if data.train_views is None:
+    return data.features['train'], list(data.labels['train'])
+  views = np.asarray(data.train_views)
+  num_images = len(data.references['train'])
+  if views.ndim != 3 or views.shape[1] != num_images:
+    raise ValueError(f'train_views has shape {views.shape}; expected views x {num_images} training images x C')
+  return views.reshape(-1, views.shape[-1]), list(data.labels['train']) * len(views)
+
+
+def _scored(references, hypotheses, train_captions, meteor: bool) -> tuple[dict[str, float], dict[str, list]]:
+  """The test_ metrics and distinctiveness figures of the hypotheses, and metrics.caption_scores' per-image scores."""
+  scores = metrics_lib.caption_scores(references, hypotheses, meteor=meteor, per_image=True)
+  per_image = scores.pop('per_image')
   scores.update(distinct.distinctiveness(hypotheses, train_captions))
-  return {f'test_{name}': value for name, value in scores.items()}
+  return {f'test_{name}': value for name, value in scores.items()}, per_image
 
 
 def human_scores(
@@ -231,7 +264,7 @@ def human_scores(
   for j in range(rounds):
     hyps = [refs[j] for refs in test_references]
     others = [[r for i, r in enumerate(refs) if i != j] for refs in test_references]
-    scores = _scored(others, hyps, train_captions, meteor)
+    scores, _ = _scored(others, hyps, train_captions, meteor)
     scores['test_cider_df_all_references'] = float(all_refs_cider.scores(others, hyps).mean())
     per_round.append(scores)
   return {name: float(np.mean([s[name] for s in per_round])) for name in per_round[0]}
@@ -254,18 +287,26 @@ def run_baselines(data: BaselineData, *, meteor: bool = True, k: int = NUM_NEIGH
   """Every baseline that the data allows, scored on test; the others in `skipped` with the reason (logged).
 
   Args:
-    data: references, mean-pooled features and (optionally) classes of train, val and test.
+    data: references, mean-pooled features (and dihedral train views) and (optionally) classes of train,
+      val and test.
     meteor: also compute METEOR (a Java process per scoring, about 20 s on 210 images).
     k: neighbours of the nearest-neighbour baseline.
 
   Returns:
-    BaselineResults: scores per baseline (plus the probe's class accuracies and l2), test captions per
-    baseline, the consensus caption per class, and the skipped baselines.
+    BaselineResults: scores per baseline (plus the probe's class accuracies and l2, and `features` for the
+    feature-based ones), test captions and their per-image scores per baseline, the consensus caption per
+    class, and the skipped baselines.
   """
   refs = data.references
   train_captions = [c for image_refs in refs['train'] for c in image_refs]
   scorer = metrics_lib.CiderD(refs['train'])
   out = BaselineResults()
+
+  def score(name: str, captions: list[list[str]], **extra) -> None:
+    out.captions[name] = captions
+    out.scores[name], out.per_image[name] = _scored(refs['test'], captions, train_captions, meteor)
+    out.scores[name].update(extra)
+
   no_classes = _all_labelled(data)
   predicted = None
   if no_classes is None:
@@ -273,22 +314,24 @@ def run_baselines(data: BaselineData, *, meteor: bool = True, k: int = NUM_NEIGH
     out.consensus = class_consensus(scorer, refs['train'], labels['train'])
     for label, caption in out.consensus.items():
       logging.info('consensus caption of class %s: %s', label, ' '.join(caption))
-    out.captions['class_oracle'] = [out.consensus[c] for c in labels['test']]
-    out.scores['class_oracle'] = _scored(refs['test'], out.captions['class_oracle'], train_captions, meteor)
-    probe = fit_linear_probe(data.features['train'], labels['train'], data.features['val'], labels['val'])
+    score('class_oracle', [out.consensus[c] for c in labels['test']])
+    train_x, train_y = probe_rows(data)
+    logging.info('linear probe: %d training rows (%s)', len(train_x), data.feature_note)
+    probe = fit_linear_probe(train_x, train_y, data.features['val'], labels['val'])
     predicted = probe.predict(data.features['test'])
-    out.captions['linear_probe'] = [out.consensus[c] for c in predicted]
-    out.scores['linear_probe'] = {
-      **_scored(refs['test'], out.captions['linear_probe'], train_captions, meteor),
-      'val_class_accuracy': probe.val_accuracy,
-      'test_class_accuracy': accuracy(predicted, labels['test']),
-      'l2': probe.l2,
-    }
+    score(
+      'linear_probe',
+      [out.consensus[c] for c in predicted],
+      val_class_accuracy=probe.val_accuracy,
+      test_class_accuracy=accuracy(predicted, labels['test']),
+      l2=probe.l2,
+      features=data.feature_note,
+    )
   else:
     for name in ('class_oracle', 'linear_probe'):
       out.skipped[name] = no_classes
       logging.info('baseline %s skipped: %s', name, no_classes)
-  out.captions['nearest_neighbour'] = nearest_neighbour_captions(
+  neighbours = nearest_neighbour_captions(
     scorer,
     data.features['train'],
     refs['train'],
@@ -297,7 +340,7 @@ def run_baselines(data: BaselineData, *, meteor: bool = True, k: int = NUM_NEIGH
     train_labels=None if predicted is None else data.labels['train'],
     test_classes=predicted,
   )
-  out.scores['nearest_neighbour'] = _scored(refs['test'], out.captions['nearest_neighbour'], train_captions, meteor)
+  score('nearest_neighbour', neighbours, features=data.feature_note)
   if min(len(r) for r in refs['test']) < 2:
     out.skipped['human'] = 'a test image has fewer than 2 references'
     logging.info('baseline human skipped: %s', out.skipped['human'])

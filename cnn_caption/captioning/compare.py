@@ -2,7 +2,8 @@
 
   python -m cnn_caption.captioning.compare WORKDIR_A WORKDIR_B [--resamples=10000] [--seed=0]
 
-Reads each workdir's test_captions.json (written by every captioning run: per-image CIDEr-D and ROUGE-L),
+Reads each workdir's test_captions.json (written by every captioning run, and by --mode=baselines for each
+baseline in WORKDIR/baselines/NAME: per-image CIDEr-D and ROUGE-L),
 pairs the images by name and prints, per metric, both means, the mean difference A - B, its 95%
 percentile-bootstrap interval and the fraction of resamples in which A is not better. Exit code 2 with
 one line when a workdir lacks the file or the two were scored on different images. A page of the per-image

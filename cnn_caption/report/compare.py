@@ -1,4 +1,8 @@
-"""Two captioning runs side by side on the same test images: per-image differences, sortable and filterable."""
+"""Two captioning runs side by side on the same test images: per-image differences, sortable and filterable.
+
+Either side may be a baseline's folder (--mode=baselines writes WORKDIR/baselines/NAME): it holds the same
+test_captions.json, config.json and results.json as a run.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ from cnn_caption.report.page import esc
 def _captioning_run(workdir: str) -> files.Run:
   run = files.load_run(workdir)
   if not os.path.exists(run.path(captioner.CAPTIONS_FILE)):
-    raise UserError(f'{workdir} has no {captioner.CAPTIONS_FILE}: --mode=compare needs two finished captioning runs')
+    raise UserError(
+      f'{workdir} has no {captioner.CAPTIONS_FILE}: --mode=compare needs two finished captioning runs '
+      '(or a baseline folder of --mode=baselines)'
+    )
   return run
 
 

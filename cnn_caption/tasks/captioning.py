@@ -11,6 +11,9 @@ Two levers for data sets that are nearly scene classification (UCM-captions), bo
   config.model.scene_head with config.loss.scene_weight: a linear class head on the mean region, trained with
     an auxiliary cross-entropy on the images' "class", whose predicted distribution feeds the decoder's initial
     state (models.decoders.CaptionDecoder). Data without classes (the synthetic scenes) trains without it.
+
+`run_baselines` (--mode=baselines) scores captioning.baselines on the features this config's captioner reads
+(the dihedral views and means too) and writes each baseline as a workdir that a run compares with.
 """
 
 from __future__ import annotations
@@ -50,13 +53,19 @@ VOCAB_FILE = 'vocab.json'
 SCENE_CLASSES_FILE = 'scene_classes.json'  # the scene head's class names, in logit order (absent: no head)
 CONFIG_FILE = run_record.CONFIG_FILE
 ATTENTION_FILE = 'test_attention.npz'  # per test image, the attention over the regions behind each generated word
+CAPTIONS_FILE = 'test_captions.json'  # per test image, its caption, references and per-image scores
+
+
+def synthetic_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the synthetic scenes of a config without config.data.dir live."""
+  return config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
 
 
 def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.data.dir, or the embedded synthetic scenes written under the workdir."""
   if config.data.dir is not None:
     return config.data.dir
-  out = config.data.synthetic_dir or os.path.join(workdir, 'synthetic_data')
+  out = synthetic_dir(config, workdir)
   logging.info('no --config.data.dir: using the SYNTHETIC captioned-scenes set in %s', out)
   # Process 0 writes it; the others then find it complete.
   return parallel.main_first(
@@ -196,6 +205,34 @@ def with_scene_loss(loss_fn, scene_weight: float):
     return value + scene_weight * scene_ce, {**aux, 'scene_loss': scene_ce, 'scene_correct': correct}
 
   return loss
+
+
+def caption_rows(
+  entries: list[captions_lib.ImageEntry],
+  references: metrics_lib.References,
+  hypotheses: list[list[str]],
+  per_image: dict[str, list[float]],
+) -> list[dict]:
+  """test_captions.json: per test image its name, caption, references, per-image scores and class (if any).
+
+  per_image: metrics.caption_scores(..., per_image=True)['per_image'] of the hypotheses. The per-image scores
+  are what a paired bootstrap between two workdirs needs (captioning.compare) and what the report's caption
+  table shows.
+  """
+  rows = []
+  for i, (entry, hyp) in enumerate(zip(entries, hypotheses, strict=True)):
+    row = {
+      'image_name': entry.name,
+      'caption': hyp,
+      'references': [' '.join(r) for r in references[i]],
+      'cider': per_image['cider'][i],
+      'bleu4': per_image['bleu4'][i],
+      'rouge_l': per_image['rouge_l'][i],
+    }
+    if entry.category is not None:
+      row['class'] = entry.category
+    rows.append(row)
+  return rows
 
 
 def dihedral_choice(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -390,13 +427,31 @@ class CaptioningTask(base.Task):
     return None if None in labels else labels
 
   def baseline_data(self) -> baselines_lib.BaselineData:
-    """References, mean-pooled encoder features and classes of every split, for captioning.baselines."""
+    """References, mean-pooled encoder features and classes of every split, for captioning.baselines.
+
+    The features are those the captioner reads. Val and test: the features decoding reads (the mean of the 8
+    dihedral transforms with config.data.dihedral_test). Train: with config.data.dihedral_train, each
+    transform's features as `train_views` (the probe's 8 rows per image) and their mean as
+    features['train'] (the nearest-neighbour pool); without it, the untransformed image's.
+    """
     splits = ('train', 'val', 'test')
     labels = {s: self.labels(s) for s in splits}
+    features = {s: _mean_pooled(self.feats[s]) for s in ('val', 'test')}
+    notes, train_views = [], None
+    if self.train_views:
+      train_views = np.stack([_mean_pooled(view) for view in self.train_views])
+      features['train'] = train_views.mean(axis=0)
+      notes.append(f'train: {len(train_views)} dihedral views per image (probe: one row each; neighbours: their mean)')
+    else:
+      features['train'] = _mean_pooled(self.feats['train'])
+    if self.config.data.get('dihedral_test', False):
+      notes.append(f'val/test: mean of the {augment.NUM_DIHEDRAL} dihedral views')
     return baselines_lib.BaselineData(
       references={s: vocab_lib.references(self.entries[s]) for s in splits},
-      features={s: _mean_pooled(self.feats[s]) for s in splits},
+      features={s: features[s] for s in splits},
       labels=None if any(v is None for v in labels.values()) else labels,
+      train_views=train_views,
+      feature_note='; '.join(['encoder features, mean over regions', *notes]),
     )
 
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
@@ -588,24 +643,10 @@ class CaptioningTask(base.Task):
       results['scene_classes'] = self.scene_classes
       results['val_scene_accuracy'] = self.scene_accuracy(best_params, 'val')
       results['test_scene_accuracy'] = self.scene_accuracy(best_params, 'test')
-    # Per-image scores: what a paired bootstrap between two runs needs (metrics.paired_bootstrap_ci) and what
-    # the report's caption table shows, with the references and the image's class where the data has one.
-    captions = []
-    for i, (entry, hyp) in enumerate(zip(self.entries['test'], hyps)):
-      row = {
-        'image_name': entry.name,
-        'caption': hyp,
-        'references': [' '.join(r) for r in self.references['test'][i]],
-        'cider': per_image['cider'][i],
-        'bleu4': per_image['bleu4'][i],
-        'rouge_l': per_image['rouge_l'][i],
-      }
-      if entry.category is not None:
-        row['class'] = entry.category
-      captions.append(row)
+    captions = caption_rows(self.entries['test'], self.references['test'], hyps, per_image)
     alphas = self.attention_maps(best_params, 'test', hyps)
     if parallel.is_main_process():
-      io_utils.write_json(os.path.join(workdir, 'test_captions.json'), captions)
+      io_utils.write_json(os.path.join(workdir, CAPTIONS_FILE), captions)
       if alphas is not None:
         lengths = np.array([len(a) for a in alphas], np.int32)
         arrays = {
@@ -689,18 +730,64 @@ class CaptioningTask(base.Task):
 
 BASELINES_FILE = 'baselines.json'
 BASELINE_CAPTIONS_FILE = 'baselines_captions.json'
+BASELINE_WORKDIRS = 'baselines'  # workdir/baselines/NAME: one workdir per captioning baseline
+
+
+def write_baseline_workdirs(
+  workdir: str,
+  config: dict,
+  entries: list[captions_lib.ImageEntry],
+  references: metrics_lib.References,
+  results: baselines_lib.BaselineResults,
+) -> list[str]:
+  """workdir/baselines/NAME per baseline with test captions: what a captioning run writes for comparisons.
+
+  Each holds test_captions.json (caption_rows, as every captioning run writes it), results.json (the
+  baseline's scores under a captioner's metric names, its name and the config) and config.json. A run
+  compares with one by `python -m cnn_caption.captioning.compare RUN workdir/baselines/NAME` or
+  `launch.py --mode=compare --workdir=RUN --compare_to=workdir/baselines/NAME`. `human` has none: it has no
+  single caption per image.
+
+  Args:
+    workdir: the baselines' workdir.
+    config: the resolved config as a dict, its data folder one that holds the images (the report's thumbnails).
+    entries: the test images, in the order of the baselines' captions.
+    references: their reference captions (token lists).
+    results: run_baselines' results.
+
+  Returns:
+    The folders written.
+  """
+  labels = [e.category for e in entries]
+  out = []
+  for name, captions in results.captions.items():
+    directory = os.path.join(workdir, BASELINE_WORKDIRS, name)
+    os.makedirs(directory, exist_ok=True)
+    per_image = results.per_image[name]
+    io_utils.write_json(os.path.join(directory, CAPTIONS_FILE), caption_rows(entries, references, captions, per_image))
+    summary = {'baseline': name, **results.scores[name], 'num_images': {'test': len(entries)}, 'config': config}
+    if None not in labels:
+      summary['test_cider_per_class'] = distinct.per_class_mean(per_image['cider'], labels)
+    io_utils.write_json(os.path.join(directory, 'results.json'), summary)
+    io_utils.write_json(os.path.join(directory, CONFIG_FILE), config)
+    out.append(directory)
+  return out
 
 
 def run_baselines(config: ml_collections.ConfigDict, workdir: str) -> baselines_lib.BaselineResults:
   """The captioning baselines (captioning.baselines) on this config's data and encoder features; no training.
 
-  The data, vocabulary and feature cache are built exactly as training builds them. Writes
-  workdir/baselines.json ({baseline: {metric: value}}) and workdir/baselines_captions.json (the consensus
-  caption of each class and every baseline's test captions). METEOR as config.meteor_at_test says.
+  The data, vocabulary and feature cache are built exactly as training builds them, and the baselines see the
+  features a captioner of this config reads (CaptioningTask.baseline_data: the dihedral views and means with
+  config.data.dihedral_train / dihedral_test). Writes workdir/baselines.json ({baseline: {metric: value}};
+  `features`, a string, says which features the feature-based ones used), workdir/baselines_captions.json
+  (the consensus caption of each class and every baseline's test captions) and write_baseline_workdirs'
+  folders. METEOR as config.meteor_at_test says.
   """
   os.makedirs(workdir, exist_ok=True)
   task = CaptioningTask(config, workdir, parallel.make_mesh())
-  results = baselines_lib.run_baselines(task.baseline_data(), meteor=config.get('meteor_at_test', True))
+  data = task.baseline_data()
+  results = baselines_lib.run_baselines(data, meteor=config.get('meteor_at_test', True))
   labels = task.labels('test')
   rows = []
   for i, entry in enumerate(task.entries['test']):
@@ -713,4 +800,8 @@ def run_baselines(config: ml_collections.ConfigDict, workdir: str) -> baselines_
     io_utils.write_json(
       os.path.join(workdir, BASELINE_CAPTIONS_FILE), {'consensus_by_class': results.consensus, 'test': rows}
     )
+    saved = config.to_dict()
+    if config.data.dir is None:  # the synthetic scenes: where they are, not where a baseline's folder would put them
+      saved['data']['synthetic_dir'] = os.path.abspath(synthetic_dir(config, workdir))
+    write_baseline_workdirs(workdir, saved, task.entries['test'], data.references['test'], results)
   return results
