@@ -24,7 +24,7 @@ B, T = 8, 8  # one batch shape for most tests, so that jitted functions compile 
 greedy = jax.jit(decoders.greedy_decode, static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'ensemble'))
 beam = jax.jit(
   decoders.beam_search,
-  static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty', 'ensemble'),
+  static_argnames=('model', 'bos_id', 'eos_id', 'max_len', 'beam_size', 'length_penalty', 'ensemble', 'return_beam'),
 )
 
 
@@ -225,6 +225,24 @@ def test_beam_finds_at_least_greedy_log_prob(variant):
   # 30 on models like these); it holds on this fixed one. test_beam_matches_reference checks the search.
   assert (np.asarray(logp_beam) >= np.asarray(logp_greedy) - 1e-4).all()
   assert (np.asarray(logp_beam) > np.asarray(logp_greedy) + 1e-3).sum() >= B // 2
+
+
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+def test_whole_beam_is_ranked_and_starts_with_the_best(length_penalty):
+  model, params, feats, _ = _setup('attention')
+  kwargs = dict(bos_id=BOS, eos_id=EOS, max_len=T, beam_size=3, length_penalty=length_penalty)
+  best = np.asarray(beam(model, params, feats, **kwargs))
+  tokens, logp, length = (np.asarray(x) for x in beam(model, params, feats, **kwargs, return_beam=True))
+  assert tokens.shape == (B, 3, T) and logp.shape == length.shape == (B, 3)
+  np.testing.assert_array_equal(tokens[:, 0], best)
+  assert len({tuple(row) for row in tokens.reshape(-1, T)}) > B  # the beams differ
+  for k in range(3):
+    # Each hypothesis's log-prob and length are those of its tokens (a cut one has no EOS: length T).
+    np.testing.assert_allclose(logp[:, k], _sequence_logp(model, params, feats, jnp.asarray(tokens[:, k])), atol=1e-4)
+    ends = (tokens[:, k] == EOS).any(axis=1)
+    np.testing.assert_array_equal(length[:, k], np.where(ends, (tokens[:, k] == EOS).argmax(axis=1) + 1, T))
+  score = logp / length.astype(np.float64) ** length_penalty
+  assert (np.diff(score, axis=1) <= 1e-6).all()
 
 
 def _reference_beam(model, params, feats_NxC, *, max_len, beam_size):

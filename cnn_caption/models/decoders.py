@@ -374,7 +374,8 @@ def beam_search(
   beam_size: int,
   length_penalty: float = 1.0,
   ensemble: bool = False,
-) -> jax.Array:
+  return_beam: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Best caption per image by beam search; batched over images, one while loop.
 
   Keeps beam_size live hypotheses (the best non-EOS ones among the top 2 * beam_size candidates) and
@@ -386,9 +387,13 @@ def beam_search(
   length_penalty. Like greedy decoding it may emit any id, PAD included, from an untrained model.
   Jit at the call site with model, bos_id, eos_id, max_len, beam_size and length_penalty static.
   `ensemble`: params stack M models (leading axis), scored by the log of their mean probability.
+  `return_beam`: return the whole final beam (the beam_size kept hypotheses) instead of its best.
 
   Returns:
-    tokens_BxL int32, EOS kept, PAD (0) after it.
+    tokens_BxL int32, EOS kept, PAD (0) after it. With return_beam: (tokens_BxKxL, logp_BxK, length_BxK),
+    the K = beam_size kept hypotheses of each image best first by sum log p / len**length_penalty (the first
+    is the caption returned without return_beam), their summed log-probs (-inf for a slot no hypothesis
+    filled, possible only for a vocabulary below 2 * beam_size) and lengths (generated tokens, EOS counted).
   """
   k, vocab = beam_size, model.vocab_size
   if not 1 <= k < vocab:
@@ -447,5 +452,9 @@ def beam_search(
   pool_tokens = jnp.concatenate([s['fin_tokens'], s['tokens']], 1)
   best_logp, keep = jax.lax.top_k(pool_logp, k)
   score_BxK = best_logp / pool_len[image_B1, keep].astype(jnp.float32) ** length_penalty
+  if return_beam:
+    order_BxK = jnp.argsort(-score_BxK, axis=1, stable=True)  # argmax's first of equals comes first
+    kept_BxK = keep[image_B1, order_BxK]
+    return pool_tokens[image_B1, kept_BxK], best_logp[image_B1, order_BxK], pool_len[image_B1, kept_BxK]
   best_B = keep[jnp.arange(batch), jnp.argmax(score_BxK, axis=1)]
   return pool_tokens[jnp.arange(batch), best_B]
