@@ -99,6 +99,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # selection_metric (beam size 1 = greedy), replacing method / beam_size / length_penalty above.
   config.decoding.val_beam_sizes = ()  # e.g. (1, 3, 5)
   config.decoding.val_length_penalties = ()  # e.g. (0.0, 0.5, 1.0); () = length_penalty above
+  # k > 0: beam search (val and test) keeps its final beam and picks the candidate with the highest mean CIDEr-D
+  # against the captions of the image's k nearest training images (cosine similarity of mean-pooled features,
+  # within the scene head's predicted class when there is one); greedy decoding is untouched. 0 = off.
+  config.decoding.rerank_neighbours = 0
+  config.decoding.rerank_weight = 0.0  # reranking score = consensus CIDEr-D + w * log p / len; 0 = consensus only
+  config.decoding.val_rerank = ()  # e.g. (0, 10): rerank_neighbours values tried on VAL with the beams above
 
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept

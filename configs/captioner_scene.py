@@ -18,6 +18,8 @@ Expected on UCM-captions test (CIDEr-D / BLEU-4, mean of seeds 0, 1, 2): (to be 
 Time on one core (2-core x86 VM, CPU, jax 0.10.2, the core shared with other jobs): the 8 feature caches took
 about 570 s of CPU once (2,100 images each; then read from the cache), one epoch (1,050 steps) 167 s.
 
+Beam reranking by neighbours' consensus (`--config.decoding.val_rerank='(0,10)'`): off; value on val to be measured.
+
 Variants: `smoke` (the synthetic scenes of configs/captioner.py:smoke; they have no classes, so the head is
 off, with one log line); `scst` (self-critical training from a finished run of this config:
 `--config.init_from=XE_WORKDIR`, as configs/captioner_scst.py:plain with its measured protocol, learning rate

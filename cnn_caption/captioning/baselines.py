@@ -197,6 +197,35 @@ def accuracy(predicted: Sequence[str], labels: Sequence[str]) -> float:
   return float(np.mean([p == t for p, t in zip(predicted, labels, strict=True)]))
 
 
+def nearest_training_images(
+  train_features: np.ndarray,
+  features: np.ndarray,
+  k: int,
+  train_labels: Sequence | None = None,
+  classes: Sequence | None = None,
+) -> list[np.ndarray]:
+  """Per image (a row of features), the indices of its k most similar training images, most similar first.
+
+  Cosine similarity of the feature rows (ties: the earlier training image first). With train_labels and
+  classes, only training images whose label equals the image's class are neighbours.
+  """
+
+  def unit(v):
+    v = np.asarray(v, np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+  similarity = unit(features) @ unit(train_features).T
+  train_labels_array = None if train_labels is None else np.asarray(train_labels, dtype=object)
+  out = []
+  for i, row in enumerate(similarity):
+    pool = np.arange(len(row)) if classes is None else np.flatnonzero(train_labels_array == classes[i])
+    if not len(pool):
+      raise ValueError(f'image {i}: class {classes[i]!r} has no training image')
+    out.append(pool[np.argsort(-row[pool], kind='stable')[:k]])
+  return out
+
+
 def nearest_neighbour_captions(
   scorer: metrics_lib.CiderD,
   train_features: np.ndarray,
@@ -210,20 +239,8 @@ def nearest_neighbour_captions(
 
   With train_labels and test_classes, only training images of the test image's class are neighbours.
   """
-
-  def unit(v):
-    v = np.asarray(v, np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.where(norms > 0, norms, 1.0)
-
-  similarity = unit(test_features) @ unit(train_features).T
-  train_labels_array = None if train_labels is None else np.asarray(train_labels, dtype=object)
   out = []
-  for i, row in enumerate(similarity):
-    pool = np.arange(len(row)) if test_classes is None else np.flatnonzero(train_labels_array == test_classes[i])
-    if not len(pool):
-      raise ValueError(f'test image {i}: class {test_classes[i]!r} has no training image')
-    neighbours = pool[np.argsort(-row[pool], kind='stable')[:k]]
+  for neighbours in nearest_training_images(train_features, test_features, k, train_labels, test_classes):
     candidates = [c for j in neighbours for c in train_references[j]]
     out.append(list(candidates[consensus_index(scorer, candidates)]))
   return out

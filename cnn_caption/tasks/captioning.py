@@ -12,6 +12,11 @@ Two levers for data sets that are nearly scene classification (UCM-captions), bo
     an auxiliary cross-entropy on the images' "class", whose predicted distribution feeds the decoder's initial
     state (models.decoders.CaptionDecoder). Data without classes (the synthetic scenes) trains without it.
 
+One decoding lever, off by default: config.decoding.rerank_neighbours = k > 0 keeps the final beam of every
+val / test image decoded by beam search and picks the candidate with the highest consensus CIDEr-D against the
+captions of its k nearest training images (captioning.rerank; neighbours among the training images of the
+scene head's predicted class when there is one); config.decoding.val_rerank tries several k on val.
+
 `run_baselines` (--mode=baselines) scores captioning.baselines on the features this config's captioner reads
 (the dihedral views and means too) and writes each baseline as a workdir that a run compares with.
 """
@@ -37,6 +42,7 @@ from cnn_caption.captioning import baselines as baselines_lib
 from cnn_caption.captioning import distinct
 from cnn_caption.captioning import features as features_lib
 from cnn_caption.captioning import metrics as metrics_lib
+from cnn_caption.captioning import rerank as rerank_lib
 from cnn_caption.data import augment
 from cnn_caption.data import captions as captions_lib
 from cnn_caption.data import synthetic
@@ -280,7 +286,28 @@ class CaptioningTask(base.Task):
     check(
       config, 'decoding.val_length_penalties', lambda v: all(base.finite(x) for x in v), 'a tuple of finite numbers'
     )
+    check(config, 'decoding.rerank_neighbours', base.nonneg_int, 'an integer >= 0 (0 = off)')
+    check(config, 'decoding.rerank_weight', base.finite, 'a finite number (0 = consensus alone)')
+    check(
+      config,
+      'decoding.val_rerank',
+      lambda v: isinstance(v, (tuple, list)) and all(base.nonneg_int(x) for x in v),
+      'a tuple of neighbour counts >= 0 (0 = no reranking)',
+    )
     d = config.get('decoding', {})
+    if d.get('val_rerank') and not any(b > 1 for b in d.get('val_beam_sizes') or ()):
+      raise UserError(
+        f'config.decoding.val_rerank={tuple(d.val_rerank)} reranks beam candidates, but config.decoding.'
+        'val_beam_sizes has no beam size > 1; add one, e.g. --config.decoding.val_beam_sizes="(1, 3)", or set '
+        '--config.decoding.val_rerank="()"'
+      )
+    beams = d.get('val_beam_sizes') or ((d.get('beam_size') or 1) if d.get('method') == 'beam' else 1,)
+    if d.get('rerank_neighbours') and not any(b > 1 for b in beams):
+      raise UserError(
+        f'config.decoding.rerank_neighbours={d.rerank_neighbours} reranks beam candidates, but decoding is '
+        'greedy; set --config.decoding.method=beam (or a beam size > 1 in config.decoding.val_beam_sizes), or '
+        '--config.decoding.rerank_neighbours=0'
+      )
     if d.get('val_length_penalties') and not any(b > 1 for b in d.get('val_beam_sizes') or ()):
       raise UserError(
         f'config.decoding.val_length_penalties={tuple(d.val_length_penalties)} needs a beam size > 1 in '
@@ -386,6 +413,7 @@ class CaptioningTask(base.Task):
         ', mean of the 8 at val/test' if dihedral_test else '',
       )
     self._decoders = {}
+    self._rerank_inputs = {}  # consensus reranking: 'train' -> (scorer, pool features, references); split -> features
 
   def _scene_classes(self, train_entries) -> list[str]:
     """The scene head's classes (sorted train classes); [] without config.model.scene_head or without classes."""
@@ -437,13 +465,10 @@ class CaptioningTask(base.Task):
     splits = ('train', 'val', 'test')
     labels = {s: self.labels(s) for s in splits}
     features = {s: _mean_pooled(self.feats[s]) for s in ('val', 'test')}
-    notes, train_views = [], None
-    if self.train_views:
-      train_views = np.stack([_mean_pooled(view) for view in self.train_views])
-      features['train'] = train_views.mean(axis=0)
+    notes = []
+    features['train'], train_views = self._train_pool()
+    if train_views is not None:
       notes.append(f'train: {len(train_views)} dihedral views per image (probe: one row each; neighbours: their mean)')
-    else:
-      features['train'] = _mean_pooled(self.feats['train'])
     if self.config.data.get('dihedral_test', False):
       notes.append(f'val/test: mean of the {augment.NUM_DIHEDRAL} dihedral views')
     return baselines_lib.BaselineData(
@@ -453,6 +478,17 @@ class CaptioningTask(base.Task):
       train_views=train_views,
       feature_note='; '.join(['encoder features, mean over regions', *notes]),
     )
+
+  def _train_pool(self) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training images' mean-pooled features as a neighbour pool (N x C), and per view (V x N x C) or None.
+
+    With config.data.dihedral_train the pool is each image's mean over its views, else its untransformed
+    features: the pool of the nearest-neighbour baseline and of consensus reranking.
+    """
+    if not self.train_views:
+      return _mean_pooled(self.feats['train']), None
+    train_views = np.stack([_mean_pooled(view) for view in self.train_views])
+    return train_views.mean(axis=0), train_views
 
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
     """The workdir's vocabulary when resuming (it must match the checkpoint), else built from train."""
@@ -505,9 +541,14 @@ class CaptioningTask(base.Task):
       **scene,
     }  # the epoch loss is a mean over tokens, not over batches
 
-  def _decode_fn(self, beam_size: int = 1, length_penalty: float = 1.0):
-    """Jitted decoding: greedy for beam_size 1, else beam search (compiled once per setting)."""
+  def _decode_fn(self, beam_size: int = 1, length_penalty: float = 1.0, whole_beam: bool = False):
+    """Jitted decoding: greedy for beam_size 1, else beam search (compiled once per setting).
+
+    whole_beam (beam_size > 1): the search returns its final beam (beam_search's return_beam) instead of the best.
+    """
+    whole_beam = whole_beam and beam_size > 1
     key = (1, 0.0) if beam_size == 1 else (beam_size, float(length_penalty))
+    key = (*key, 'beam') if whole_beam else key
     if key not in self._decoders:
       kwargs = dict(
         bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=self.config.decoding.max_len, ensemble=self.ensemble
@@ -516,7 +557,13 @@ class CaptioningTask(base.Task):
         fn = lambda params, feats: decoders.greedy_decode(self.model, params, feats, **kwargs)[0]
       else:
         fn = lambda params, feats: decoders.beam_search(
-          self.model, params, feats, beam_size=beam_size, length_penalty=length_penalty, **kwargs
+          self.model,
+          params,
+          feats,
+          beam_size=beam_size,
+          length_penalty=length_penalty,
+          return_beam=whole_beam,
+          **kwargs,
         )
       # Replicated output: every process reads all the tokens (it cannot read other processes' shards).
       self._decoders[key] = memory.CheckedJit(
@@ -528,28 +575,49 @@ class CaptioningTask(base.Task):
       )
     return self._decoders[key]
 
-  def _configured_decoding(self) -> tuple[int, float]:
-    """(beam_size, length_penalty) of config.decoding; beam size 1 is greedy."""
+  def _configured_decoding(self) -> tuple[int, float, int]:
+    """(beam_size, length_penalty, rerank_neighbours) of config.decoding; beam size 1 is greedy (no reranking)."""
     d = self.config.decoding
-    return (d.beam_size, d.length_penalty) if d.method == 'beam' else (1, d.length_penalty)
+    if d.method != 'beam' or d.beam_size == 1:
+      return (1, d.length_penalty, 0)
+    return (d.beam_size, d.length_penalty, d.get('rerank_neighbours', 0))
 
-  def _decoding_candidates(self) -> list[tuple[int, float]]:
-    """config.decoding.val_beam_sizes x val_length_penalties (beam size 1 once), or [] to use config.decoding."""
+  def _decoding_candidates(self) -> list[tuple[int, float, int]]:
+    """val_beam_sizes x val_length_penalties x val_rerank (beam size 1 once), or [] to use config.decoding."""
     d = self.config.decoding
     sizes = tuple(d.get('val_beam_sizes') or ())
     penalties = tuple(d.get('val_length_penalties') or ()) or (d.length_penalty,)
-    return sorted({(1, 0.0) if b == 1 else (b, float(lp)) for b in sizes for lp in penalties})
+    reranks = tuple(d.get('val_rerank') or ()) or (d.get('rerank_neighbours', 0),)
+    return sorted(
+      {(1, 0.0, 0) if b == 1 else (b, float(lp), int(r)) for b in sizes for lp in penalties for r in reranks}
+    )
+
+  def _reranking(self) -> bool:
+    """Whether config.decoding may rerank beam candidates (rerank_neighbours or val_rerank above 0)."""
+    d = self.config.decoding
+    return bool(d.get('rerank_neighbours', 0)) or any(d.get('val_rerank') or ())
 
   def check_memory(self, params) -> None:
     """Compiles greedy decoding (and the test decodings) for eval_batch_size; one line if one cannot fit."""
     b = self.config.eval_batch_size
     feats = {'feats': np.zeros((1, *self.feats['val'].shape[1:]), np.float32)}
     spec = parallel.abstract_batch(feats, b, self.mesh)['feats']
-    for setting in {(1, 0.0), self._configured_decoding(), *self._decoding_candidates()}:
+    settings = {(1, 0.0, False)}
+    for beam_size, length_penalty, rerank in (self._configured_decoding(), *self._decoding_candidates()):
+      settings.add((beam_size, length_penalty, bool(rerank) and beam_size > 1))
+    for setting in settings:
       self._decode_fn(*setting).check(params, spec, host_bytes=b * feats['feats'].nbytes)
 
-  def decode(self, params, split: str, beam_size: int = 1, length_penalty: float = 1.0) -> list[list[str]]:
-    """Captions (word lists) for every image of a split: greedy, or beam search for beam_size > 1."""
+  def decode(
+    self, params, split: str, beam_size: int = 1, length_penalty: float = 1.0, rerank_neighbours: int = 0
+  ) -> list[list[str]]:
+    """Captions (word lists) for every image of a split: greedy, or beam search for beam_size > 1.
+
+    rerank_neighbours = k > 0 (beam search only): the caption is the final beam's candidate that
+    consensus_rerank picks.
+    """
+    if rerank_neighbours and beam_size > 1:
+      return self.consensus_rerank(params, split, beam_size, length_penalty, rerank_neighbours)
     fn = self._decode_fn(beam_size, length_penalty)
     feats = self.feats[split]
     fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
@@ -559,11 +627,62 @@ class CaptioningTask(base.Task):
       out.extend(self.vocab.decode(row.tolist()) for row in tokens)
     return out
 
-  def scene_accuracy(self, params, split: str) -> float | None:
-    """The scene head's accuracy on a split's images (the features decoding reads); None without a head.
+  def decode_beams(
+    self, params, split: str, beam_size: int, length_penalty: float
+  ) -> tuple[list[list[list[str]]], np.ndarray, np.ndarray]:
+    """Per image of a split, the final beam's captions best first; their summed log-probs and lengths (N x K)."""
+    fn = self._decode_fn(beam_size, length_penalty, whole_beam=True)
+    feats = self.feats[split]
+    fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
+    captions, logprobs, lengths = [], [], []
+    for batch, n in parallel.padded_batches(len(feats), self.config.eval_batch_size, fetch):
+      tokens_BxKxL, logp_BxK, length_BxK = fn(
+        params, parallel.shard_batch({'feats': batch['feats']}, self.mesh)['feats']
+      )
+      captions.extend([self.vocab.decode(row.tolist()) for row in beam] for beam in np.asarray(tokens_BxKxL)[:n])
+      logprobs.append(np.asarray(logp_BxK, np.float64)[:n])
+      lengths.append(np.asarray(length_BxK)[:n])
+    return captions, np.concatenate(logprobs), np.concatenate(lengths)
 
-    Images whose class is not a training class count as wrong.
+  def consensus_rerank(
+    self, params, split: str, beam_size: int, length_penalty: float, rerank_neighbours: int
+  ) -> list[list[str]]:
+    """Per image, the final beam's caption with the best consensus with its nearest training images' captions.
+
+    captioning.rerank.rerank on the mean-pooled features decoding reads (the mean of the 8 dihedral views
+    with config.data.dihedral_test) against the training pool of the nearest-neighbour baseline (_train_pool),
+    among the training images of the scene head's predicted class when there is a head; CIDEr-D document
+    frequencies from the training references; config.decoding.rerank_weight mixes in log p / len.
     """
+    captions, logprobs, lengths = self.decode_beams(params, split, beam_size, length_penalty)
+    if 'train' not in self._rerank_inputs:  # built once: neither side depends on the params
+      train_references = vocab_lib.references(self.entries['train'])
+      self._rerank_inputs['train'] = (metrics_lib.CiderD(train_references), self._train_pool()[0], train_references)
+    if split not in self._rerank_inputs:
+      self._rerank_inputs[split] = _mean_pooled(self.feats[split])
+    scorer, train_features, train_references = self._rerank_inputs['train']
+    classes = self.predicted_scenes(params, split)
+    chosen = rerank_lib.rerank(
+      scorer,
+      captions,
+      self._rerank_inputs[split],
+      train_features,
+      train_references,
+      rerank_neighbours,
+      train_labels=None if classes is None else self.scene_labels['train'],
+      classes=classes,
+      logprobs=logprobs,
+      lengths=lengths,
+      weight=self.config.decoding.get('rerank_weight', 0.0),
+    )
+    changed, k = sum(c != 0 for c in chosen), rerank_neighbours
+    logging.info(
+      "consensus rerank on %s, k=%d: %d of %d captions differ from the beam's", split, k, changed, len(chosen)
+    )
+    return [beam[c] for beam, c in zip(captions, chosen)]
+
+  def predicted_scenes(self, params, split: str) -> np.ndarray | None:
+    """The scene head's predicted class index (argmax) for each image of a split; None without a head."""
     if not self.scene_classes:
       return None
     if 'scene' not in self._decoders:
@@ -576,7 +695,15 @@ class CaptioningTask(base.Task):
     for batch, n in parallel.padded_batches(len(feats), self.config.eval_batch_size, fetch):
       probs_BxS = self._decoders['scene'](params, parallel.shard_batch({'feats': batch['feats']}, self.mesh)['feats'])
       predicted.append(np.asarray(probs_BxS)[:n].argmax(-1))
-    return float(np.mean(np.concatenate(predicted) == self.scene_labels[split]))
+    return np.concatenate(predicted)
+
+  def scene_accuracy(self, params, split: str) -> float | None:
+    """The scene head's accuracy on a split's images (the features decoding reads); None without a head.
+
+    Images whose class is not a training class count as wrong.
+    """
+    predicted = self.predicted_scenes(params, split)
+    return None if predicted is None else float(np.mean(predicted == self.scene_labels[split]))
 
   def _scores(self, split: str, hypotheses: list[list[str]], *, meteor: bool = False, per_image: bool = False) -> dict:
     """BLEU-1..4, mean sentence BLEU-4, ROUGE-L, CIDEr-D (and METEOR) of the split's captions."""
@@ -593,29 +720,40 @@ class CaptioningTask(base.Task):
     if self.scene_classes:
       io_utils.write_json(os.path.join(workdir, SCENE_CLASSES_FILE), self.scene_classes)
 
-  def _choose_decoding(self, params) -> tuple[tuple[int, float], list[dict]]:
-    """The (beam size, length penalty) best on VAL by the selection metric, and every candidate's score."""
+  def _choose_decoding(self, params) -> tuple[tuple[int, float, int], list[dict]]:
+    """The (beam size, length penalty, rerank neighbours) best on VAL by the selection metric, and every score."""
     candidates = self._decoding_candidates()
     if not candidates:
       return self._configured_decoding(), []
     metric = self.selection_metric
     tried = []
-    for beam_size, length_penalty in candidates:
-      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty))[metric]
-      tried.append({'beam_size': beam_size, 'length_penalty': length_penalty, f'val_{metric}': value})
-      logging.info('decoding on val: beam %d, length penalty %.2f: %s %.4f', beam_size, length_penalty, metric, value)
-    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: the smaller beam
-    return (best['beam_size'], best['length_penalty']), tried
+    for beam_size, length_penalty, rerank in candidates:
+      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty, rerank))[metric]
+      row = {'beam_size': beam_size, 'length_penalty': length_penalty}
+      if self._reranking():
+        row['rerank_neighbours'] = rerank
+      tried.append({**row, f'val_{metric}': value})
+      logging.info(
+        'decoding on val: beam %d, length penalty %.2f, rerank k=%d: %s %.4f',
+        beam_size,
+        length_penalty,
+        rerank,
+        metric,
+        value,
+      )
+    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: the smaller beam, then no rerank
+    return (best['beam_size'], best['length_penalty'], best.get('rerank_neighbours', 0)), tried
 
   def final_results(self, params, best_params, workdir: str) -> dict:
     """Test metrics (METEOR too) of the best epoch's parameters with the test decoding (and greedy).
 
-    The test decoding is config.decoding's, or, when config.decoding.val_beam_sizes is set, the beam size
-    and length penalty that score best on val (the selection metric): never chosen on test.
+    The test decoding is config.decoding's, or, when config.decoding.val_beam_sizes is set, the beam size,
+    length penalty (and with val_rerank the reranking neighbours) that score best on val (the selection
+    metric): never chosen on test.
     """
     del params
-    (beam_size, length_penalty), tried = self._choose_decoding(best_params)
-    hyps = self.decode(best_params, 'test', beam_size, length_penalty)
+    (beam_size, length_penalty, rerank), tried = self._choose_decoding(best_params)
+    hyps = self.decode(best_params, 'test', beam_size, length_penalty, rerank)
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
@@ -631,6 +769,10 @@ class CaptioningTask(base.Task):
       'max_len': self.config.decoding.max_len,
       'length_penalty': length_penalty,
     }
+    if self._reranking():
+      results['decoding']['rerank_neighbours'] = rerank  # 0: the beam's own best caption
+      results['decoding']['rerank_weight'] = self.config.decoding.get('rerank_weight', 0.0)
+      results['decoding']['rerank_classes'] = 'predicted' if self.scene_classes else 'all'
     if tried:
       results['decoding']['chosen_on_val_from'] = tried
     if beam_size != 1:

@@ -1,0 +1,163 @@
+"""Consensus reranking of beam candidates: hand-worked toy sets, and the captioning task's decoding with it."""
+
+import jax
+import numpy as np
+import pytest
+from test_scene import make_class_dataset
+
+from cnn_caption.captioning import baselines
+from cnn_caption.captioning import metrics as metrics_lib
+from cnn_caption.captioning import rerank
+from cnn_caption.data import vocab as vocab_lib
+from cnn_caption.errors import UserError
+from cnn_caption.tasks import captioning
+from cnn_caption.training import parallel
+from configs import captioner as captioner_config
+from configs import captioner_scene as scene_config
+from conftest import override
+
+# Four training images: two near (1, 0) about a red circle, two near (0, 1) about a blue square.
+TRAIN_FEATURES = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+RED = [['a', 'red', 'circle'], ['a', 'small', 'red', 'circle']]
+BLUE = [['a', 'blue', 'square'], ['a', 'big', 'blue', 'square']]
+TRAIN_REFERENCES = [RED, RED, BLUE, BLUE]
+TRAIN_CLASSES = ['circle', 'circle', 'square', 'square']
+CANDIDATES = [['a', 'red', 'circle'], ['a', 'blue', 'square']]
+
+
+def toy_scorer():
+  return metrics_lib.CiderD(TRAIN_REFERENCES)
+
+
+def test_consensus_is_the_mean_single_reference_cider():
+  scorer = toy_scorer()
+  references = RED + BLUE
+  got = rerank.consensus_scores(scorer, CANDIDATES, references)
+  by_hand = [np.mean([scorer.image_score([r], c) for r in references]) for c in CANDIDATES]
+  np.testing.assert_allclose(got, by_hand)
+  # Against the red captions alone, the red candidate agrees and the blue one shares only "a".
+  red_only = rerank.consensus_scores(scorer, CANDIDATES, RED)
+  assert red_only[0] > 1.0 > red_only[1] >= 0.0
+
+
+def test_reranker_picks_the_candidate_the_neighbours_agree_with():
+  scorer = toy_scorer()
+  # Image 0 sits among the blue squares, image 1 among the red circles; both beams put red first.
+  features = np.array([[0.05, 1.0], [1.0, 0.05]])
+  chosen = rerank.rerank(scorer, [CANDIDATES, CANDIDATES], features, TRAIN_FEATURES, TRAIN_REFERENCES, 2)
+  assert chosen == [1, 0]
+  # The neighbours are those of the nearest-neighbour baseline: cosine similarity, most similar first.
+  near = baselines.nearest_training_images(TRAIN_FEATURES, features, 2)
+  assert [sorted(n.tolist()) for n in near] == [[2, 3], [0, 1]]
+  # k = all four training images: red and blue tie in consensus, and the earlier (the beam's best) wins.
+  assert rerank.rerank(scorer, [CANDIDATES], features[:1], TRAIN_FEATURES, TRAIN_REFERENCES, 4) == [0]
+
+
+def test_class_restriction_overrides_the_nearest_images():
+  scorer = toy_scorer()
+  features = np.array([[1.0, 0.05]])  # nearest to the red circles
+  args = (scorer, [CANDIDATES], features, TRAIN_FEATURES, TRAIN_REFERENCES, 1)
+  assert rerank.rerank(*args) == [0]
+  assert rerank.rerank(*args, train_labels=TRAIN_CLASSES, classes=['square']) == [1]
+  assert rerank.rerank(*args, train_labels=TRAIN_CLASSES, classes=['circle']) == [0]
+  with pytest.raises(ValueError, match="class 'triangle' has no training image"):
+    rerank.rerank(*args, train_labels=TRAIN_CLASSES, classes=['triangle'])
+
+
+def test_weight_mixes_in_the_normalised_log_prob_and_empty_slots_never_win():
+  scorer = toy_scorer()
+  features = np.array([[0.05, 1.0]])  # the neighbours favour blue (candidate 1)
+  args = (scorer, [CANDIDATES], features, TRAIN_FEATURES, TRAIN_REFERENCES, 2)
+  consensus = rerank.consensus_scores(scorer, CANDIDATES, BLUE + BLUE)
+  gap = consensus[1] - consensus[0]
+  lengths = np.array([[4, 4]])
+  logprobs = np.array([[-1.0, -9.0]])  # red is 2 nats per token likelier
+  assert rerank.rerank(*args, logprobs=logprobs, lengths=lengths, weight=0.0) == [1]
+  # consensus + w * logp / len: red wins once w * (9 - 1) / 4 exceeds blue's consensus gap.
+  assert rerank.rerank(*args, logprobs=logprobs, lengths=lengths, weight=0.4 * gap) == [1]
+  assert rerank.rerank(*args, logprobs=logprobs, lengths=lengths, weight=0.6 * gap) == [0]
+  # A beam slot that no hypothesis filled (-inf) is never chosen, however it agrees.
+  assert rerank.rerank(*args, logprobs=np.array([[-1.0, -np.inf]]), lengths=lengths) == [0]
+  with pytest.raises(ValueError, match='k >= 1'):
+    rerank.rerank(*args[:-1], 0)
+
+
+@pytest.fixture(scope='module')
+def class_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp('rerank')
+  return make_class_dataset(root / 'data'), str(root / 'features')
+
+
+def scene_task(class_data, workdir, **overrides):
+  data_dir, cache_dir = class_data
+  config = scene_config.get_config('smoke')
+  config.data.dir, config.encoder.cache_dir = data_dir, cache_dir
+  config = override(config, **overrides)
+  captioning.CaptioningTask.validate_config(config)
+  task = captioning.CaptioningTask(config, workdir, parallel.make_mesh())
+  variables = task.model.init(jax.random.key(0), *task.example_inputs(), train=False)
+  return task, variables['params']
+
+
+def test_task_reranks_the_final_beam_and_k0_leaves_decoding_unchanged(class_data, tmp_path):
+  task, params = scene_task(class_data, str(tmp_path), **{'decoding.rerank_neighbours': 2})
+  plain = task.decode(params, 'test', 3, 0.0)
+  assert task.decode(params, 'test', 3, 0.0, 0) == plain  # k = 0: beam search's own answer
+  assert task.decode(params, 'test', 1, 0.0, 2) == task.decode(params, 'test')  # greedy is never reranked
+  beams, logprobs, lengths = task.decode_beams(params, 'test', 3, 0.0)
+  assert [b[0] for b in beams] == plain and logprobs.shape == lengths.shape == (3, 3)
+  assert all(len({tuple(c) for c in b}) > 1 for b in beams)  # an untrained model: the candidates differ
+  # The same choice by hand: dihedral-mean test features, train pool = mean of the 8 views, neighbours
+  # among the training images of the head's predicted class, document frequencies from train references.
+  train_refs = vocab_lib.references(task.entries['train'])
+  pool = np.mean([captioning._mean_pooled(v) for v in task.train_views], axis=0)
+  by_hand = lambda classes: rerank.rerank(
+    metrics_lib.CiderD(train_refs),
+    beams,
+    captioning._mean_pooled(task.feats['test']),
+    pool,
+    train_refs,
+    2,
+    train_labels=task.scene_labels['train'],
+    classes=classes,
+  )
+  chosen = by_hand(task.predicted_scenes(params, 'test'))
+  assert task.decode(params, 'test', 3, 0.0, 2) == [b[c] for b, c in zip(beams, chosen)]
+  # The neighbours come from the head's predicted class: another prediction, the choice of that class.
+  choices = [chosen]
+  for shift in (1, 2):
+    forced = (np.arange(3) + shift) % 3
+    task.predicted_scenes = lambda p, split, forced=forced: forced
+    choices.append(by_hand(forced))
+    assert task.decode(params, 'test', 3, 0.0, 2) == [b[c] for b, c in zip(beams, choices[-1])]
+  assert len({tuple(c) for c in choices}) > 1 and any(any(c) for c in choices)  # the classes change choices
+
+
+def test_val_rerank_is_one_more_decoding_choice_and_is_recorded(class_data, tmp_path):
+  task, params = scene_task(class_data, str(tmp_path), **{'decoding.val_rerank': (0, 2)})
+  assert task._decoding_candidates() == [
+    (1, 0.0, 0),
+    (3, 0.0, 0),
+    (3, 0.0, 2),
+    (3, 0.5, 0),
+    (3, 0.5, 2),
+    (3, 1.0, 0),
+    (3, 1.0, 2),
+  ]
+  (beam_size, length_penalty, k), tried = task._choose_decoding(params)
+  assert [t['rerank_neighbours'] for t in tried] == [0, 0, 2, 0, 2, 0, 2]
+  best = max(tried, key=lambda t: t['val_cider'])
+  assert (beam_size, length_penalty, k) == (best['beam_size'], best['length_penalty'], best['rerank_neighbours'])
+
+
+def test_rerank_config_is_checked_and_off_by_default():
+  config = captioner_config.get_config()
+  assert config.decoding.rerank_neighbours == 0 and config.decoding.val_rerank == ()
+  validate = captioning.CaptioningTask.validate_config
+  with pytest.raises(UserError, match='rerank_neighbours=3 reranks beam candidates, but decoding is greedy'):
+    validate(override(captioner_config.get_config(), **{'decoding.rerank_neighbours': 3}))
+  with pytest.raises(UserError, match='val_rerank=\\(0, 5\\) reranks beam candidates'):
+    validate(override(captioner_config.get_config(), **{'decoding.val_rerank': (0, 5)}))
+  with pytest.raises(UserError, match='config.decoding.rerank_neighbours=-1 is invalid'):
+    validate(override(captioner_config.get_config(), **{'decoding.rerank_neighbours': -1}))
+  validate(override(captioner_config.get_config(), **{'decoding.method': 'beam', 'decoding.rerank_neighbours': 3}))
