@@ -79,8 +79,10 @@ def test_conv1_as_matmul_is_the_same_convolution():
 
 
 def test_fast_layers_compute_the_same_function_and_gradients():
-  """fast_layers (conv1 as 9 multiply-adds, ReLU+pool with a written-out backward) is the original model up to
-  rounding: same parameters, outputs and gradients of every parameter."""
+  """fast_layers is the original model up to rounding: same parameters, outputs and gradients.
+
+  (conv1 as 9 multiply-adds, ReLU + pool with a written-out backward.)
+  """
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   exact, fast = classifier.FashionCNN(), classifier.FashionCNN(fast_layers=True)
   params = exact.init(jax.random.key(1), x)['params']
@@ -96,8 +98,10 @@ def test_fast_layers_compute_the_same_function_and_gradients():
 
 
 def test_one_channel_conv_by_hand():
-  """One tap (row 0, column 2 -> filter 1) shifts the image by (+1, -1) with zero fill; its kernel gradient
-  against an all-ones upstream gradient is the sum of the pixels that tap reads."""
+  """One tap (row 0, column 2 -> filter 1) shifts the image by (+1, -1) with zero fill.
+
+  Its kernel gradient against an all-ones upstream gradient is the sum of the pixels that tap reads.
+  """
   x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
   tap = jnp.zeros((3, 3, 1, 2)).at[0, 2, 0, 1].set(1.0)
   out = classifier.conv3x3_one_channel(x, tap)

@@ -119,8 +119,6 @@ def _conv3x3_one_channel_bwd(residuals, dy_BxHxWxF):
 conv3x3_one_channel.defvjp(_conv3x3_one_channel_fwd, _conv3x3_one_channel_bwd)
 
 
-
-
 class OneChannelConv3x3(nn.Module):
   """3x3 'SAME' convolution of a one-channel image (conv3x3_one_channel); nn.Conv's parameters and init.
 
@@ -138,6 +136,7 @@ class OneChannelConv3x3(nn.Module):
     bias_F = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     x_BxHxWx1, kernel, bias_F = nn.dtypes.promote_dtype(x_BxHxWx1, kernel, bias_F, dtype=self.dtype)
     return conv3x3_one_channel(x_BxHxWx1, kernel) + bias_F
+
 
 class FashionCNN(nn.Module):
   """conv16 3x3 same -> ReLU -> pool2 -> conv32 3x3 valid -> ReLU -> pool2 -> 600 -> 120 -> 10, log-softmax."""
