@@ -6,7 +6,10 @@
 
 The project side is the trainer's own call: `jax.jit(train.train_steps, donate_argnums=0)` with the
 classification task's loss, config.steps_per_call steps per call, on random data of Fashion-MNIST's shape
-(the batches are prepared before timing, as the trainer's host prefetch does). The peer is
+(the batches are prepared before timing, as the trainer's host prefetch does): the default program
+(`project`) and the original one (`project_exact`: --config.model.fast_layers=False, gradient norm logged),
+interleaved. Each record ends with `targets`: the ceiling share, the ratio to the original program and to
+the best peer, each with its target and whether it is met. The peer is
 /work/shared/peers/torch_cnn.py (eager, --channels-last and, unless --no_compile, --compile), each
 repetition a fresh pinned process whose warm-up is not timed. The ratio is to the fastest peer setup.
 """
@@ -15,9 +18,11 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
@@ -33,8 +38,11 @@ def forward_flops_per_sample() -> float:
   return 2.0 * (conv1 + conv2 + dense)
 
 
-def make_project(batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False):
-  """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation)."""
+def make_project(batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False, exact=False):
+  """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation).
+
+  exact: the original program (config.model.fast_layers=False, the gradient norm logged), bit for bit.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -45,11 +53,16 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
   from cnn_caption.tasks import classification
   from cnn_caption.training import optim
 
-  task = classification.ClassificationTask  # loss and metrics are static: no data needed
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import classifier
 
   config = classifier.get_config()
+  if exact:
+    config.model.fast_layers = False
+    config.log_grad_norm = True
+  # The task's loss and metrics are static: no data needed.
+  cls = classification.ClassificationTask
+  task = types.SimpleNamespace(loss=cls.loss, metrics=cls.metrics if config.log_grad_norm else cls.loss_metrics)
   overrides = {'dtype': jnp.bfloat16} if half_precision else {}
   model = models.create_model(config, **overrides)
   tx = optim.make_optimizer(config.optimizer, 1000)
@@ -77,6 +90,31 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
     return calls * steps_per_call * batch_size / (time.perf_counter() - t0)
 
   return run
+
+
+# The targets of the homework step: a share of the one-thread sgemm ceiling per batch size, and ratios to
+# the original program and to the best PyTorch setup, all measured in the same run.
+CEILING_SHARE_TARGET = {8: 0.35, 64: 0.50}
+EXACT_RATIO_TARGET = 2.0
+PEER_RATIO_TARGET = 1.5
+
+
+def targets(record: dict, batch_size: int) -> dict:
+  """Each target: the measured value, the target and whether it is met (None when not measured)."""
+  out = {}
+  share = record.get('project_peak_fraction')
+  if batch_size in CEILING_SHARE_TARGET:
+    goal = CEILING_SHARE_TARGET[batch_size]
+    out['ceiling_share'] = {'value': share, 'target': goal, 'met': None if share is None else share >= goal}
+  ratio = record.get('ratio_to_exact')
+  out['ratio_to_exact'] = {'value': ratio, 'target': EXACT_RATIO_TARGET, 'met': ratio >= EXACT_RATIO_TARGET}
+  peer = record.get('ratio_to_best_peer')
+  out['ratio_to_best_peer'] = {
+    'value': peer,
+    'target': PEER_RATIO_TARGET,
+    'met': None if peer is None else peer >= PEER_RATIO_TARGET,
+  }
+  return out
 
 
 def make_peer(args, batch_size: int, setup: str, steps: int):
@@ -124,7 +162,10 @@ def main():
   peak = common.cpu_peak(args)
   flops = 3 * forward_flops_per_sample()  # forward + two backward products
   for batch_size in (int(b) for b in args.batch_sizes.split(',')):
-    sides = {'project': make_project(batch_size, args.steps_per_call, args.seconds)}
+    sides = {
+      'project': make_project(batch_size, args.steps_per_call, args.seconds),
+      'project_exact': make_project(batch_size, args.steps_per_call, args.seconds, exact=True),
+    }
     if args.half_precision:
       sides['project_bf16'] = make_project(batch_size, args.steps_per_call, args.seconds, half_precision=True)
     if args.peer_python:
@@ -132,15 +173,20 @@ def main():
       for setup in setups:
         sides[setup] = make_peer(args, batch_size, setup, args.peer_steps)
     results = common.interleave(args.reps, sides)
-    peers = {k: v for k, v in results.items() if not k.startswith('project')}
-    extra = {'batch_size': batch_size, 'steps_per_call': args.steps_per_call}
+    peers = {k: v for k, v in results.items() if not k.startswith('project')}  # project_exact is ours too
+    extra = {
+      'batch_size': batch_size,
+      'steps_per_call': args.steps_per_call,
+      'project_exact': common.spread(results['project_exact']),
+      'ratio_to_exact': round(statistics.median(results['project']) / statistics.median(results['project_exact']), 2),
+    }
     if args.half_precision:
       extra['project_bf16'] = common.spread(results['project_bf16'])
-    common.emit(
-      common.compare(
-        'classifier_train', f'train_b{batch_size}', 'samples/s', results['project'], peers, flops, peak, **extra
-      )
+    record = common.compare(
+      'classifier_train', f'train_b{batch_size}', 'samples/s', results['project'], peers, flops, peak, **extra
     )
+    record['targets'] = targets(record, batch_size)
+    common.emit(record)
     if args.profile:
       trace_dir = os.path.join(args.profile, f'classifier_train_b{batch_size}')
       common.emit(

@@ -78,6 +78,59 @@ def test_conv1_as_matmul_is_the_same_convolution():
   assert not jnp.any(out.at[..., 5].set(0.0))
 
 
+def test_fast_layers_compute_the_same_function_and_gradients():
+  """fast_layers is the original model up to rounding: same parameters, outputs and gradients.
+
+  (conv1 as 9 multiply-adds, ReLU + pool with a written-out backward.)
+  """
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  exact, fast = classifier.FashionCNN(), classifier.FashionCNN(fast_layers=True)
+  params = exact.init(jax.random.key(1), x)['params']
+  assert jax.tree.map(jnp.shape, fast.init(jax.random.key(1), x)['params']) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(fast.apply({'params': params}, x), exact.apply({'params': params}, x), atol=1e-5)
+  grad = lambda m: jax.grad(lambda p: m.apply({'params': p}, x)[:, 3].sum())(params)  # noqa: E731
+  for name, (g_fast, g_exact) in zip(
+    ('/'.join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]),
+    zip(jax.tree.leaves(grad(fast)), jax.tree.leaves(grad(exact)), strict=True),
+    strict=True,
+  ):
+    np.testing.assert_allclose(g_fast, g_exact, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_one_channel_conv_by_hand():
+  """One tap (row 0, column 2 -> filter 1) shifts the image by (+1, -1) with zero fill.
+
+  Its kernel gradient against an all-ones upstream gradient is the sum of the pixels that tap reads.
+  """
+  x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
+  tap = jnp.zeros((3, 3, 1, 2)).at[0, 2, 0, 1].set(1.0)
+  out = classifier.conv3x3_one_channel(x, tap)
+  expected = jnp.zeros((4, 4)).at[1:, :3].set(x[0, :3, 1:, 0])
+  np.testing.assert_array_equal(out[0, :, :, 1], expected)
+  assert not jnp.any(out[..., 0])
+  dkernel = jax.grad(lambda k: classifier.conv3x3_one_channel(x, k).sum())(tap)
+  assert float(dkernel[0, 2, 0, 1]) == float(expected.sum())  # pixels at rows 0..2, columns 1..3
+  assert float(dkernel[1, 1, 0, 0]) == float(x.sum())  # the centre tap reads every pixel
+
+
+def test_relu_max_pool_gradient_by_hand():
+  """The gradient reaches only each window's positive maximum; a window of negatives passes none."""
+  x = jnp.array([[1.0, 3.0, -1.0, -2.0], [2.0, 0.5, -3.0, -4.0]]).reshape(1, 2, 4, 1)
+  y = classifier.relu_max_pool_2x2(x)
+  np.testing.assert_array_equal(y.ravel(), [3.0, 0.0])
+  g = jax.grad(lambda v: (classifier.relu_max_pool_2x2(v) * jnp.array([10.0, 7.0]).reshape(1, 1, 2, 1)).sum())(x)
+  np.testing.assert_array_equal(g.ravel(), [0, 10, 0, 0, 0, 0, 0, 0])
+
+
+def test_grad_norm_logging_is_a_switch():
+  from cnn_caption.tasks import classification as tasks
+
+  grads = {'w': jnp.array([3.0, 4.0])}
+  assert set(tasks.ClassificationTask.metrics(1.0, None, grads)) == {'loss', 'grad_norm'}
+  assert set(tasks.ClassificationTask.loss_metrics(1.0, None, grads)) == {'loss'}
+  assert float(tasks.ClassificationTask.metrics(1.0, None, grads)['grad_norm']) == 5.0
+
+
 @pytest.mark.slow
 def test_loss_falls_when_one_batch_is_overfit():
   from cnn_caption.tasks import classification as tasks

@@ -48,6 +48,7 @@ def classifier_config_for_test(num_epochs):
       'ema_decay': 0.9,
       'test_params': 'ema',
       'profile_steps': (2, 4),
+      'log_grad_norm': True,
     },
   )
 

@@ -92,6 +92,8 @@ class ClassificationTask(base.Task):
       config.data.dir, config.data.num_train, config.data.num_eval, config.model.num_classes
     )
     self.model = models.create_model(config)
+    if not config.get('log_grad_norm', True):
+      self.metrics = self.loss_metrics
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     self._eval_fn = memory.CheckedJit(
@@ -128,6 +130,12 @@ class ClassificationTask(base.Task):
   def metrics(loss, aux, grads) -> dict:
     del aux
     return {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+  @staticmethod
+  def loss_metrics(loss, aux, grads) -> dict:
+    """metrics without the gradient norm (config.log_grad_norm=False): one pass less over the gradients."""
+    del aux, grads
+    return {'loss': loss}
 
   def _variables(self, params) -> dict:
     """What evaluation applies the model to: the parameters, and BatchNorm's population statistics if any.
