@@ -25,6 +25,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.task = 'captioning'  # which task in cnn_caption/tasks/ trains this config
   config.seed = 0  # the one seed: init, shuffling, dropout (folded with the step)
+  config.scene_head_init = 'random'  # 'probe': the scene head starts as a linear probe of the features
+  config.scene_probe_l2 = 1e-3  # the probe's l2 strength (1e-3: the baselines' choice on UCM val)
   config.half_precision = False  # bfloat16 compute, float32 params and optimizer state (models' dtype); off by default
 
   config.data = config_dict.ConfigDict()
@@ -56,6 +58,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.scene_head = False  # a class head on the mean region feeds the initial state (data with "class")
   config.model.scene_embed_dim = 0  # scene head: width of the class distribution's embedding; 0 = the distribution
   config.model.scene_every_step = False  # scene head: the scene vector also joins every step's input
+  config.model.scene_head_frozen = False  # scene head: no gradient reaches it (with scene_head_init='probe')
 
   # Shapes used only where no data is loaded (e.g. --mode=summary).
   config.model_inputs = config_dict.ConfigDict()

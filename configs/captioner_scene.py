@@ -53,8 +53,15 @@ def get_config(arg: str | None = None):
   config.model.scene_embed_dim = 0  # the predicted class distribution enters the initial state as it is
   config.model.scene_every_step = False  # the initial state only
   config.model_inputs.scene_classes = 21  # UC Merced land-use classes (shape-only uses, e.g. --mode=summary)
-  config.loss.scene_weight = 1.0  # the class cross-entropy beside the caption loss
+  # The head starts as a linear probe of the features (softmax regression on the 8 views, l2 1e-3) and stays
+  # frozen: its val class accuracy (0.967) beat the jointly trained head's (0.952), which overfits in 4 epochs.
+  config.scene_head_init = 'probe'
+  config.model.scene_head_frozen = True
+  config.loss.scene_weight = 0.0  # frozen head: its class loss would train nothing
   # The test decoding: greedy or beam 3 (length penalty 0, 0.5 or 1), whichever scores best on val.
-  config.decoding.val_beam_sizes = (1, 3)
+  config.decoding.val_beam_sizes = (1, 3, 5)
   config.decoding.val_length_penalties = (0.0, 0.5, 1.0)
+  # Beam candidates reranked by consensus with the captions of the 20 or 40 nearest training images of the
+  # predicted class (or not reranked), whichever scores best on val.
+  config.decoding.val_rerank = (0, 20, 40)
   return config

@@ -212,3 +212,41 @@ def test_scene_smoke_on_synthetic_scenes_trains_the_head_on_their_background_cla
   assert np.isfinite(results['test_cider']) and np.isfinite(results['test_bleu4'])
   assert 0.0 <= results['test_scene_accuracy'] <= 1.0  # synthetic scenes carry their background as a class
   assert os.path.exists(tmp_path / 'run' / captioning.SCENE_CLASSES_FILE)
+
+
+def test_probe_scene_head_predicts_what_the_probe_predicts_and_stays_frozen(class_data, tmp_path):
+  """scene_head_init='probe' folds the baselines' probe (standardisation included) into the head's Dense."""
+  from cnn_caption.captioning import baselines
+
+  config = scene_smoke(class_data, scene_head_init='probe', **{'model.scene_head_frozen': True})
+  task = captioning.CaptioningTask(config, str(tmp_path), parallel.make_mesh())
+  variables = task.model.init(jax.random.key(0), *task.example_inputs(), train=False)
+  params = task.initial_params(variables['params'])
+  data = task.baseline_data()
+  probe = baselines.fit_linear_probe(
+    data.train_views.reshape(-1, data.train_views.shape[-1]),
+    data.labels['train'] * 8,
+    data.features['val'],
+    data.labels['val'],
+    l2_grid=(config.scene_probe_l2,),
+  )
+  feats = jnp.asarray(np.asarray(task.feats['test'][:], np.float32))
+  logits = task.model.apply({'params': params}, feats, method=decoders.CaptionDecoder.scene_logits)
+  by_probe = ((data.features['test'] - probe.mean) / probe.scale) @ probe.weights + probe.bias
+  np.testing.assert_allclose(np.asarray(logits), by_probe, rtol=1e-3, atol=1e-3)
+  assert [task.scene_classes[i] for i in np.argmax(logits, -1)] == probe.predict(data.features['test'])
+  # Frozen: no gradient reaches the head through the scene logits.
+  grads = jax.grad(lambda p: task.model.apply({'params': p}, feats, method=decoders.CaptionDecoder.scene_logits).sum())(
+    params
+  )
+  sub = grads
+  for key in captioning._find_param(grads, 'scene_logits_head'):
+    sub = sub[key]
+  assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(sub))
+
+
+def test_scene_head_init_must_be_known(class_data):
+  from cnn_caption.errors import UserError
+
+  with pytest.raises(UserError, match='scene_head_init'):
+    captioning.CaptioningTask.validate_config(scene_smoke(class_data, scene_head_init='kmeans'))

@@ -111,6 +111,7 @@ class CaptionDecoder(nn.Module):
   scene_classes: int = 0  # classes of the scene head
   scene_embed_dim: int = 0  # > 0: the distribution enters as a learnt embedding of this width; 0: as it is
   scene_every_step: bool = False  # also add the scene vector to every step's LSTM input
+  scene_head_frozen: bool = False  # no gradient reaches the head (e.g. a head set from a linear probe)
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); params and the LSTM state stay float32
 
   def setup(self):
@@ -194,7 +195,8 @@ class CaptionDecoder(nn.Module):
     return self._scene_logits(self._regions(feats_BxNxC).mean(axis=1))
 
   def _scene_logits(self, mean_BxC: jax.Array) -> jax.Array:
-    return self.scene_logits_head(mean_BxC).astype(jnp.float32)
+    logits_BxS = self.scene_logits_head(mean_BxC).astype(jnp.float32)
+    return jax.lax.stop_gradient(logits_BxS) if self.scene_head_frozen else logits_BxS
 
   def _gate_table(self) -> jax.Array:
     """The embedding half of the gates for every vocabulary word, Vx4H."""

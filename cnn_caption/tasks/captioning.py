@@ -186,6 +186,29 @@ def caption_loss(
   return loss, {'num_tokens': num_tokens}
 
 
+def _find_param(params, name: str) -> tuple[str, ...]:
+  """The key path of the (only) sub-tree called `name` in a parameter tree."""
+  found = []
+
+  def walk(tree, path):
+    for key, value in tree.items():
+      if key == name:
+        found.append((*path, key))
+      elif isinstance(value, dict):
+        walk(value, (*path, key))
+
+  walk(params, ())
+  if len(found) != 1:
+    raise ValueError(f'{len(found)} parameter sub-trees are called {name!r}')
+  return found[0]
+
+
+def _replace_param(params, path: tuple[str, ...], value):
+  if len(path) == 1:
+    return {**params, path[0]: value}
+  return {**params, path[0]: _replace_param(params[path[0]], path[1:], value)}
+
+
 def _mean_pooled(feats, rows_per_read: int = 256) -> np.ndarray:
   """N x C float32: the region features of each image (N x R x C, e.g. a FeatureStore) averaged over regions."""
   return np.concatenate(
@@ -263,6 +286,8 @@ class CaptioningTask(base.Task):
     check(config, 'loss.doubly_stochastic', base.nonneg, 'a finite number >= 0 (0 = off)')
     check(config, 'model.encoder_head_dim', base.nonneg_int, 'an integer >= 0 (0 = off; 1280 fine-tunes the head)')
     check(config, 'model.scene_embed_dim', base.nonneg_int, 'an integer >= 0 (0 = the class distribution itself)')
+    if config.get('scene_head_init', 'random') not in ('random', 'probe'):
+      raise UserError(f"config.scene_head_init={config.scene_head_init!r} must be 'random' or 'probe'")
     check(config, 'loss.scene_weight', base.nonneg, 'a finite number >= 0 (0 = no scene-class loss)')
     for field in ('model.scene_head', 'model.scene_every_step', 'data.dihedral_train', 'data.dihedral_test'):
       check(config, field, lambda v: isinstance(v, bool), 'True or False')
@@ -441,13 +466,37 @@ class CaptioningTask(base.Task):
     return names
 
   def initial_params(self, params):
-    """A fresh model's trainable encoder head starts from the encoder's ImageNet head (folded BatchNorm)."""
+    """A fresh model's starting parameters where the config asks for more than the random init.
+
+    The trainable encoder head starts from the encoder's ImageNet head (folded BatchNorm); with
+    config.scene_head_init='probe' the scene head starts as the linear probe of captioning.baselines (softmax
+    regression on the standardised training features, with their dihedral views when the data has them, l2
+    config.scene_probe_l2), its standardisation folded into the head's weights and bias.
+    """
+    if self.scene_classes and self.config.get('scene_head_init', 'random') == 'probe':
+      params = self._probe_scene_head(params)
     if feature_layer(self.config) == 'head':
       return params
     _, variables = encoders.load_encoder(self.config.encoder.name, self.config.encoder.weights)
     head = encoders.head_as_dense(jax.tree.map(np.asarray, variables))
     logging.info('encoder head: trainable, from the %s ImageNet weights', self.config.encoder.name)
     return {**params, 'encoder_head': jax.tree.map(jnp.asarray, head)}
+
+  def _probe_scene_head(self, params):
+    pool, views = self._train_pool()
+    x = views.reshape(-1, views.shape[-1]) if views is not None else pool
+    train_labels = self.labels('train') * (len(x) // len(pool))  # views are view-major (view 0's rows first)
+    probe = baselines_lib.fit_linear_probe(
+      x, train_labels, _mean_pooled(self.feats['val']), self.labels('val'), l2_grid=(self.config.scene_probe_l2,)
+    )
+    if list(probe.classes) != list(self.scene_classes):
+      raise UserError('the linear probe found other classes than the scene head; the training classes changed')
+    kernel_CxS = probe.weights / probe.scale[:, None]
+    bias_S = probe.bias - (probe.mean / probe.scale) @ probe.weights
+    path = _find_param(params, 'scene_logits_head')
+    head = {'kernel': jnp.asarray(kernel_CxS, jnp.float32), 'bias': jnp.asarray(bias_S, jnp.float32)}
+    logging.info('scene head: set from a linear probe (l2 %g, val class accuracy %.4f)', probe.l2, probe.val_accuracy)
+    return _replace_param(params, path, head)
 
   def labels(self, split: str) -> list[str] | None:
     """The class of every image of a split (dataset.json's `class`), or None unless every image has one."""
