@@ -5,25 +5,27 @@
 
 UCM-captions is nearly scene classification (every image has one of 21 land-use classes, and captions of one
 class repeat), so this plain-decoder captioner (configs/captioner.py) adds:
-  - a linear scene-class head on the mean region feature, trained with an auxiliary cross-entropy
-    (loss.scene_weight) on the images' "class"; its predicted class distribution (never the true class)
-    joins the mean region in the LSTM's initial state;
+  - a linear scene-class head on the mean region feature whose predicted class distribution (never the true
+    class) joins the mean region in the LSTM's initial state. It starts as the linear probe of the baselines
+    (softmax regression on the standardised features of the 8 views, l2 1e-3) and stays frozen; a head
+    trained jointly (--config.scene_head_init=random --config.model.scene_head_frozen=False
+    --config.loss.scene_weight=1) was 1.5 points lower in val class accuracy;
   - features of the 8 rotations/mirrors of each aerial image: a training caption reads one of them (chosen by
-    seed and epoch), val and test decode their mean.
-The epoch is chosen by val CIDEr-D, and so is the decoding (greedy or beam 3). results.json adds the head's
-val_scene_accuracy and test_scene_accuracy. The first run extracts 8 feature caches (one per transform; reuse
-them with --config.encoder.cache_dir).
+    seed and epoch), val and test decode their mean;
+  - consensus reranking: beam search keeps its final beam, and the candidate with the highest mean CIDEr-D
+    against the captions of the k nearest training images of the predicted class wins.
+The epoch is chosen by val CIDEr-D, and so is the decoding (greedy or beam 3 or 5, length penalty 0, 0.5 or 1,
+reranking off or k 20 or 40). results.json adds the head's val_scene_accuracy and test_scene_accuracy. The first
+run extracts 8 feature caches (one per transform; reuse them with --config.encoder.cache_dir).
 
-Expected on UCM-captions test (CIDEr-D / BLEU-4, mean of seeds 0, 1, 2): (to be measured).
-Time on one core (2-core x86 VM, CPU, jax 0.10.2, the core shared with other jobs): the 8 feature caches took
-about 570 s of CPU once (2,100 images each; then read from the cache), one epoch (1,050 steps) 167 s.
-
-Beam reranking by neighbours' consensus (`--config.decoding.val_rerank='(0,10)'`): off; value on val to be measured.
+Expected on UCM-captions test, seeds 0, 1, 2: CIDEr-D 3.769 +- 0.021, BLEU-4 0.734 +- 0.011, level with the
+linear probe + class caption baseline (3.739 / 0.737; docs/results.md). About 4 minutes per run on one core
+(Intel Xeon, jax 0.10.2, 2026-12) with the feature caches on disk; the 8 caches take about 6 minutes once.
 
 Variants: `smoke` (the synthetic scenes of configs/captioner.py:smoke; they have no classes, so the head is
 off, with one log line); `scst` (self-critical training from a finished run of this config:
 `--config.init_from=XE_WORKDIR`, as configs/captioner_scst.py:plain with its measured protocol, learning rate
-1e-4 and 10 epochs; the head and its loss stay on, and so do the 8 transforms); `scst_smoke`.
+1e-4 and 10 epochs; the head stays frozen, and the 8 transforms and the reranking stay on); `scst_smoke`.
 """
 
 import os
