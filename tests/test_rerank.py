@@ -134,7 +134,9 @@ def test_task_reranks_the_final_beam_and_k0_leaves_decoding_unchanged(class_data
 
 
 def test_val_rerank_is_one_more_decoding_choice_and_is_recorded(class_data, tmp_path):
-  task, params = scene_task(class_data, str(tmp_path), **{'decoding.val_rerank': (0, 2)})
+  task, params = scene_task(
+    class_data, str(tmp_path), **{'decoding.val_rerank': (0, 2), 'decoding.val_beam_sizes': (1, 3)}
+  )
   assert task._decoding_candidates() == [
     (1, 0.0, 0),
     (3, 0.0, 0),

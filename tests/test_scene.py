@@ -139,7 +139,7 @@ def test_karpathy_class_is_read_as_scene_class(class_data):
 
 
 def test_training_features_are_one_transform_chosen_by_seed_and_epoch(class_data, tmp_path):
-  config = scene_smoke(class_data)
+  config = scene_smoke(class_data, **{'loss.scene_weight': 1.0})  # a trained head: batches carry the labels
   task = captioning.CaptioningTask(config, str(tmp_path), parallel.make_mesh())
   assert task.scene_classes == sorted(CLASSES) and len(task.train_views) == 8
   steps_per_epoch = task.num_train // config.batch_size
