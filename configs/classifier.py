@@ -23,8 +23,9 @@ Variants (`--config=configs/classifier.py:VARIANT`):
   resnet       a pre-activation BatchNorm ResNet (models/resnet.py, 695,658 parameters, 22.1 M multiply-adds an
                image): strided stem to 14x14, two blocks each of widths 32 / 64 / 128 at 14x14 / 7x7 / 4x4,
                global average pooling; crops (pad 2), flips, random erasing, flip test-time augmentation, SGD
-               Nesterov with a one-cycle schedule, batch 128, 15 epochs on the 50k training split. Its accuracy
-               over seeds is not yet measured.
+               Nesterov with a one-cycle schedule, batch 128, 15 epochs on the 50k training split. Seeds 0, 1, 2:
+               val accuracy 0.9334 +- 0.0016, test accuracy 0.9314 +- 0.0009; about 31 minutes per seed on
+               one core (Intel Xeon, jax 0.10.2, 2026-12). docs/results.md.
   resnet_smoke the resnet variant on a few hundred examples, 2 epochs: tests and quick checks.
 """
 
