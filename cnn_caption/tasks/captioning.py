@@ -28,6 +28,7 @@ import json
 import os
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -186,29 +187,6 @@ def caption_loss(
   return loss, {'num_tokens': num_tokens}
 
 
-def _find_param(params, name: str) -> tuple[str, ...]:
-  """The key path of the (only) sub-tree called `name` in a parameter tree."""
-  found = []
-
-  def walk(tree, path):
-    for key, value in tree.items():
-      if key == name:
-        found.append((*path, key))
-      elif isinstance(value, dict):
-        walk(value, (*path, key))
-
-  walk(params, ())
-  if len(found) != 1:
-    raise ValueError(f'{len(found)} parameter sub-trees are called {name!r}')
-  return found[0]
-
-
-def _replace_param(params, path: tuple[str, ...], value):
-  if len(path) == 1:
-    return {**params, path[0]: value}
-  return {**params, path[0]: _replace_param(params[path[0]], path[1:], value)}
-
-
 def _mean_pooled(feats, rows_per_read: int = 256) -> np.ndarray:
   """N x C float32: the region features of each image (N x R x C, e.g. a FeatureStore) averaged over regions."""
   return np.concatenate(
@@ -278,6 +256,8 @@ class CaptioningTask(base.Task):
   """Frozen-encoder features -> LSTM decoder (plain or attention), teacher forcing, coco metrics."""
 
   selection_metric = 'bleu4'  # overridden by config.selection_metric when the config has it
+  _train_pool_cache = None  # _train_pool's (pool, views), once read
+  _beams_cache = None  # (params, split, beam size, length penalty, decode_beams' result): the last final beam
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -493,10 +473,12 @@ class CaptioningTask(base.Task):
       raise UserError('the linear probe found other classes than the scene head; the training classes changed')
     kernel_CxS = probe.weights / probe.scale[:, None]
     bias_S = probe.bias - (probe.mean / probe.scale) @ probe.weights
-    path = _find_param(params, 'scene_logits_head')
-    head = {'kernel': jnp.asarray(kernel_CxS, jnp.float32), 'bias': jnp.asarray(bias_S, jnp.float32)}
+    flat = traverse_util.flatten_dict(params)
+    (kernel_path,) = [k for k in flat if k[-2:] == ('scene_logits_head', 'kernel')]
+    flat[kernel_path] = jnp.asarray(kernel_CxS, jnp.float32)
+    flat[(*kernel_path[:-1], 'bias')] = jnp.asarray(bias_S, jnp.float32)
     logging.info('scene head: set from a linear probe (l2 %g, val class accuracy %.4f)', probe.l2, probe.val_accuracy)
-    return _replace_param(params, path, head)
+    return traverse_util.unflatten_dict(flat)
 
   def labels(self, split: str) -> list[str] | None:
     """The class of every image of a split (dataset.json's `class`), or None unless every image has one."""
@@ -534,10 +516,13 @@ class CaptioningTask(base.Task):
     With config.data.dihedral_train the pool is each image's mean over its views, else its untransformed
     features: the pool of the nearest-neighbour baseline and of consensus reranking.
     """
-    if not self.train_views:
-      return _mean_pooled(self.feats['train']), None
-    train_views = np.stack([_mean_pooled(view) for view in self.train_views])
-    return train_views.mean(axis=0), train_views
+    if self._train_pool_cache is None:  # read once: the probe head, the baselines and reranking all use it
+      if not self.train_views:
+        self._train_pool_cache = (_mean_pooled(self.feats['train']), None)
+      else:
+        train_views = np.stack([_mean_pooled(view) for view in self.train_views])
+        self._train_pool_cache = (train_views.mean(axis=0), train_views)
+    return self._train_pool_cache
 
   def _vocab(self, train_entries) -> vocab_lib.Vocab:
     """The workdir's vocabulary when resuming (it must match the checkpoint), else built from train."""
@@ -703,7 +688,11 @@ class CaptioningTask(base.Task):
     among the training images of the scene head's predicted class when there is a head; CIDEr-D document
     frequencies from the training references; config.decoding.rerank_weight mixes in log p / len.
     """
-    captions, logprobs, lengths = self.decode_beams(params, split, beam_size, length_penalty)
+    cached = self._beams_cache  # val selection tries several k on the same beams: search once
+    if cached is None or cached[0] is not params or cached[1:4] != (split, beam_size, length_penalty):
+      cached = (params, split, beam_size, length_penalty, self.decode_beams(params, split, beam_size, length_penalty))
+      self._beams_cache = cached
+    captions, logprobs, lengths = cached[4]
     if 'train' not in self._rerank_inputs:  # built once: neither side depends on the params
       train_references = vocab_lib.references(self.entries['train'])
       self._rerank_inputs['train'] = (metrics_lib.CiderD(train_references), self._train_pool()[0], train_references)
