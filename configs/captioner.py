@@ -108,6 +108,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.decoding.rerank_neighbours = 0
   config.decoding.rerank_weight = 0.0  # reranking score = consensus CIDEr-D + w * log p / len; 0 = consensus only
   config.decoding.val_rerank = ()  # e.g. (0, 10): rerank_neighbours values tried on VAL with the beams above
+  # With reranking and a scene head: the predicted class's consensus training caption joins the candidates.
+  config.decoding.rerank_template = False
+  config.decoding.val_rerank_template = ()  # e.g. (False, True): tried on VAL with the settings above
 
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept

@@ -138,18 +138,60 @@ def test_val_rerank_is_one_more_decoding_choice_and_is_recorded(class_data, tmp_
     class_data, str(tmp_path), **{'decoding.val_rerank': (0, 2), 'decoding.val_beam_sizes': (1, 3)}
   )
   assert task._decoding_candidates() == [
-    (1, 0.0, 0),
-    (3, 0.0, 0),
-    (3, 0.0, 2),
-    (3, 0.5, 0),
-    (3, 0.5, 2),
-    (3, 1.0, 0),
-    (3, 1.0, 2),
+    (1, 0.0, 0, False),
+    (3, 0.0, 0, False),
+    (3, 0.0, 2, False),
+    (3, 0.5, 0, False),
+    (3, 0.5, 2, False),
+    (3, 1.0, 0, False),
+    (3, 1.0, 2, False),
   ]
-  (beam_size, length_penalty, k), tried = task._choose_decoding(params)
+  (beam_size, length_penalty, k, template), tried = task._choose_decoding(params)
   assert [t['rerank_neighbours'] for t in tried] == [0, 0, 2, 0, 2, 0, 2]
+  assert not template and all('rerank_template' not in t for t in tried)  # not tried: not recorded
   best = max(tried, key=lambda t: t['val_cider'])
   assert (beam_size, length_penalty, k) == (best['beam_size'], best['length_penalty'], best['rerank_neighbours'])
+
+
+def test_the_class_template_joins_the_candidates_and_wins_only_when_strictly_better():
+  scorer = toy_scorer()
+  features = np.array([[0.05, 1.0], [1.0, 0.05]])  # among the blue squares, among the red circles
+  args = (scorer, [CANDIDATES[:1], CANDIDATES[:1]], features, TRAIN_FEATURES, TRAIN_REFERENCES, 2)
+  assert rerank.rerank(*args) == [0, 0]  # one candidate each: red
+  # A blue template for image 0 beats red among blue neighbours (index 1 = past its one candidate); for
+  # image 1, a template equal to red ties and the beam's candidate keeps it; None adds nothing.
+  assert rerank.rerank(*args, extra=[BLUE[0], RED[0]]) == [1, 0]
+  assert rerank.rerank(*args, extra=[None, BLUE[0]]) == [0, 0]
+  with pytest.raises(ValueError, match='1 extra candidates for 2 images'):
+    rerank.rerank(*args, extra=[BLUE[0]])
+  with pytest.raises(ValueError, match='rerank them with weight 0'):
+    rerank.rerank(*args, extra=[None, None], logprobs=np.zeros((2, 1)), lengths=np.ones((2, 1)), weight=0.5)
+
+
+def test_task_template_candidate_is_the_predicted_class_consensus_caption(class_data, tmp_path):
+  task, params = scene_task(
+    class_data,
+    str(tmp_path),
+    **{'decoding.val_rerank': (2,), 'decoding.val_beam_sizes': (3,), 'decoding.val_rerank_template': (False, True)},
+  )
+  assert task._decoding_candidates() == [(3, lp, 2, t) for lp in (0.0, 0.5, 1.0) for t in (False, True)]
+  beams, _, _ = task.decode_beams(params, 'test', 3, 0.0)
+  train_refs = vocab_lib.references(task.entries['train'])
+  scorer = metrics_lib.CiderD(train_refs)
+  consensus = baselines.class_consensus(scorer, train_refs, task.scene_labels['train'])
+  classes = task.predicted_scenes(params, 'test')
+  pool = np.mean([captioning._mean_pooled(v) for v in task.train_views], axis=0)
+  features = captioning._mean_pooled(task.feats['test'])
+  kwargs = dict(train_labels=task.scene_labels['train'], classes=classes)
+  chosen = rerank.rerank(scorer, beams, features, pool, train_refs, 2, extra=[consensus[c] for c in classes], **kwargs)
+  expected = [(b + [consensus[c]])[i] for b, c, i in zip(beams, classes, chosen)]
+  assert task.decode(params, 'test', 3, 0.0, 2, True) == expected
+  # An untrained decoder's beams are poor: the class's own consensus caption wins somewhere.
+  assert any(i == 3 for i in chosen) and expected != task.decode(params, 'test', 3, 0.0, 2)
+  (_, _, k, template), tried = task._choose_decoding(params)
+  assert [t['rerank_template'] for t in tried] == [False, True] * 3 and k == 2
+  best = max(tried, key=lambda t: t['val_cider'])
+  assert template == best['rerank_template']
 
 
 def test_rerank_config_is_checked_and_off_by_default():
@@ -163,3 +205,10 @@ def test_rerank_config_is_checked_and_off_by_default():
   with pytest.raises(UserError, match='config.decoding.rerank_neighbours=-1 is invalid'):
     validate(override(captioner_config.get_config(), **{'decoding.rerank_neighbours': -1}))
   validate(override(captioner_config.get_config(), **{'decoding.method': 'beam', 'decoding.rerank_neighbours': 3}))
+  assert config.decoding.rerank_template is False and config.decoding.val_rerank_template == ()
+  with pytest.raises(UserError, match='rerank_weight=0.5 mixes in log-probs, which the class template'):
+    validate(
+      override(captioner_config.get_config(), **{'decoding.rerank_weight': 0.5, 'decoding.rerank_template': True})
+    )
+  with pytest.raises(UserError, match='config.decoding.val_rerank_template=.* is invalid'):
+    validate(override(captioner_config.get_config(), **{'decoding.val_rerank_template': (0, 1)}))

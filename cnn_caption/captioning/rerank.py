@@ -8,7 +8,8 @@ against all of them as the references, which is what CiderD.image_score computes
 frequencies come from the training references, as for the nearest-neighbour baseline, so no val or test
 caption informs a choice. With a weight w the score is consensus + w * log p / len (the candidate's summed
 log-prob over its generated tokens, EOS counted). The highest score wins; among equals the earlier candidate,
-so candidates ranked best first by the beam keep the beam's answer on ties.
+so candidates ranked best first by the beam keep the beam's answer on ties. An extra candidate per image (the
+consensus caption of its predicted class, say) can join the beam's; it wins only when strictly better.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def rerank(
   logprobs: np.ndarray | None = None,
   lengths: np.ndarray | None = None,
   weight: float = 0.0,
+  extra: Sequence[Caption | None] | None = None,
 ) -> list[int]:
   """Per image, the index of its chosen candidate.
 
@@ -59,16 +61,22 @@ def rerank(
       slot no hypothesis filled) is never chosen unless every one is such.
     lengths: images x K, each candidate's length (generated tokens, EOS counted).
     weight: w of consensus + w * log p / len (needs logprobs and lengths when not 0).
+    extra: per image, one more candidate (or None) scored by consensus alone (weight 0 only), e.g. the
+      consensus caption of the image's predicted class; it wins only when strictly better.
 
   Returns:
-    per image, an index into its candidates.
+    per image, an index into its candidates; len(its candidates) picks its extra candidate.
   """
   if k < 1:
     raise ValueError(f'rerank needs k >= 1 neighbours, got {k}')
+  if weight and extra is not None:
+    raise ValueError('extra candidates have no log-prob: rerank them with weight 0')
   if weight and (logprobs is None or lengths is None):
     raise ValueError("a rerank weight needs the candidates' logprobs and lengths")
   if len(candidates) != len(features):
     raise ValueError(f'{len(candidates)} candidate lists for {len(features)} feature rows')
+  if extra is not None and len(extra) != len(candidates):
+    raise ValueError(f'{len(extra)} extra candidates for {len(candidates)} images')
   neighbours = baselines.nearest_training_images(train_features, features, k, train_labels, classes)
   chosen = []
   for i, (image_candidates, image_neighbours) in enumerate(zip(candidates, neighbours)):
@@ -81,5 +89,9 @@ def rerank(
         score = score + weight * np.where(np.isfinite(logp), logp, 0.0) / length
       if np.isfinite(logp).any():
         score = np.where(np.isfinite(logp), score, -np.inf)
-    chosen.append(int(np.argmax(score)))
+    best = int(np.argmax(score))
+    if extra is not None and extra[i] is not None:
+      if consensus_scores(scorer, [extra[i]], references)[0] > score[best]:
+        best = len(image_candidates)
+    chosen.append(best)
   return chosen

@@ -299,7 +299,20 @@ class CaptioningTask(base.Task):
       lambda v: isinstance(v, (tuple, list)) and all(base.nonneg_int(x) for x in v),
       'a tuple of neighbour counts >= 0 (0 = no reranking)',
     )
+    check(config, 'decoding.rerank_template', lambda v: isinstance(v, bool), 'True or False')
+    check(
+      config,
+      'decoding.val_rerank_template',
+      lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, bool) for x in v),
+      'a tuple of True/False, e.g. (False, True)',
+    )
     d = config.get('decoding', {})
+    if (d.get('rerank_template') or any(d.get('val_rerank_template') or ())) and d.get('rerank_weight'):
+      raise UserError(
+        f'config.decoding.rerank_weight={d.rerank_weight} mixes in log-probs, which the class template (a '
+        'training caption, not a beam candidate) has none of; set --config.decoding.rerank_weight=0 or '
+        '--config.decoding.rerank_template=False --config.decoding.val_rerank_template="()"'
+      )
     if d.get('val_rerank') and not any(b > 1 for b in d.get('val_beam_sizes') or ()):
       raise UserError(
         f'config.decoding.val_rerank={tuple(d.val_rerank)} reranks beam candidates, but config.decoding.'
@@ -609,21 +622,40 @@ class CaptioningTask(base.Task):
       )
     return self._decoders[key]
 
-  def _configured_decoding(self) -> tuple[int, float, int]:
-    """(beam_size, length_penalty, rerank_neighbours) of config.decoding; beam size 1 is greedy (no reranking)."""
+  def _configured_decoding(self) -> tuple[int, float, int, bool]:
+    """(beam_size, length_penalty, rerank_neighbours, rerank_template) of config.decoding.
+
+    Beam size 1 is greedy (no reranking); the template joins the candidates only when reranking.
+    """
     d = self.config.decoding
     if d.method != 'beam' or d.beam_size == 1:
-      return (1, d.length_penalty, 0)
-    return (d.beam_size, d.length_penalty, d.get('rerank_neighbours', 0))
+      return (1, d.length_penalty, 0, False)
+    k = d.get('rerank_neighbours', 0)
+    return (d.beam_size, d.length_penalty, k, bool(k) and self._template_allowed(d.get('rerank_template', False)))
 
-  def _decoding_candidates(self) -> list[tuple[int, float, int]]:
-    """val_beam_sizes x val_length_penalties x val_rerank (beam size 1 once), or [] to use config.decoding."""
+  def _template_allowed(self, template: bool) -> bool:
+    """The class template joins reranking only where there is a scene head to predict the class."""
+    return bool(template) and bool(self.scene_classes)
+
+  def _decoding_candidates(self) -> list[tuple[int, float, int, bool]]:
+    """The decodings tried on val, or [] to use config.decoding.
+
+    val_beam_sizes x val_length_penalties x val_rerank x val_rerank_template: beam size 1 once, the template only
+    with reranking.
+    """
     d = self.config.decoding
     sizes = tuple(d.get('val_beam_sizes') or ())
     penalties = tuple(d.get('val_length_penalties') or ()) or (d.length_penalty,)
     reranks = tuple(d.get('val_rerank') or ()) or (d.get('rerank_neighbours', 0),)
+    templates = tuple(d.get('val_rerank_template') or ()) or (d.get('rerank_template', False),)
     return sorted(
-      {(1, 0.0, 0) if b == 1 else (b, float(lp), int(r)) for b in sizes for lp in penalties for r in reranks}
+      {
+        (1, 0.0, 0, False) if b == 1 else (b, float(lp), int(r), bool(r) and self._template_allowed(t))
+        for b in sizes
+        for lp in penalties
+        for r in reranks
+        for t in templates
+      }
     )
 
   def _reranking(self) -> bool:
@@ -631,27 +663,38 @@ class CaptioningTask(base.Task):
     d = self.config.decoding
     return bool(d.get('rerank_neighbours', 0)) or any(d.get('val_rerank') or ())
 
+  def _templates_tried(self) -> bool:
+    """Whether the class template may join the reranked candidates (rerank_template or val_rerank_template)."""
+    d = self.config.decoding
+    return self._template_allowed(d.get('rerank_template', False) or any(d.get('val_rerank_template') or ()))
+
   def check_memory(self, params) -> None:
     """Compiles greedy decoding (and the test decodings) for eval_batch_size; one line if one cannot fit."""
     b = self.config.eval_batch_size
     feats = {'feats': np.zeros((1, *self.feats['val'].shape[1:]), np.float32)}
     spec = parallel.abstract_batch(feats, b, self.mesh)['feats']
     settings = {(1, 0.0, False)}
-    for beam_size, length_penalty, rerank in (self._configured_decoding(), *self._decoding_candidates()):
+    for beam_size, length_penalty, rerank, _ in (self._configured_decoding(), *self._decoding_candidates()):
       settings.add((beam_size, length_penalty, bool(rerank) and beam_size > 1))
     for setting in settings:
       self._decode_fn(*setting).check(params, spec, host_bytes=b * feats['feats'].nbytes)
 
   def decode(
-    self, params, split: str, beam_size: int = 1, length_penalty: float = 1.0, rerank_neighbours: int = 0
+    self,
+    params,
+    split: str,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    rerank_neighbours: int = 0,
+    rerank_template: bool = False,
   ) -> list[list[str]]:
     """Captions (word lists) for every image of a split: greedy, or beam search for beam_size > 1.
 
     rerank_neighbours = k > 0 (beam search only): the caption is the final beam's candidate that
-    consensus_rerank picks.
+    consensus_rerank picks (with rerank_template, the predicted class's consensus caption is a candidate too).
     """
     if rerank_neighbours and beam_size > 1:
-      return self.consensus_rerank(params, split, beam_size, length_penalty, rerank_neighbours)
+      return self.consensus_rerank(params, split, beam_size, length_penalty, rerank_neighbours, rerank_template)
     fn = self._decode_fn(beam_size, length_penalty)
     feats = self.feats[split]
     fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
@@ -679,7 +722,13 @@ class CaptioningTask(base.Task):
     return captions, np.concatenate(logprobs), np.concatenate(lengths)
 
   def consensus_rerank(
-    self, params, split: str, beam_size: int, length_penalty: float, rerank_neighbours: int
+    self,
+    params,
+    split: str,
+    beam_size: int,
+    length_penalty: float,
+    rerank_neighbours: int,
+    rerank_template: bool = False,
   ) -> list[list[str]]:
     """Per image, the final beam's caption with the best consensus with its nearest training images' captions.
 
@@ -687,6 +736,8 @@ class CaptioningTask(base.Task):
     with config.data.dihedral_test) against the training pool of the nearest-neighbour baseline (_train_pool),
     among the training images of the scene head's predicted class when there is a head; CIDEr-D document
     frequencies from the training references; config.decoding.rerank_weight mixes in log p / len.
+    rerank_template (with a scene head): the consensus caption of the image's predicted class among the
+    training captions (the class-template baseline's caption) joins the beam's candidates.
     """
     cached = self._beams_cache  # val selection tries several k on the same beams: search once
     if cached is None or cached[0] is not params or cached[1:4] != (split, beam_size, length_penalty):
@@ -700,6 +751,14 @@ class CaptioningTask(base.Task):
       self._rerank_inputs[split] = _mean_pooled(self.feats[split])
     scorer, train_features, train_references = self._rerank_inputs['train']
     classes = self.predicted_scenes(params, split)
+    templates = None
+    if rerank_template and classes is not None:
+      if 'templates' not in self._rerank_inputs:  # class index -> its consensus caption among training captions
+        self._rerank_inputs['templates'] = baselines_lib.class_consensus(
+          scorer, train_references, self.scene_labels['train']
+        )
+      consensus = self._rerank_inputs['templates']
+      templates = [consensus.get(c) for c in classes]  # None: a class with no training image (never predicted)
     chosen = rerank_lib.rerank(
       scorer,
       captions,
@@ -712,12 +771,24 @@ class CaptioningTask(base.Task):
       logprobs=logprobs,
       lengths=lengths,
       weight=self.config.decoding.get('rerank_weight', 0.0),
+      extra=templates,
     )
     changed, k = sum(c != 0 for c in chosen), rerank_neighbours
+    picked = [
+      (beam + [t] if t is not None else beam)[c]
+      for beam, t, c in zip(captions, templates or [None] * len(chosen), chosen)
+    ]
+    from_template = 0 if templates is None else sum(c == len(beam) for beam, c in zip(captions, chosen))
     logging.info(
-      "consensus rerank on %s, k=%d: %d of %d captions differ from the beam's", split, k, changed, len(chosen)
+      "consensus rerank on %s, k=%d%s: %d of %d captions differ from the beam's%s",
+      split,
+      k,
+      ' + class template' if templates is not None else '',
+      changed,
+      len(chosen),
+      f' ({from_template} are the template)' if templates is not None else '',
     )
-    return [beam[c] for beam, c in zip(captions, chosen)]
+    return picked
 
   def predicted_scenes(self, params, split: str) -> np.ndarray | None:
     """The scene head's predicted class index (argmax) for each image of a split; None without a head."""
@@ -758,29 +829,33 @@ class CaptioningTask(base.Task):
     if self.scene_classes:
       io_utils.write_json(os.path.join(workdir, SCENE_CLASSES_FILE), self.scene_classes)
 
-  def _choose_decoding(self, params) -> tuple[tuple[int, float, int], list[dict]]:
-    """The (beam size, length penalty, rerank neighbours) best on VAL by the selection metric, and every score."""
+  def _choose_decoding(self, params) -> tuple[tuple[int, float, int, bool], list[dict]]:
+    """The (beam size, length penalty, rerank neighbours, template) best on VAL, and every score tried."""
     candidates = self._decoding_candidates()
     if not candidates:
       return self._configured_decoding(), []
     metric = self.selection_metric
     tried = []
-    for beam_size, length_penalty, rerank in candidates:
-      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty, rerank))[metric]
+    for beam_size, length_penalty, rerank, template in candidates:
+      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty, rerank, template))[metric]
       row = {'beam_size': beam_size, 'length_penalty': length_penalty}
       if self._reranking():
         row['rerank_neighbours'] = rerank
+        if self._templates_tried():
+          row['rerank_template'] = template
       tried.append({**row, f'val_{metric}': value})
       logging.info(
-        'decoding on val: beam %d, length penalty %.2f, rerank k=%d: %s %.4f',
+        'decoding on val: beam %d, length penalty %.2f, rerank k=%d%s: %s %.4f',
         beam_size,
         length_penalty,
         rerank,
+        ' + template' if template else '',
         metric,
         value,
       )
-    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: the smaller beam, then no rerank
-    return (best['beam_size'], best['length_penalty'], best.get('rerank_neighbours', 0)), tried
+    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: smaller beam, no rerank, no template
+    chosen = (best['beam_size'], best['length_penalty'], best.get('rerank_neighbours', 0))
+    return (*chosen, best.get('rerank_template', False)), tried
 
   def final_results(self, params, best_params, workdir: str) -> dict:
     """Test metrics (METEOR too) of the best epoch's parameters with the test decoding (and greedy).
@@ -790,8 +865,8 @@ class CaptioningTask(base.Task):
     metric): never chosen on test.
     """
     del params
-    (beam_size, length_penalty, rerank), tried = self._choose_decoding(best_params)
-    hyps = self.decode(best_params, 'test', beam_size, length_penalty, rerank)
+    (beam_size, length_penalty, rerank, template), tried = self._choose_decoding(best_params)
+    hyps = self.decode(best_params, 'test', beam_size, length_penalty, rerank, template)
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
@@ -811,6 +886,8 @@ class CaptioningTask(base.Task):
       results['decoding']['rerank_neighbours'] = rerank  # 0: the beam's own best caption
       results['decoding']['rerank_weight'] = self.config.decoding.get('rerank_weight', 0.0)
       results['decoding']['rerank_classes'] = 'predicted' if self.scene_classes else 'all'
+      if self._templates_tried():
+        results['decoding']['rerank_template'] = template  # the class's consensus caption was a candidate
     if tried:
       results['decoding']['chosen_on_val_from'] = tried
     if beam_size != 1:
