@@ -66,4 +66,6 @@ def get_config(arg: str | None = None):
   # Beam candidates reranked by consensus with the captions of the 20 or 40 nearest training images of the
   # predicted class (or not reranked), whichever scores best on val.
   config.decoding.val_rerank = (0, 20, 40)
+  # With reranking, the predicted class's consensus training caption joins the beam's candidates (or not).
+  config.decoding.val_rerank_template = (False, True)
   return config

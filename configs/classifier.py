@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.data.dir = config_dict.placeholder(str)  # IDX folder; None -> /usr/share/datasets/fashion-mnist, then TFDS
   config.data.num_train = 0  # training examples used (first N of the 50,000); 0 = all
   config.data.num_eval = 0  # val and test examples used (first N); 0 = all
+  # True: train on all 60,000 images (the 10,000 val images too); val is then not held out (results.json's
+  # val_held_out), so choose settings with False first.
+  config.data.train_on_val = False
   config.data.augment_pad = 0  # training only: random crops of the image zero-padded by this many pixels; 0 = off
   config.data.augment_flip = False  # training only: mirror each image left-right with probability 1/2
   config.data.random_erase = 0.0  # training only: probability of erasing a random rectangle of an image; 0 = off

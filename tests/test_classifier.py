@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from cnn_caption import models
+from cnn_caption import tasks
 from cnn_caption import train
 from cnn_caption.data import fashion_mnist
 from cnn_caption.errors import UserError
@@ -14,6 +15,7 @@ from cnn_caption.models import classifier
 from cnn_caption.training import optim
 from configs import classifier as classifier_config
 from conftest import needs_fmnist
+from conftest import override
 
 
 def _params(config):
@@ -175,6 +177,22 @@ def test_real_splits_shapes_and_scaling():
   scaled = fashion_mnist.to_float(splits['train'][0])
   assert scaled.dtype == np.float32 and scaled.max() == 255 / 256  # pixels / 256, as the course did
   assert np.bincount(splits['test'][1]).tolist() == [1000] * 10
+  # train_on_val: the 50,000 then the 10,000 val images; val itself unchanged (no longer held out).
+  every = fashion_mnist.load_splits(train_on_val=True)
+  assert every['train'][0].shape == (60000, 28, 28, 1)
+  np.testing.assert_array_equal(every['train'][0][:50000], splits['train'][0])
+  np.testing.assert_array_equal(every['train'][0][50000:], splits['val'][0])
+  np.testing.assert_array_equal(every['train'][1][50000:], splits['val'][1])
+  np.testing.assert_array_equal(every['val'][0], splits['val'][0])
+
+
+def test_train_on_val_is_checked_against_what_val_would_choose():
+  validate = tasks.task_class('classification').validate_config
+  validate(override(classifier_config.get_config(), **{'data.train_on_val': True}))
+  with pytest.raises(UserError, match='val cannot stop training early'):
+    validate(override(classifier_config.get_config(), **{'data.train_on_val': True, 'early_stopping_patience': 2}))
+  with pytest.raises(UserError, match='val cannot choose the learning rate'):
+    validate(override(classifier_config.get_config('sweep'), **{'data.train_on_val': True}))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

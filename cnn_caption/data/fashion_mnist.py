@@ -167,11 +167,17 @@ def to_float(images_u8: np.ndarray) -> np.ndarray:
 
 
 def load_splits(
-  data_dir: str | None = None, num_train: int = 0, num_eval: int = 0, num_classes: int = len(CLASS_NAMES)
+  data_dir: str | None = None,
+  num_train: int = 0,
+  num_eval: int = 0,
+  num_classes: int = len(CLASS_NAMES),
+  train_on_val: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train', 'val', 'test'} -> (images uint8 (N, 28, 28, 1), labels int32); num_* > 0 truncates.
 
   Pixels stay uint8 here; `to_float` scales a batch. Labels must lie in [0, num_classes).
+  train_on_val: the training split is all 60,000 images of the training file (the 50,000 then the 10,000 of
+  val, before num_train truncates); val is still the same 10,000, no longer held out.
   """
   if num_train < 0 or num_eval < 0:
     raise UserError(f'num_train={num_train} and num_eval={num_eval} must be >= 0 (0 = all)')
@@ -181,6 +187,8 @@ def load_splits(
       f'the Fashion-MNIST training file has {raw["train_images"].shape[0]} images, expected 60000; {_INSTALL_HINT}'
     )
   train_idx, dev_idx = split_indices()
+  if train_on_val:
+    train_idx = np.concatenate([train_idx, dev_idx])
   splits = {
     'train': (raw['train_images'][train_idx], raw['train_labels'][train_idx]),
     'val': (raw['train_images'][dev_idx], raw['train_labels'][dev_idx]),

@@ -81,6 +81,17 @@ class ClassificationTask(base.Task):
       config, 'data.bn_stats_examples', base.pos_int, 'a positive integer (training images for BatchNorm statistics)'
     )
     base.check(config, 'loss.label_smoothing', base.prob, 'in [0, 1) (0 = off)')
+    base.check(config, 'data.train_on_val', lambda v: isinstance(v, bool), 'True or False')
+    if base.get_field(config, 'data.train_on_val') and base.get_field(config, 'early_stopping_patience'):
+      raise UserError(
+        'config.data.train_on_val=True trains on the val images, so val cannot stop training early; set '
+        '--config.early_stopping_patience=0 or --config.data.train_on_val=False'
+      )
+    if base.get_field(config, 'data.train_on_val') and base.get_field(config, 'sweep.learning_rates'):
+      raise UserError(
+        'config.data.train_on_val=True trains on the val images, so val cannot choose the learning rate; '
+        'sweep with --config.data.train_on_val=False, then train the chosen rate on all images'
+      )
 
   # Static for the benchmarks and tests that use the class itself; an instance binds config.loss.label_smoothing.
   loss = staticmethod(classification_loss)
@@ -89,7 +100,11 @@ class ClassificationTask(base.Task):
     del workdir
     self.config, self.mesh = config, mesh
     self.splits = fashion_mnist.load_splits(
-      config.data.dir, config.data.num_train, config.data.num_eval, config.model.num_classes
+      config.data.dir,
+      config.data.num_train,
+      config.data.num_eval,
+      config.model.num_classes,
+      train_on_val=config.data.get('train_on_val', False),
     )
     self.model = models.create_model(config)
     if not config.get('log_grad_norm', True):
@@ -253,6 +268,7 @@ class ClassificationTask(base.Task):
       'num_train': self.num_train,
       'num_val': len(self.splits['val'][1]),
       'num_test': len(self.splits['test'][1]),
+      'val_held_out': not self.config.data.get('train_on_val', False),  # False: val images were trained on
     }
 
   def tensorboard_images(self, params) -> dict[str, np.ndarray]:
