@@ -111,6 +111,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # With reranking and a scene head: the predicted class's consensus training caption joins the candidates.
   config.decoding.rerank_template = False
   config.decoding.val_rerank_template = ()  # e.g. (False, True): tried on VAL with the settings above
+  # With a scene head: per predicted class, the class's consensus training caption replaces the chosen
+  # decoding where it scored better on VAL (the selection metric per image, over the class's val images).
+  config.decoding.template_fallback = False
 
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept

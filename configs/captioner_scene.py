@@ -68,4 +68,6 @@ def get_config(arg: str | None = None):
   config.decoding.val_rerank = (0, 20, 40)
   # With reranking, the predicted class's consensus training caption joins the beam's candidates (or not).
   config.decoding.val_rerank_template = (False, True)
+  # Then, per predicted class, the class's consensus caption where it beat that decoding on val.
+  config.decoding.template_fallback = True
   return config

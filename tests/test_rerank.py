@@ -1,5 +1,7 @@
 """Consensus reranking of beam candidates: hand-worked toy sets, and the captioning task's decoding with it."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -135,7 +137,9 @@ def test_task_reranks_the_final_beam_and_k0_leaves_decoding_unchanged(class_data
 
 def test_val_rerank_is_one_more_decoding_choice_and_is_recorded(class_data, tmp_path):
   task, params = scene_task(
-    class_data, str(tmp_path), **{'decoding.val_rerank': (0, 2), 'decoding.val_beam_sizes': (1, 3)}
+    class_data,
+    str(tmp_path),
+    **{'decoding.val_rerank': (0, 2), 'decoding.val_beam_sizes': (1, 3), 'decoding.val_rerank_template': ()},
   )
   assert task._decoding_candidates() == [
     (1, 0.0, 0, False),
@@ -212,3 +216,43 @@ def test_rerank_config_is_checked_and_off_by_default():
     )
   with pytest.raises(UserError, match='config.decoding.val_rerank_template=.* is invalid'):
     validate(override(captioner_config.get_config(), **{'decoding.val_rerank_template': (0, 1)}))
+
+
+def test_template_fallback_gives_the_template_to_the_classes_where_it_won_on_val(class_data, tmp_path):
+  task, params = scene_task(
+    class_data,
+    str(tmp_path),
+    **{
+      'decoding.val_beam_sizes': (1,),
+      'decoding.val_length_penalties': (),
+      'decoding.val_rerank': (),
+      'decoding.val_rerank_template': (),
+      'decoding.template_fallback': True,
+    },
+  )
+  greedy = (1, 0.0, 0, False)
+  chosen, table = task.template_fallback(params, greedy)
+  # By hand: per predicted val class, mean per-image CIDEr-D of greedy captions and of the class's consensus
+  # caption among the training captions (document frequencies: the training references).
+  train_refs = vocab_lib.references(task.entries['train'])
+  consensus = baselines.class_consensus(metrics_lib.CiderD(train_refs), train_refs, task.scene_labels['train'])
+  classes = task.predicted_scenes(params, 'val')
+  per_image = lambda hyps: np.array(
+    metrics_lib.caption_scores(task.references['val'], hyps, per_image=True)['per_image']['cider']
+  )
+  decoded, template = per_image(task.decode(params, 'val')), per_image([consensus[c] for c in classes])
+  expected = {c for c in set(classes.tolist()) if template[classes == c].mean() > decoded[classes == c].mean()}
+  assert chosen == expected and chosen  # an untrained decoder: the templates win somewhere
+  for c in set(classes.tolist()):
+    row = table[task.scene_classes[c]]
+    np.testing.assert_allclose(
+      [row['decoded'], row['template']], [decoded[classes == c].mean(), template[classes == c].mean()]
+    )
+  # final_results: test images of those predicted classes get the template, the others the decoding.
+  results = task.final_results(None, params, str(tmp_path))
+  assert results['decoding']['template_fallback']['classes'] == sorted(task.scene_classes[c] for c in chosen)
+  with open(tmp_path / captioning.CAPTIONS_FILE) as f:
+    rows = json.load(f)
+  greedy_test = task.decode(params, 'test')
+  for row, c, g in zip(rows, task.predicted_scenes(params, 'test'), greedy_test):
+    assert row['caption'] == (consensus[c] if c in chosen else g)

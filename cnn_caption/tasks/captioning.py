@@ -300,6 +300,7 @@ class CaptioningTask(base.Task):
       'a tuple of neighbour counts >= 0 (0 = no reranking)',
     )
     check(config, 'decoding.rerank_template', lambda v: isinstance(v, bool), 'True or False')
+    check(config, 'decoding.template_fallback', lambda v: isinstance(v, bool), 'True or False')
     check(
       config,
       'decoding.val_rerank_template',
@@ -744,20 +745,13 @@ class CaptioningTask(base.Task):
       cached = (params, split, beam_size, length_penalty, self.decode_beams(params, split, beam_size, length_penalty))
       self._beams_cache = cached
     captions, logprobs, lengths = cached[4]
-    if 'train' not in self._rerank_inputs:  # built once: neither side depends on the params
-      train_references = vocab_lib.references(self.entries['train'])
-      self._rerank_inputs['train'] = (metrics_lib.CiderD(train_references), self._train_pool()[0], train_references)
+    scorer, train_features, train_references = self._rerank_train_inputs()
     if split not in self._rerank_inputs:
       self._rerank_inputs[split] = _mean_pooled(self.feats[split])
-    scorer, train_features, train_references = self._rerank_inputs['train']
     classes = self.predicted_scenes(params, split)
     templates = None
     if rerank_template and classes is not None:
-      if 'templates' not in self._rerank_inputs:  # class index -> its consensus caption among training captions
-        self._rerank_inputs['templates'] = baselines_lib.class_consensus(
-          scorer, train_references, self.scene_labels['train']
-        )
-      consensus = self._rerank_inputs['templates']
+      consensus = self.class_templates()
       templates = [consensus.get(c) for c in classes]  # None: a class with no training image (never predicted)
     chosen = rerank_lib.rerank(
       scorer,
@@ -789,6 +783,51 @@ class CaptioningTask(base.Task):
       f' ({from_template} are the template)' if templates is not None else '',
     )
     return picked
+
+  def _rerank_train_inputs(self) -> tuple:
+    """(CIDEr-D scorer with the training references' document frequencies, training pool, training references)."""
+    if 'train' not in self._rerank_inputs:  # built once: nothing here depends on the params
+      train_references = vocab_lib.references(self.entries['train'])
+      self._rerank_inputs['train'] = (metrics_lib.CiderD(train_references), self._train_pool()[0], train_references)
+    return self._rerank_inputs['train']
+
+  def class_templates(self) -> dict:
+    """Scene class index -> its consensus caption among the training captions (the class-template baseline's)."""
+    if 'templates' not in self._rerank_inputs:
+      scorer, _, train_references = self._rerank_train_inputs()
+      self._rerank_inputs['templates'] = baselines_lib.class_consensus(
+        scorer, train_references, self.scene_labels['train']
+      )
+    return self._rerank_inputs['templates']
+
+  def template_fallback(self, params, setting: tuple) -> tuple[set, dict]:
+    """The predicted classes whose consensus caption beats the chosen decoding on VAL, and the val scores.
+
+    Per class the scene head predicts on val, the mean per-image score (the selection metric's: CIDEr-D,
+    sentence BLEU-4 or ROUGE-L; CIDEr-D for BLEU-1..3) of the decoded captions and of the class's consensus
+    training caption over the val images predicted as that class; the template replaces the decoding for the
+    classes where it is strictly better. Returns (class indices, {class name: {'decoded', 'template', 'images'}}).
+    """
+    hyps = self.decode(params, 'val', *setting)
+    classes = self.predicted_scenes(params, 'val')
+    consensus = self.class_templates()
+    templates = [consensus[c] for c in classes]
+    metric = self.selection_metric if self.selection_metric in ('cider', 'bleu4', 'rouge_l') else 'cider'
+    decoded = np.asarray(self._scores('val', hyps, per_image=True)['per_image'][metric])
+    template = np.asarray(self._scores('val', templates, per_image=True)['per_image'][metric])
+    chosen, table = set(), {}
+    for c in sorted(set(classes.tolist())):
+      rows = classes == c
+      d, t = float(decoded[rows].mean()), float(template[rows].mean())
+      table[self.scene_classes[c]] = {'decoded': d, 'template': t, 'images': int(rows.sum())}
+      if t > d:
+        chosen.add(c)
+    logging.info(
+      'template fallback (val %s per class): the template for %s',
+      metric,
+      ', '.join(self.scene_classes[c] for c in sorted(chosen)) or 'no class',
+    )
+    return chosen, table
 
   def predicted_scenes(self, params, split: str) -> np.ndarray | None:
     """The scene head's predicted class index (argmax) for each image of a split; None without a head."""
@@ -862,11 +901,18 @@ class CaptioningTask(base.Task):
 
     The test decoding is config.decoding's, or, when config.decoding.val_beam_sizes is set, the beam size,
     length penalty (and with val_rerank the reranking neighbours) that score best on val (the selection
-    metric): never chosen on test.
+    metric): never chosen on test. With config.decoding.template_fallback and a scene head, the images of the
+    predicted classes where the class template beat that decoding on val get the template (template_fallback).
     """
     del params
     (beam_size, length_penalty, rerank, template), tried = self._choose_decoding(best_params)
     hyps = self.decode(best_params, 'test', beam_size, length_penalty, rerank, template)
+    fallback = None
+    if self.config.decoding.get('template_fallback', False) and self.scene_classes:
+      fallback = self.template_fallback(best_params, (beam_size, length_penalty, rerank, template))
+      consensus = self.class_templates()
+      test_classes = self.predicted_scenes(best_params, 'test')
+      hyps = [consensus[c] if c in fallback[0] else h for h, c in zip(hyps, test_classes)]
     scores = self._scores('test', hyps, meteor=self.config.get('meteor_at_test', True), per_image=True)
     per_image = scores.pop('per_image')
     results = {f'test_{k}': v for k, v in scores.items()}
@@ -888,6 +934,11 @@ class CaptioningTask(base.Task):
       results['decoding']['rerank_classes'] = 'predicted' if self.scene_classes else 'all'
       if self._templates_tried():
         results['decoding']['rerank_template'] = template  # the class's consensus caption was a candidate
+    if fallback is not None:
+      results['decoding']['template_fallback'] = {
+        'classes': sorted(self.scene_classes[c] for c in fallback[0]),
+        'val_per_class': fallback[1],
+      }
     if tried:
       results['decoding']['chosen_on_val_from'] = tried
     if beam_size != 1:
