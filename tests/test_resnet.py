@@ -54,11 +54,13 @@ def test_parameter_count_by_hand_and_output_shapes():
   logp = model.apply({'params': params}, x, train=True)
   assert logp.shape == (3, 10)
   np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(-1), 1.0, rtol=1e-5)
-  # Stage sizes 14 -> 7 -> 4: the first block of each stage after the first halves the size (SAME padding).
+  # Stage sizes 28 -> 14 -> 7 -> 4 (stem stride 1): the first block of each stage after the first halves the
+  # size (SAME padding).
+  assert model.stem_stride == 1 and len(widths) == 4
   _, inter = model.apply({'params': params}, x, train=True, capture_intermediates=True, mutable=['intermediates'])
   shapes = {k: v['__call__'][0].shape for k, v in inter['intermediates'].items() if k.startswith('stage')}
-  sizes = [shapes[f'stage{i + 1}_block1'][1:] for i in range(3)]
-  assert sizes == [(14, 14, widths[0]), (7, 7, widths[1]), (4, 4, widths[2])]
+  sizes = [shapes[f'stage{i + 1}_block1'][1:] for i in range(4)]
+  assert sizes == [(28, 28, widths[0]), (14, 14, widths[1]), (7, 7, widths[2]), (4, 4, widths[3])]
 
 
 def test_multiply_adds_by_hand():
