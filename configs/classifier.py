@@ -24,7 +24,8 @@ Variants (`--config=configs/classifier.py:VARIANT`):
                image): a 3x3 stem and one block of width 16 at 28x28, then two blocks each of widths 32 / 64 / 128
                at 14x14 / 7x7 / 4x4, global average pooling; crops (pad 2), flips, random erasing, flip test-time
                augmentation, SGD Nesterov with a one-cycle schedule, batch 128, 15 epochs on the 50k training
-               split. Results and minutes per run: docs/results.md.
+               split. Seeds 0, 1, 2: val accuracy 0.9404 +- 0.0010, test accuracy 0.9374 +- 0.0017; about 44
+               minutes per seed on one core (AMD EPYC, jax 0.10.2, 2026-12). docs/results.md.
   resnet_smoke the resnet variant on a few hundred examples, 2 epochs: tests and quick checks.
 """
 
