@@ -258,6 +258,7 @@ class CaptioningTask(base.Task):
   selection_metric = 'bleu4'  # overridden by config.selection_metric when the config has it
   _train_pool_cache = None  # _train_pool's (pool, views), once read
   _beams_cache = None  # (params, split, beam size, length penalty, decode_beams' result): the last final beam
+  _val_decoded = None  # (params, setting, val captions) of the decoding _choose_decoding chose
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -768,11 +769,9 @@ class CaptioningTask(base.Task):
       extra=templates,
     )
     changed, k = sum(c != 0 for c in chosen), rerank_neighbours
-    picked = [
-      (beam + [t] if t is not None else beam)[c]
-      for beam, t, c in zip(captions, templates or [None] * len(chosen), chosen)
-    ]
-    from_template = 0 if templates is None else sum(c == len(beam) for beam, c in zip(captions, chosen))
+    # Index len(beam) is the image's template (rerank's extra candidate).
+    picked = [beam[c] if c < len(beam) else templates[i] for i, (beam, c) in enumerate(zip(captions, chosen))]
+    from_template = sum(c == len(beam) for beam, c in zip(captions, chosen))
     logging.info(
       "consensus rerank on %s, k=%d%s: %d of %d captions differ from the beam's%s",
       split,
@@ -808,20 +807,23 @@ class CaptioningTask(base.Task):
     training caption over the val images predicted as that class; the template replaces the decoding for the
     classes where it is strictly better. Returns (class indices, {class name: {'decoded', 'template', 'images'}}).
     """
-    hyps = self.decode(params, 'val', *setting)
+    cached = self._val_decoded  # _choose_decoding's captions of this setting, when it decoded them
+    if cached is not None and cached[0] is params and cached[1] == setting:
+      hyps = cached[2]
+    else:
+      hyps = self.decode(params, 'val', *setting)
     classes = self.predicted_scenes(params, 'val')
     consensus = self.class_templates()
-    templates = [consensus[c] for c in classes]
     metric = self.selection_metric if self.selection_metric in ('cider', 'bleu4', 'rouge_l') else 'cider'
-    decoded = np.asarray(self._scores('val', hyps, per_image=True)['per_image'][metric])
-    template = np.asarray(self._scores('val', templates, per_image=True)['per_image'][metric])
-    chosen, table = set(), {}
-    for c in sorted(set(classes.tolist())):
-      rows = classes == c
-      d, t = float(decoded[rows].mean()), float(template[rows].mean())
-      table[self.scene_classes[c]] = {'decoded': d, 'template': t, 'images': int(rows.sum())}
-      if t > d:
-        chosen.add(c)
+    names = [self.scene_classes[c] for c in classes]
+    per_class = lambda captions: distinct.per_class_mean(
+      self._scores('val', captions, per_image=True)['per_image'][metric], names
+    )
+    decoded, template = per_class(hyps), per_class([consensus[c] for c in classes])
+    table = {
+      name: {'decoded': decoded[name], 'template': template[name], 'images': names.count(name)} for name in decoded
+    }
+    chosen = {c for c in set(classes.tolist()) if template[self.scene_classes[c]] > decoded[self.scene_classes[c]]}
     logging.info(
       'template fallback (val %s per class): the template for %s',
       metric,
@@ -874,9 +876,10 @@ class CaptioningTask(base.Task):
     if not candidates:
       return self._configured_decoding(), []
     metric = self.selection_metric
-    tried = []
+    tried, captions = [], []
     for beam_size, length_penalty, rerank, template in candidates:
-      value = self._scores('val', self.decode(params, 'val', beam_size, length_penalty, rerank, template))[metric]
+      captions.append(self.decode(params, 'val', beam_size, length_penalty, rerank, template))
+      value = self._scores('val', captions[-1])[metric]
       row = {'beam_size': beam_size, 'length_penalty': length_penalty}
       if self._reranking():
         row['rerank_neighbours'] = rerank
@@ -892,9 +895,9 @@ class CaptioningTask(base.Task):
         metric,
         value,
       )
-    best = max(tried, key=lambda t: t[f'val_{metric}'])  # the first of equals: smaller beam, no rerank, no template
-    chosen = (best['beam_size'], best['length_penalty'], best.get('rerank_neighbours', 0))
-    return (*chosen, best.get('rerank_template', False)), tried
+    i = max(range(len(tried)), key=lambda j: tried[j][f'val_{metric}'])  # first of equals: smaller beam, no rerank
+    self._val_decoded = (params, candidates[i], captions[i])  # template_fallback reads the same captions
+    return candidates[i], tried
 
   def final_results(self, params, best_params, workdir: str) -> dict:
     """Test metrics (METEOR too) of the best epoch's parameters with the test decoding (and greedy).
