@@ -38,16 +38,20 @@ def forward_flops_per_sample() -> float:
   return 2.0 * (conv1 + conv2 + dense)
 
 
-def make_project(batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False, exact=False):
+def make_project(
+  batch_size: int, steps_per_call: int, seconds: float, half_precision: bool = False, exact=False, xla_options=None
+):
   """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation).
 
-  exact: the original program (config.model.fast_layers=False, the gradient norm logged), bit for bit.
+  exact: the original program (config.model.fast_layers=False, the gradient norm logged, no XLA options), bit
+  for bit. xla_options: 'name=value,...' for the train step instead of the config's own config.xla_options.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   sys.path.insert(0, ROOT)
+  from cnn_caption import config_utils
   from cnn_caption import models
   from cnn_caption import train
   from cnn_caption.tasks import classification
@@ -57,9 +61,12 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
   import classifier
 
   config = classifier.get_config()
+  if xla_options is not None:
+    config.xla_options = xla_options
   if exact:
     config.model.fast_layers = False
     config.log_grad_norm = True
+    config.xla_options = ''
   # The task's loss and metrics are static: no data needed.
   cls = classification.ClassificationTask
   task = types.SimpleNamespace(loss=cls.loss, metrics=cls.metrics if config.log_grad_norm else cls.loss_metrics)
@@ -67,7 +74,9 @@ def make_project(batch_size: int, steps_per_call: int, seconds: float, half_prec
   model = models.create_model(config, **overrides)
   tx = optim.make_optimizer(config.optimizer, 1000)
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
-  fn = jax.jit(functools.partial(train.train_steps, task=task, num_steps=steps_per_call), donate_argnums=0)
+  options = config_utils.xla_options(config.xla_options) or None  # as the trainer compiles its step
+  step = functools.partial(train.train_steps, task=task, num_steps=steps_per_call)
+  fn = jax.jit(step, donate_argnums=0, compiler_options=options)
   rng = np.random.default_rng(0)
   batches = [
     {
@@ -152,6 +161,7 @@ def main():
   parser.add_argument('--peer_steps', type=int, default=300, help='peer timed steps per repetition')
   parser.add_argument('--no_compile', action='store_true', help='skip the torch.compile peer (20 s compile each)')
   parser.add_argument('--half_precision', action='store_true', help='also time bfloat16 compute (reported apart)')
+  parser.add_argument('--xla_options', default=None, help="the project's train step with these instead of the config's")
   parser.add_argument('--sweep', action='store_true', help='also time the full sweep on all cores')
   parser.add_argument('--sweep_args', default='', help='extra launch.py flags for the sweep, space separated')
   parser.add_argument('--sweep_workdir', default=None, help='where the sweep writes (default: a temp dir)')
@@ -163,7 +173,7 @@ def main():
   flops = 3 * forward_flops_per_sample()  # forward + two backward products
   for batch_size in (int(b) for b in args.batch_sizes.split(',')):
     sides = {
-      'project': make_project(batch_size, args.steps_per_call, args.seconds),
+      'project': make_project(batch_size, args.steps_per_call, args.seconds, xla_options=args.xla_options),
       'project_exact': make_project(batch_size, args.steps_per_call, args.seconds, exact=True),
     }
     if args.half_precision:
@@ -179,6 +189,7 @@ def main():
       'steps_per_call': args.steps_per_call,
       'project_exact': common.spread(results['project_exact']),
       'ratio_to_exact': round(statistics.median(results['project']) / statistics.median(results['project_exact']), 2),
+      'xla_options': args.xla_options,  # None: the config's own config.xla_options
     }
     if args.half_precision:
       extra['project_bf16'] = common.spread(results['project_bf16'])

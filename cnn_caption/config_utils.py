@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from cnn_caption import tasks as tasks_lib
@@ -110,6 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "config.test_params='ema' needs an EMA: set --config.ema_decay (e.g. 0.999) or --config.test_params=raw"
     )
   profiling.check_profile_steps(get_field(config, 'profile_steps') or ())
+  check_xla_options(get_field(config, 'xla_options'))
   for i, lr in enumerate(get_field(config, 'sweep.learning_rates') or ()):
     if not finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')
@@ -125,6 +127,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if get_field(config, 'task') is not None:
     tasks_lib.task_class(config.task).validate_config(config)
+
+
+def xla_options(text: str | None) -> dict[str, str | bool]:
+  """config.xla_options ('name=value,name=value') as jax.jit compiler options; {} when empty or None.
+
+  'true' / 'false' become booleans; every other value stays text, which XLA parses by the option's type.
+  """
+  options = {}
+  for item in (text or '').split(','):
+    if not item.strip():
+      continue
+    name, sep, value = item.strip().partition('=')
+    if not sep or not name.startswith('xla_'):
+      raise UserError(
+        f'config.xla_options item {item.strip()!r} is not name=value with an XLA option name (xla_...); '
+        "e.g. --config.xla_options='xla_cpu_experimental_ynn_fusion_type=,xla_cpu_use_onednn=true'"
+      )
+    lowered = value.strip().lower()
+    options[name] = lowered == 'true' if lowered in ('true', 'false') else value.strip()
+  return options
+
+
+def check_xla_options(text: str | None) -> None:
+  """UserError naming the option XLA refuses (unknown name, value of the wrong type); compiles x + 1 to ask it."""
+  options = xla_options(text)
+  if not options:
+    return
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError: INVALID_ARGUMENT from XLA)
+    reason = str(e).splitlines()[0].split('INVALID_ARGUMENT: ')[-1]
+    raise UserError(
+      f'config.xla_options={text!r}: XLA refuses it ({reason}); fix or drop that option '
+      '(the names are XLA DebugOptions fields, e.g. xla_cpu_use_onednn=true)'
+    ) from None
 
 
 # Fields that only change what is reported, how fast, or where files are: a resume may change them.
@@ -166,8 +203,8 @@ def computation_differences(saved: dict, current: dict) -> list[str]:
   for path in sorted(set(old) | set(new)):
     if any(path == f or path.startswith(f + '.') for f in RESUME_SAFE_FIELDS) or old.get(path) == new.get(path):
       continue
-    if path not in old and new[path] in (False, 0, None):
-      continue  # a switch added after the checkpoint was written, left off (False / 0): the computation it had
+    if path not in old and new[path] in (False, 0, None, ''):
+      continue  # a switch added after the checkpoint was written, left off (False / 0 / ''): the computation it had
     if path == 'num_epochs' and new.get('optimizer.schedule', 'constant') == 'constant':
       continue  # more (or fewer) epochs at a constant rate: the steps already taken stay the same
     if path == 'optimizer.warmup_fraction' and new.get('optimizer.schedule') != 'one_cycle':

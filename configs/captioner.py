@@ -125,6 +125,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.ema_decay = 0.0  # EMA of the parameters, evaluated and checkpointed beside them; 0 = off
   config.test_params = 'raw'  # parameters scored on test and picked by val: 'raw' or 'ema' (needs ema_decay)
   config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
+  # XLA options for the jitted train step only, 'name=value,...' (docs/benchmarks.md: which win where); '' = none
+  config.xla_options = ''
 
   if arg == 'smoke':
     config.data.synthetic_num_images = 48

@@ -90,6 +90,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.ema_decay = 0.0  # EMA of the parameters, evaluated and checkpointed beside them; 0 = off
   config.test_params = 'raw'  # parameters scored on test and picked by val: 'raw' or 'ema' (needs ema_decay)
   config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
+  # XLA options for the jitted train step only, 'name=value,...' (docs/benchmarks.md: which win where); '' = none
+  config.xla_options = ''
 
   config.sweep = config_dict.ConfigDict()
   config.sweep.learning_rates = ()  # non-empty -> train one run per lr, pick the best by val accuracy

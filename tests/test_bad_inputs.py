@@ -134,6 +134,9 @@ CONFIG_CASES = [
   ('strong_space_to_depth_zero', [STRONG, '--config.model.space_to_depth=0'], 'space_to_depth=0'),
   ('bn_stats_zero', [STRONG, '--config.data.bn_stats_examples=0'], 'bn_stats_examples=0'),
   ('doubly_stochastic_negative', [CAPTIONER, '--config.loss.doubly_stochastic=-1.0'], 'doubly_stochastic=-1.0'),
+  ('xla_option_unknown', [CLASSIFIER, '--config.xla_options=xla_cpu_nosuch=1'], "option: 'xla_cpu_nosuch'"),
+  ('xla_option_bad_value', [CAPTIONER, '--config.xla_options=xla_cpu_use_onednn=maybe'], 'xla_cpu_use_onednn'),
+  ('xla_option_no_value', [CLASSIFIER, '--config.xla_options=xla_cpu_use_onednn'], "item 'xla_cpu_use_onednn'"),
   ('q1_padding_unknown', ['--config=configs/q1_cnn.py', '--mode=summary', '--config.model.padding=FULL'], 'padding'),
 ]
 

@@ -77,3 +77,22 @@ def test_a_switch_added_later_and_left_off_is_no_resume_difference():
   assert config_utils.computation_differences(saved_captioner, captioner_config.get_config().to_dict()) == []
   current.model.conv1_as_matmul = True  # turned on: other floats, so a resume must refuse it
   assert config_utils.computation_differences(saved, current.to_dict()) == ["model.conv1_as_matmul: '<absent>' -> True"]
+
+
+def test_xla_options_parse_and_resume():
+  assert config_utils.xla_options('') == {}
+  assert config_utils.xla_options(None) == {}
+  parsed = config_utils.xla_options('xla_cpu_experimental_ynn_fusion_type=, xla_cpu_use_onednn=True,xla_a=512')
+  assert parsed == {'xla_cpu_experimental_ynn_fusion_type': '', 'xla_cpu_use_onednn': True, 'xla_a': '512'}
+  with pytest.raises(UserError, match="item 'vector_width=512' is not name=value with an XLA option name"):
+    config_utils.xla_options('vector_width=512')
+  config_utils.check_xla_options('xla_cpu_use_onednn=false')  # XLA accepts it: no error
+  # A checkpoint from before the field: '' (none) is the computation it had; options set change the floats.
+  saved = classifier_config.get_config().to_dict()
+  del saved['xla_options']
+  current = classifier_config.get_config()
+  assert config_utils.computation_differences(saved, current.to_dict()) == []
+  current.xla_options = 'xla_cpu_use_onednn=true'
+  assert config_utils.computation_differences(saved, current.to_dict()) == [
+    "xla_options: '<absent>' -> 'xla_cpu_use_onednn=true'"
+  ]
