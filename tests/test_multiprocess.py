@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import final_params
+from conftest import has_fashion_mnist
 from conftest import needs_fmnist
 from conftest import read_jsonl
 from conftest import ROOT
@@ -209,7 +210,7 @@ def runs_dir():
 @pytest.fixture(scope='module')
 def classifier_reference(runs_dir):
   """1 process x 2 devices, uninterrupted: what every 2-way classifier run must equal (2 x 1 on one CPU)."""
-  if not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'):
+  if not has_fashion_mnist():
     pytest.skip('Fashion-MNIST not installed')
   workdir = str(runs_dir / 'cls_reference')
   run(CLASSIFIER, workdir, **(dict(num_processes=2) if ONE_CPU else dict(devices=2)))
