@@ -150,6 +150,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.data.random_erase = 0.5
     config.data.eval_flip = True
     config.data.bn_stats_examples = 10_000  # first N training images giving BatchNorm's eval statistics
+    config.loss = config_dict.ConfigDict()
+    config.loss.label_smoothing = 0.0  # training targets: 1 - eps on the label, eps spread over the classes
     # SGD with Nesterov momentum and a one-cycle schedule: the usual recipe for BatchNorm ResNets on small
     # images (fast, well-known to generalise better than Adam there); L2 weight decay 5e-4 as in the ResNet papers.
     config.optimizer.name = 'sgd'
