@@ -49,15 +49,19 @@ def test_parameter_count_by_hand_and_output_shapes():
   # Evaluation statistics: a mean and a variance per BatchNorm channel, outside the parameters.
   num_bn_channels = sum(v.size for v in jax.tree.leaves(variables['params']) if v.ndim == 1) - 10  # minus head bias
   assert _count(variables[norm.STATS]) == num_bn_channels
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  params = jax.jit(model.init, compiler_options=train.INIT_COMPILER_OPTIONS)(
+    jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  )['params']
   x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
-  logp = model.apply({'params': params}, x, train=True)
+  # One compiled call gives the output and the intermediates.
+  logp, inter = jax.jit(
+    lambda p, v: model.apply({'params': p}, v, train=True, capture_intermediates=True, mutable=['intermediates'])
+  )(params, x)
   assert logp.shape == (3, 10)
   np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(-1), 1.0, rtol=1e-5)
   # Stage sizes 28 -> 14 -> 7 -> 4 (stem stride 1): the first block of each stage after the first halves the
   # size (SAME padding).
   assert model.stem_stride == 1 and len(widths) == 4
-  _, inter = model.apply({'params': params}, x, train=True, capture_intermediates=True, mutable=['intermediates'])
   shapes = {k: v['__call__'][0].shape for k, v in inter['intermediates'].items() if k.startswith('stage')}
   sizes = [shapes[f'stage{i + 1}_block1'][1:] for i in range(4)]
   assert sizes == [(28, 28, widths[0]), (14, 14, widths[1]), (7, 7, widths[2]), (4, 4, widths[3])]
@@ -152,14 +156,17 @@ def test_random_erase_in_training_batches_only(tmp_path):
 def test_eval_shift_and_flip_average_ten_views(tmp_path):
   config = _smoke(**{'data.num_eval': 8, 'eval_batch_size': 8, 'data.eval_flip': True, 'data.eval_shift': True})
   task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
-  params = task.model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  params = jax.jit(task.model.init, compiler_options=train.INIT_COMPILER_OPTIONS)(
+    jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  )['params']
   variables = task._variables(params)
   images, labels = task.splits['val']
   x = np.asarray(fashion_mnist.to_float(images[:8]))
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   views = [x] + [padded[:, 1 - dy : 29 - dy, 1 - dx : 29 - dx] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
   views += [v[:, :, ::-1] for v in views]
-  p = np.mean([np.exp(task.model.apply(variables, v)) for v in views], axis=0)
+  apply = jax.jit(task.model.apply)  # one compilation for the ten views
+  p = np.mean([np.exp(apply(variables, np.ascontiguousarray(v))) for v in views], axis=0)
   got = task.evaluate(params, 'val')
   np.testing.assert_allclose(got['loss'], -np.log(p[np.arange(8), labels[:8]]).mean(), rtol=1e-5)
   assert got['accuracy'] == np.mean(p.argmax(-1) == labels[:8])

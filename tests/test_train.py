@@ -1,12 +1,16 @@
 """The generic training loop: end to end, resume == uninterrupted, sharding, NaN stop, config errors."""
 
+import functools
+import importlib
 import json
 import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+from cnn_caption import models
 from cnn_caption import sweep
 from cnn_caption import train
 from cnn_caption.errors import UserError
@@ -276,3 +280,15 @@ def test_xla_options_reach_the_train_step(tmp_path):
   if 'ynn_fusion' not in default:
     pytest.skip('XLA:CPU uses no YNNPACK fusion for this step on this machine')
   assert 'ynn_fusion' not in step_hlo('xla_cpu_experimental_ynn_fusion_type=', str(tmp_path / 'b'))
+
+
+@pytest.mark.parametrize('config_name', ['classifier', 'captioner_attention'])
+def test_initialiser_compiled_at_level_1_gives_the_parameters_of_the_default_compilation(config_name):
+  config = importlib.import_module(f'configs.{config_name}').get_config(None)
+  model = models.create_model(config, **models.shape_only_fields(config))
+  inputs = models.example_inputs(config)
+  rng = jax.random.key(3)
+  state = train.create_train_state(model, inputs, rng, optax.sgd(0.1))
+  default = jax.jit(functools.partial(model.init, train=False))(rng, *inputs)['params']
+  assert_same_params(state.params, default)
+  assert sum(x.size for x in jax.tree.leaves(default)) > 500_000  # the real network, not a toy
