@@ -46,11 +46,10 @@ ATTENTION = [
   '--config.eval_batch_size=8',
 ]
 DEADLINE_S = 900  # a hang guard only: on a loaded 2-core machine one run can take minutes
-# Two processes that each see a single CPU (e.g. `taskset -c 0 pytest`) round the classifier's step differently
-# from one process with 2 devices (deterministically, from the first epoch; docs/usage.md): the cross-layout
-# equalities need at least 2 CPUs, and the resume tests then compare with an uninterrupted 2-process run.
-ONE_CPU = len(os.sched_getaffinity(0)) < 2
-cross_layout = pytest.mark.skipif(ONE_CPU, reason='bit-identical layouts need 2 CPUs per process (docs/usage.md)')
+# XLA:CPU's float results depend on the size of its intra-op thread pool (NPROC, else the CPUs a process sees;
+# docs/usage.md): every run here gets a pool of 2, so the layouts compare bit for bit on any machine, one CPU
+# (`taskset -c 0 pytest`) included.
+XLA_CPU_THREADS = '2'
 
 
 def free_port() -> int:
@@ -96,6 +95,7 @@ class Run:
       os.environ,
       JAX_PLATFORMS='cpu',
       XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '',
+      NPROC=XLA_CPU_THREADS,
     )
     port = port or free_port()
     self.limit_s = limit_s
@@ -209,16 +209,15 @@ def runs_dir():
 
 @pytest.fixture(scope='module')
 def classifier_reference(runs_dir):
-  """1 process x 2 devices, uninterrupted: what every 2-way classifier run must equal (2 x 1 on one CPU)."""
+  """1 process x 2 devices, uninterrupted: what every 2-way classifier run must equal."""
   if not has_fashion_mnist():
     pytest.skip('Fashion-MNIST not installed')
   workdir = str(runs_dir / 'cls_reference')
-  run(CLASSIFIER, workdir, **(dict(num_processes=2) if ONE_CPU else dict(devices=2)))
+  run(CLASSIFIER, workdir, devices=2)
   return workdir
 
 
 @needs_fmnist
-@cross_layout
 def test_two_processes_equal_one_process_two_devices_and_only_process_0_writes(classifier_reference, runs_dir):
   workdir = str(runs_dir / 'cls_2x1')
   r = run(CLASSIFIER, workdir, num_processes=2)
@@ -235,7 +234,6 @@ def test_two_processes_equal_one_process_two_devices_and_only_process_0_writes(c
   assert not [line for line in r.output(1).splitlines() if line.startswith('I')]
 
 
-@cross_layout
 def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
   one, two = str(runs_dir / 'att_1x2'), str(runs_dir / 'att_2x1')
   args = ATTENTION + [f'--config.data.synthetic_dir={runs_dir / "synthetic"}']  # same images: same cache keys
@@ -351,7 +349,6 @@ def test_sigterm_one_of_two_processes_then_resume_equals_uninterrupted(classifie
 
 
 @needs_fmnist
-@cross_layout
 def test_ctrl_c_then_sigterm_in_one_process_then_resume_equals_uninterrupted(classifier_reference, runs_dir):
   workdir = str(runs_dir / 'cls_signals')
   _, first = _signal_then_resume(CLASSIFIER, workdir, signal.SIGINT, 130, devices=2)
