@@ -56,3 +56,13 @@ def test_run_record_writes_the_config_and_the_environment(tmp_path):
   assert '"learning_rate": 0.5' in run_record.config_text(config)
   env = run_record.environment()
   assert env['jax_version'] == jax.__version__ and env['device_count'] == jax.device_count()
+  assert env['cpu_threads'] == len(os.sched_getaffinity(0)) or 'NPROC' in os.environ
+
+
+def test_cpu_threads_is_nproc_where_set(monkeypatch):
+  monkeypatch.setenv('NPROC', '3')
+  assert run_record.cpu_threads() == 3
+  monkeypatch.setenv('NPROC', 'many')  # not a number: the record falls back to the CPU count
+  assert run_record.cpu_threads() == len(os.sched_getaffinity(0))
+  monkeypatch.delenv('NPROC')
+  assert run_record.cpu_threads() == len(os.sched_getaffinity(0))

@@ -40,6 +40,17 @@ def git_commit(path: str | None = None) -> str | None:
   return head.stdout.strip() + ('+dirty' if dirty else '')
 
 
+def cpu_threads() -> int:
+  """The size of XLA:CPU's intra-op thread pool: $NPROC where it is a number, else the CPUs this process may use.
+
+  It changes how XLA:CPU rounds a step (docs/usage.md): runs reproduce bit for bit only at the same size.
+  """
+  value = os.environ.get('NPROC', '').strip()
+  if value.isdigit():
+    return int(value)
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def environment() -> dict:
   """Package, JAX and device facts for results.json."""
   devices = jax.devices()
@@ -50,6 +61,7 @@ def environment() -> dict:
     'device_kind': devices[0].device_kind,
     'device_count': jax.device_count(),
     'process_count': jax.process_count(),
+    'cpu_threads': cpu_threads(),  # XLA:CPU's thread pool, which sets its rounding
     'git_commit': git_commit(),
   }
 
