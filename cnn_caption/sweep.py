@@ -23,6 +23,7 @@ from cnn_caption import plots
 from cnn_caption import train
 from cnn_caption.errors import UserError
 from cnn_caption.training import parallel as parallel_lib
+from cnn_caption.training import run_record
 from cnn_caption.training import workdir_lock
 
 POLL_S = 1.0  # how often the parent looks for members that died without reporting
@@ -52,10 +53,6 @@ def _child(config_json: str, workdir: str, queue) -> None:
     queue.put((workdir, f'{type(e).__name__}: {e}'))
 
 
-def _num_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-
-
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every config.sweep.learning_rates member (resuming each), picks the best by val accuracy."""
   config_utils.validate(config)
@@ -65,7 +62,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   if len(set(rates)) != len(rates):
     raise UserError(f'config.sweep.learning_rates={rates} has duplicates; list each rate once')
-  parallel = config.sweep.parallel or _num_cores()
+  parallel = config.sweep.parallel or run_record.usable_cpus()
   todo = [lr for lr in rates if not os.path.exists(os.path.join(run_dir(workdir, lr), 'results.json'))]
   for lr in rates:
     if lr not in todo:

@@ -166,7 +166,7 @@ def test_eval_shift_and_flip_average_ten_views(tmp_path):
   views = [x] + [padded[:, 1 - dy : 29 - dy, 1 - dx : 29 - dx] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
   views += [v[:, :, ::-1] for v in views]
   apply = jax.jit(task.model.apply)  # one compilation for the ten views
-  p = np.mean([np.exp(apply(variables, np.ascontiguousarray(v))) for v in views], axis=0)
+  p = np.mean([np.exp(apply(variables, v)) for v in views], axis=0)
   got = task.evaluate(params, 'val')
   np.testing.assert_allclose(got['loss'], -np.log(p[np.arange(8), labels[:8]]).mean(), rtol=1e-5)
   assert got['accuracy'] == np.mean(p.argmax(-1) == labels[:8])

@@ -40,6 +40,11 @@ def git_commit(path: str | None = None) -> str | None:
   return head.stdout.strip() + ('+dirty' if dirty else '')
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def cpu_threads() -> int:
   """The size of XLA:CPU's intra-op thread pool: $NPROC where it is a number, else the CPUs this process may use.
 
@@ -48,7 +53,7 @@ def cpu_threads() -> int:
   value = os.environ.get('NPROC', '').strip()
   if value.isdigit():
     return int(value)
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return usable_cpus()
 
 
 def environment() -> dict:
