@@ -119,6 +119,7 @@ class RunMeta:
   config: dict | None = None  # the run's config, to refuse a resume that would change the computation
   devices: int | None = None  # jax.device_count() of the run that saved it (None: saved before this field)
   processes: int | None = None  # jax.process_count() of that run
+  cpu_threads: int | None = None  # XLA:CPU's thread-pool size of that run (run_record.cpu_threads; None: not on CPU)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -127,6 +128,24 @@ class RunMeta:
   def from_json(cls, d: dict[str, Any]) -> RunMeta:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _warn_if_rounding_changes(saved_threads: int | None) -> None:
+  """A warning when the run resumes on CPU with another XLA:CPU thread-pool size than the checkpoint's run had.
+
+  The pool size changes how XLA:CPU rounds a step (docs/usage.md): the run goes on, but no longer bit for bit.
+  """
+  if saved_threads is None or jax.default_backend() != 'cpu':
+    return
+  now = run_record.cpu_threads()
+  if now != saved_threads:
+    logging.warning(
+      'resuming with an XLA:CPU thread pool of %d where the checkpoint was saved with %d: the floats from here on '
+      'will not match an uninterrupted run bit for bit (NPROC=%d gives the saved size; docs/usage.md)',
+      now,
+      saved_threads,
+      saved_threads,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> dict:
@@ -341,6 +360,7 @@ class Trainer:
         jax.device_count(),
         self.ckpt.directory,
       )
+      _warn_if_rounding_changes(meta.cpu_threads)
       newer = [s for s in self.ckpt.all_steps() if s > step]
       if newer:
         logging.warning(
@@ -363,6 +383,7 @@ class Trainer:
           state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     meta.devices, meta.processes = jax.device_count(), jax.process_count()
+    meta.cpu_threads = run_record.cpu_threads() if jax.default_backend() == 'cpu' else None
     if parallel.is_main_process():
       task.save_assets(self.workdir)
       write_jsonl(self.metrics_path, meta.history)

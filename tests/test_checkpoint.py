@@ -1,4 +1,4 @@
-"""Checkpoints and the run record on small pytrees, without training: save, restore, fall back, refuse."""
+"""Checkpoints and the run record: save, restore, fall back, refuse; the XLA:CPU pool size across a resume."""
 
 import json
 import os
@@ -10,9 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cnn_caption import train
 from cnn_caption.errors import UserError
 from cnn_caption.training import checkpoint
 from cnn_caption.training import run_record
+from conftest import strong_smoke
 
 
 def _state(value: float) -> dict:
@@ -66,3 +68,24 @@ def test_cpu_threads_is_nproc_where_set(monkeypatch):
   assert run_record.cpu_threads() == len(os.sched_getaffinity(0))
   monkeypatch.delenv('NPROC')
   assert run_record.cpu_threads() == len(os.sched_getaffinity(0))
+
+
+def test_resume_with_another_cpu_pool_size_warns_and_the_checkpoint_records_it(tmp_path, monkeypatch, caplog):
+  first, second = str(tmp_path / 'first'), str(tmp_path / 'second')
+  monkeypatch.setenv('NPROC', '2')  # only recorded: this process's XLA pool is already made
+  train.train_and_evaluate(strong_smoke({'num_epochs': 1}), first)
+  ckpt = checkpoint.Checkpointer(os.path.join(first, 'checkpoints'), 3)
+  assert ckpt.read_meta(ckpt.latest_step())['cpu_threads'] == 2
+  ckpt.close()
+  shutil.copytree(first, second)
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(strong_smoke({'num_epochs': 2}), first)  # the same pool: no warning
+  assert 'XLA:CPU thread pool' not in caplog.text
+  monkeypatch.setenv('NPROC', '1')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(strong_smoke({'num_epochs': 2}), second)
+  lines = [r.getMessage() for r in caplog.records if 'XLA:CPU thread pool' in r.getMessage()]
+  assert lines == [
+    'resuming with an XLA:CPU thread pool of 1 where the checkpoint was saved with 2: the floats from here on '
+    'will not match an uninterrupted run bit for bit (NPROC=2 gives the saved size; docs/usage.md)'
+  ]
