@@ -20,6 +20,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+from absl import logging as absl_logging  # noqa: E402
 import pytest  # noqa: E402 (after the cache settings above)
 
 from cnn_caption.training import checkpoint  # noqa: E402
@@ -27,6 +28,19 @@ from cnn_caption.training import checkpoint  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 UCM_DIR = os.environ.get('CNN_CAPTION_UCM_DIR', os.path.join(ROOT, '..', 'shared', 'data', 'ucm_captions'))
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+  """Each test ends with absl's verbosity as it found it.
+
+  cli.main drops it to WARNING in a process other than 0: an in-process test of that must not silence the INFO
+  lines that later tests read (caplog).
+  """
+  logger = absl_logging.get_absl_logger()
+  level = logger.level  # not get_verbosity(): before flags are parsed it says WARNING while the level is unset
+  yield
+  logger.setLevel(level)
 
 
 def has_fashion_mnist() -> bool:
