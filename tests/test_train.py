@@ -4,6 +4,8 @@ import functools
 import importlib
 import json
 import os
+import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -40,9 +42,37 @@ def assert_same_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+SMOKE = ['--config=configs/classifier.py:smoke', '--config.checkpoint.every_steps=16']
+
+
+@pytest.fixture(scope='module')
+def smoke_launch(tmp_path_factory):
+  """README's smoke run (400 images, 50 steps an epoch, a checkpoint every 16 steps) launched once, uninterrupted."""
+  workdir = tmp_path_factory.mktemp('smoke_launch')
+  result = run_launch(*SMOKE, f'--workdir={workdir}')
+  return workdir, result
+
+
+@pytest.fixture(scope='module')
+def smoke_160(tmp_path_factory):
+  """smoke_config() trained in this process: 2 epochs of 20 steps, uninterrupted."""
+  workdir = str(tmp_path_factory.mktemp('smoke_160'))
+  train.train_and_evaluate(smoke_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def smoke_160_one_epoch(tmp_path_factory):
+  """The first epoch of smoke_160 alone (tests copy it before changing it)."""
+  workdir = str(tmp_path_factory.mktemp('smoke_160_one_epoch'))
+  train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
+  return workdir
+
+
 @pytest.mark.slow
-def test_smoke_run_writes_every_file(tmp_path):
-  result = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
+def test_smoke_run_writes_every_file(smoke_launch, tmp_path):
+  workdir, result = smoke_launch
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # the second start below must not touch the fixture
   assert result.returncode == 0, result.stderr[-2000:]
   for name in (
     'metrics.jsonl',
@@ -66,58 +96,50 @@ def test_smoke_run_writes_every_file(tmp_path):
   assert results['config']['optimizer']['learning_rate'] == 0.01
   assert 'no checkpoint, starting fresh' in result.stderr
   # a second start with the same command resumes and changes nothing
-  again = run_launch('--config=configs/classifier.py:smoke', f'--workdir={tmp_path}')
+  again = run_launch(*SMOKE, f'--workdir={tmp_path}')
   assert again.returncode == 0 and 'resuming from step 100' in again.stderr
   assert strip_timing(read_jsonl(tmp_path / 'metrics.jsonl')) == strip_timing(history)
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(tmp_path):
-  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-  train.train_and_evaluate(smoke_config(), full)
-  train.train_and_evaluate(smoke_config(num_epochs=1), part)
+def test_resume_equals_uninterrupted(smoke_160, smoke_160_one_epoch, tmp_path):
+  part = str(tmp_path / 'part')
+  shutil.copytree(smoke_160_one_epoch, part)
   assert len(read_jsonl(os.path.join(part, 'metrics.jsonl'))) == 1
   train.train_and_evaluate(smoke_config(), part)  # same command, more epochs: resumes at epoch 2
-  step_a, params_a = final_params(full)
+  step_a, params_a = final_params(smoke_160)
   step_b, params_b = final_params(part)
   assert step_a == step_b == 40
   assert_same_params(params_a, params_b)
-  assert strip_timing(read_jsonl(os.path.join(full, 'metrics.jsonl'))) == strip_timing(
+  assert strip_timing(read_jsonl(os.path.join(smoke_160, 'metrics.jsonl'))) == strip_timing(
     read_jsonl(os.path.join(part, 'metrics.jsonl'))
   )
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-  args = [
-    '--config=configs/classifier.py:smoke',
-    '--config.data.num_train=800',
-    '--config.checkpoint.every_steps=16',
-    '--config.num_epochs=2',
-  ]
-  killed, clean = str(tmp_path / 'killed'), str(tmp_path / 'clean')
-  steps = kill_after_checkpoint(args, killed, min_step=32)
-  assert steps[-1] < 200, f'kill came too late to test anything: {steps}'
-  resumed = run_launch(*args, f'--workdir={killed}')
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(smoke_launch, tmp_path):
+  killed, (clean, _) = str(tmp_path / 'killed'), smoke_launch
+  steps = kill_after_checkpoint(SMOKE, killed, min_step=32)
+  assert steps[-1] < 100, f'kill came too late to test anything: {steps}'
+  resumed = run_launch(*SMOKE, f'--workdir={killed}')
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'resuming from step {steps[-1]}' in resumed.stderr
-  assert run_launch(*args, f'--workdir={clean}').returncode == 0
-  assert_same_params(final_params(killed)[1], final_params(clean)[1])
+  assert_same_params(final_params(killed)[1], final_params(str(clean))[1])
   assert strip_timing(read_jsonl(os.path.join(killed, 'metrics.jsonl'))) == strip_timing(
     read_jsonl(os.path.join(clean, 'metrics.jsonl'))
   )
 
 
 @pytest.mark.slow
-def test_two_devices_match_one_device(tmp_path):
+def test_two_devices_match_one_device(smoke_160, tmp_path):
   args = ['--config=configs/classifier.py:smoke', '--config.data.num_train=160', '--config.data.num_eval=100']
-  one = run_launch(*args, f'--workdir={tmp_path / "one"}', devices=1)
   two = run_launch(*args, f'--workdir={tmp_path / "two"}', devices=2)
-  assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-  r1 = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  assert two.returncode == 0, two.stderr[-2000:]
+  one = pathlib.Path(smoke_160)  # smoke_config(), the same run on this process's one device
+  r1 = json.loads((one / 'results.json').read_text())
   r2 = json.loads((tmp_path / 'two' / 'results.json').read_text())
   assert (r1['devices'], r2['devices']) == (1, 2)
-  for a, b in zip(read_jsonl(tmp_path / 'one' / 'metrics.jsonl'), read_jsonl(tmp_path / 'two' / 'metrics.jsonl')):
+  for a, b in zip(read_jsonl(one / 'metrics.jsonl'), read_jsonl(tmp_path / 'two' / 'metrics.jsonl'), strict=True):
     # Two devices sum each gradient in two halves: the same model up to rounding, which 40 SGD steps grow to
     # about 1.5e-4 of the loss with the default layers (the original program stays within 1e-4).
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=5e-4)
@@ -136,11 +158,11 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_160_one_epoch, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_160_one_epoch, workdir)
   step, params = final_params(workdir)
-  metrics_before = (tmp_path / 'metrics.jsonl').read_text()
+  metrics_before = (tmp_path / 'run' / 'metrics.jsonl').read_text()
   with pytest.raises(UserError, match='loss became .* at step'):
     # Resuming with another learning rate is a config change: allowed on purpose here.
     train.train_and_evaluate(
@@ -150,7 +172,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   step_after, params_after = final_params(workdir)
   assert step_after == step
   assert_same_params(params, params_after)
-  assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
+  assert (tmp_path / 'run' / 'metrics.jsonl').read_text() == metrics_before
 
 
 @pytest.mark.slow
@@ -190,15 +212,13 @@ def test_early_stopping_rule_also_holds_on_resume():
 
 
 @pytest.mark.slow
-def test_kill_between_best_and_epoch_checkpoint_resumes(tmp_path):
+def test_kill_between_best_and_epoch_checkpoint_resumes(smoke_160, tmp_path):
   """Simulates a kill after the best-epoch save but before the epoch save: resume must not crash."""
-  import shutil
-
-  workdir = str(tmp_path)
-  train.train_and_evaluate(smoke_config(), workdir)
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_160, workdir)
   step, params = final_params(workdir)
   # The collision needs the last epoch to be the best one (true for this seed and config).
-  assert json.loads((tmp_path / 'results.json').read_text())['best_epoch'] == 2
+  assert json.loads((tmp_path / 'run' / 'results.json').read_text())['best_epoch'] == 2
   assert os.listdir(os.path.join(workdir, 'checkpoints_best')) == [str(step)]
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))  # epoch 2 saved as best only
   train.train_and_evaluate(smoke_config(), workdir)
