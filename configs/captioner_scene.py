@@ -28,7 +28,8 @@ it, paired-bootstrap 95% interval [+0.034, +0.217] (docs/results.md). About 5 mi
 EPYC, jax 0.10.2, 2026-12) with the feature caches on disk; the 8 caches take about 7 minutes once.
 
 Variants: `smoke` (the synthetic scenes of configs/captioner.py:smoke; they have no classes, so the head is
-off, with one log line; beam 1 or 2, length penalty 0 or 1, reranking over 0 or 2 neighbours on val); `scst` (self-critical training from a finished run of this config:
+off, with one log line; on val it chooses among beam 1 or 2, length penalty 0 or 1 and reranking over 0 or 2
+neighbours); `scst` (self-critical training from a finished run of this config:
 `--config.init_from=XE_WORKDIR`, as configs/captioner_scst.py:plain with its measured protocol, learning rate
 1e-4 and 10 epochs; the head stays frozen, and the 8 transforms and the reranking stay on); `scst_smoke` (with
 smoke's decoding choices).
