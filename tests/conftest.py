@@ -1,6 +1,7 @@
 """Shared test helpers: paths, data availability, running launch.py in a subprocess."""
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 from absl import logging as absl_logging  # noqa: E402
+import jax  # noqa: E402
 import pytest  # noqa: E402 (after the cache settings above)
 
 from cnn_caption.training import checkpoint  # noqa: E402
@@ -41,6 +43,17 @@ def _absl_verbosity_restored():
   level = logger.level  # not get_verbosity(): before flags are parsed it says WARNING while the level is unset
   yield
   logger.setLevel(level)
+
+
+def jit_init(module, *args, **kwargs):
+  """module.init(*args, **kwargs) jitted as the trainer compiles it (train.INIT_COMPILER_OPTIONS).
+
+  The same values as the default compilation in a fraction of its time: a 4-channel CNN's initialiser took
+  9 s to compile at LLVM's default level, 1 s at level 1.
+  """
+  from cnn_caption import train
+
+  return jax.jit(functools.partial(module.init, **kwargs), compiler_options=train.INIT_COMPILER_OPTIONS)(*args)
 
 
 def has_fashion_mnist() -> bool:

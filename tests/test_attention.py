@@ -14,6 +14,7 @@ from cnn_caption import cli
 from cnn_caption.analysis import attention_check as analysis
 from cnn_caption.errors import UserError
 from cnn_caption.models.attention import MultiHeadSelfAttention
+from conftest import jit_init
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_module_shapes_and_formula(scale):
   heads, d, seq_len, n = 3, 2, 5, 4
   module = MultiHeadSelfAttention(num_heads=heads, head_dim=d, scale_scores=scale)
   x = np.random.default_rng(0).standard_normal((seq_len, n)).astype(np.float32)
-  variables = jax.jit(module.init)(jax.random.PRNGKey(1), x)
+  variables = jit_init(module, jax.random.PRNGKey(1), x)
   for name in ('query', 'key', 'value'):
     assert variables['params'][name]['kernel'].shape == (heads, n, d)
   apply = _jitted_apply(module)
@@ -66,7 +67,7 @@ def test_module_shapes_and_formula(scale):
 def test_batched_matches_unbatched_and_scaling_matters():
   module = MultiHeadSelfAttention(num_heads=2, head_dim=3)
   x = np.random.default_rng(2).standard_normal((4, 6, 5)).astype(np.float32)
-  variables = jax.jit(module.init)(jax.random.PRNGKey(3), x)
+  variables = jit_init(module, jax.random.PRNGKey(3), x)
   apply = _jitted_apply(module)
   out, probs = apply(variables, x, return_probs=True)
   assert out.shape == (4, 6, 6) and probs.shape == (4, 2, 6, 6)

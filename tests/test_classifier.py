@@ -14,13 +14,14 @@ from cnn_caption.errors import UserError
 from cnn_caption.models import classifier
 from cnn_caption.training import optim
 from configs import classifier as classifier_config
+from conftest import jit_init
 from conftest import needs_fmnist
 from conftest import override
 
 
 def _params(config):
   model = models.create_model(config)
-  return model, model.init(jax.random.key(0), *models.example_inputs(config))['params']
+  return model, jit_init(model, jax.random.key(0), *models.example_inputs(config))['params']
 
 
 def test_parameter_count_by_hand():
@@ -68,7 +69,7 @@ def test_conv1_as_matmul_is_the_same_convolution():
   """The opt-in conv1 (9 shifted slices + a matmul) has nn.Conv's parameters and computes the same function."""
   x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
   conv, slices = classifier.FashionCNN(), classifier.FashionCNN(conv1_as_matmul=True)
-  params = conv.init(jax.random.key(1), x)['params']
+  params = jit_init(conv, jax.random.key(1), x)['params']
   assert jax.tree.map(jnp.shape, slices.init(jax.random.key(1), x)['params']) == jax.tree.map(jnp.shape, params)
   np.testing.assert_allclose(slices.apply({'params': params}, x), conv.apply({'params': params}, x), atol=1e-5)
   grad = lambda m: jax.grad(lambda p: m.apply({'params': p}, x).sum())(params)['conv1']['kernel']
@@ -87,7 +88,7 @@ def test_fast_layers_compute_the_same_function_and_gradients():
   """
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   exact, fast = classifier.FashionCNN(), classifier.FashionCNN(fast_layers=True)
-  params = exact.init(jax.random.key(1), x)['params']
+  params = jit_init(exact, jax.random.key(1), x)['params']
   assert jax.tree.map(jnp.shape, fast.init(jax.random.key(1), x)['params']) == jax.tree.map(jnp.shape, params)
   np.testing.assert_allclose(fast.apply({'params': params}, x), exact.apply({'params': params}, x), atol=1e-5)
   grad = lambda m: jax.grad(lambda p: m.apply({'params': p}, x)[:, 3].sum())(params)  # noqa: E731

@@ -13,6 +13,7 @@ import pytest
 from cnn_caption import models
 from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
+from conftest import jit_init
 
 BOS, EOS = 1, 2
 VOCAB, REGIONS, CHANNELS = 13, 5, 6
@@ -50,8 +51,7 @@ def _data(batch=B, steps=T, seed=0):
 
 
 def _init(model, feats, tokens, seed=1, scale=1.0):
-  init = jax.jit(functools.partial(model.init, train=False))
-  params = init(jax.random.key(seed), feats, tokens)['params']
+  params = jit_init(model, jax.random.key(seed), feats, tokens, train=False)['params']
   # Larger weights than the default init make decoding choices far from ties and sequences varied.
   return jax.tree.map(lambda p: p * scale, params)
 

@@ -12,6 +12,7 @@ import pytest
 from cnn_caption.data import images as images_lib
 from cnn_caption.errors import UserError
 from cnn_caption.models import encoders
+from conftest import jit_init
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,7 +202,7 @@ def test_depthwise_matches_grouped_conv():
   for size, kernel, stride in [(8, 3, 2), (9, 5, 2), (7, 3, 1)]:
     layer = encoders._DepthwiseConv(kernel, stride)
     x = np.random.default_rng(size).normal(size=(2, size, size, 4)).astype(np.float32)
-    variables = jax.jit(layer.init)(jax.random.key(2), x)
+    variables = jit_init(layer, jax.random.key(2), x)
     ref = lax.conv_general_dilated(
       x,
       variables['params']['kernel'],

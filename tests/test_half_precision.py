@@ -11,6 +11,7 @@ import pytest
 from cnn_caption import train
 from cnn_caption.models import classifier
 from cnn_caption.models import decoders
+from conftest import jit_init
 
 STEPS = 300
 # Mean loss over the last 50 of 300 steps, bfloat16 vs float32 (same init, data, dropout): the gaps on CPU are a
@@ -106,7 +107,7 @@ def test_decoding_runs_in_bfloat16(attention_dim):
     vocab_size=40, embed_dim=16, hidden_dim=32, attention_dim=attention_dim, dtype=jnp.bfloat16
   )
   feats = jax.random.normal(jax.random.key(0), (3, 5, 24))
-  params = model.init(jax.random.key(1), feats, jnp.zeros((3, 10), jnp.int32), train=False)['params']
+  params = jit_init(model, jax.random.key(1), feats, jnp.zeros((3, 10), jnp.int32), train=False)['params']
   tokens, alphas = decoders.greedy_decode(model, params, feats, bos_id=1, eos_id=2, max_len=6)
   assert tokens.shape == (3, 6)
   if attention_dim:

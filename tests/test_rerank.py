@@ -16,6 +16,7 @@ from cnn_caption.tasks import captioning
 from cnn_caption.training import parallel
 from configs import captioner as captioner_config
 from configs import captioner_scene as scene_config
+from conftest import jit_init
 from conftest import override
 
 # Four training images: two near (1, 0) about a red circle, two near (0, 1) about a blue square.
@@ -97,7 +98,7 @@ def scene_task(class_data, workdir, **overrides):
   config = override(config, **overrides)
   captioning.CaptioningTask.validate_config(config)
   task = captioning.CaptioningTask(config, workdir, parallel.make_mesh())
-  variables = task.model.init(jax.random.key(0), *task.example_inputs(), train=False)
+  variables = jit_init(task.model, jax.random.key(0), *task.example_inputs(), train=False)
   return task, variables['params']
 
 
@@ -139,7 +140,12 @@ def test_val_rerank_is_one_more_decoding_choice_and_is_recorded(class_data, tmp_
   task, params = scene_task(
     class_data,
     str(tmp_path),
-    **{'decoding.val_rerank': (0, 2), 'decoding.val_beam_sizes': (1, 3), 'decoding.val_rerank_template': ()},
+    **{
+      'decoding.val_rerank': (0, 2),
+      'decoding.val_beam_sizes': (1, 3),
+      'decoding.val_length_penalties': (0.0, 0.5, 1.0),
+      'decoding.val_rerank_template': (),
+    },
   )
   assert task._decoding_candidates() == [
     (1, 0.0, 0, False),
@@ -176,7 +182,12 @@ def test_task_template_candidate_is_the_predicted_class_consensus_caption(class_
   task, params = scene_task(
     class_data,
     str(tmp_path),
-    **{'decoding.val_rerank': (2,), 'decoding.val_beam_sizes': (3,), 'decoding.val_rerank_template': (False, True)},
+    **{
+      'decoding.val_rerank': (2,),
+      'decoding.val_beam_sizes': (3,),
+      'decoding.val_length_penalties': (0.0, 0.5, 1.0),
+      'decoding.val_rerank_template': (False, True),
+    },
   )
   assert task._decoding_candidates() == [(3, lp, 2, t) for lp in (0.0, 0.5, 1.0) for t in (False, True)]
   beams, _, _ = task.decode_beams(params, 'test', 3, 0.0)

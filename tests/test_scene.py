@@ -20,6 +20,7 @@ from cnn_caption.tasks import captioning
 from cnn_caption.training import parallel
 from configs import captioner as captioner_config
 from configs import captioner_scene as scene_config
+from conftest import jit_init
 from conftest import override
 
 CLASSES = {'beach': (230, 210, 120), 'forest': (30, 120, 40), 'river': (40, 80, 200)}
@@ -114,7 +115,7 @@ def test_scene_decoder_steps_match_teacher_forcing(every_step):
   )  # fmt: skip
   feats = jax.random.normal(jax.random.key(0), (2, 4, 5))
   tokens = jnp.array([[1, 4, 5, 6], [1, 7, 3, 8]])
-  params = model.init(jax.random.key(1), feats, tokens, train=False)['params']
+  params = jit_init(model, jax.random.key(1), feats, tokens, train=False)['params']
   assert params['scene_logits_head']['kernel'].shape == (5, 4)
   assert params['init_h']['kernel'].shape == (5 + 3, 8)  # the mean region and the scene embedding
   assert ('scene_gates' in params) == every_step
@@ -221,7 +222,7 @@ def test_probe_scene_head_predicts_what_the_probe_predicts_and_stays_frozen(clas
 
   config = scene_smoke(class_data, scene_head_init='probe', **{'model.scene_head_frozen': True})
   task = captioning.CaptioningTask(config, str(tmp_path), parallel.make_mesh())
-  variables = task.model.init(jax.random.key(0), *task.example_inputs(), train=False)
+  variables = jit_init(task.model, jax.random.key(0), *task.example_inputs(), train=False)
   params = task.initial_params(variables['params'])
   data = task.baseline_data()
   probe = baselines.fit_linear_probe(

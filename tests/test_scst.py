@@ -13,6 +13,7 @@ from cnn_caption.errors import UserError
 from cnn_caption.models import decoders
 from cnn_caption.tasks import scst
 from conftest import final_params
+from conftest import jit_init
 from conftest import override
 from conftest import read_jsonl
 from conftest import strip_timing
@@ -27,8 +28,7 @@ sample = jax.jit(scst.sample_captions, static_argnames=('model', 'num_samples', 
 def _setup(attention_dim):
   model = decoders.CaptionDecoder(vocab_size=VOCAB, embed_dim=6, hidden_dim=8, dropout=0.0, attention_dim=attention_dim)
   feats = jax.random.normal(jax.random.key(0), (IMAGES, REGIONS, CHANNELS))
-  init = jax.jit(functools.partial(model.init, train=False))
-  params = init(jax.random.key(1), feats, jnp.ones((IMAGES, 3), jnp.int32))['params']
+  params = jit_init(model, jax.random.key(1), feats, jnp.ones((IMAGES, 3), jnp.int32), train=False)['params']
   return model, params, feats
 
 

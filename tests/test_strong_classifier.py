@@ -18,6 +18,7 @@ from cnn_caption.tasks import classification
 from cnn_caption.training import checkpoint
 from cnn_caption.training import parallel
 from configs import classifier as classifier_config
+from conftest import jit_init
 from conftest import needs_fmnist
 from conftest import override
 from conftest import strong_smoke
@@ -31,7 +32,7 @@ def test_parameter_count_by_hand_and_output():
   model = _strong_model()
   assert (model.space_to_depth, model.channels, model.convs_per_stage, model.hidden) == (2, (96, 192), (1, 1), 256)
   x = jnp.zeros((2, 28, 28, 1))
-  params = jax.jit(model.init)(jax.random.key(0), x)['params']
+  params = jit_init(model, jax.random.key(0), x)['params']
   # 28x28x1 -> space-to-depth 14x14x4 -> conv 96, pool -> 7x7 -> conv 192, pool (SAME) -> 4x4x192 = 3072
   # -> fc 256 -> head 10. A 3x3 conv with bias: 9*cin*cout + cout; a dense layer: din*dout + dout.
   expected = (9 * 4 * 96 + 96) + (9 * 96 * 192 + 192) + (4 * 4 * 192 * 256 + 256) + (256 * 10 + 10)
@@ -59,7 +60,7 @@ def test_space_to_depth_and_same_pooling():
 def test_eval_flip_averages_the_probabilities_of_the_mirror(tmp_path):
   config = _strong_smoke(**{'data.num_eval': 8, 'eval_batch_size': 8})
   task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
-  params = task.model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  params = jit_init(task.model, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
   images, labels = task.splits['val']
   x = fashion_mnist.to_float(images[:8])
   p = np.exp(task.model.apply({'params': params}, x)) + np.exp(task.model.apply({'params': params}, x[:, :, ::-1]))
@@ -134,7 +135,7 @@ def test_jitted_gradient_is_finite(norm):
     channels=(4, 8), hidden=8, norm=norm, groups=2, pool='max' if norm == 'group' else 'reshape_max'
   )
   x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
-  params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
+  params = jit_init(model, jax.random.key(1), x[:1])['params']
   grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, x, train=True).sum()))(params)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
@@ -157,7 +158,7 @@ def test_label_smoothing_loss_against_numpy_and_only_in_training():
   model = _strong_model(channels=(4, 8), hidden=8)
   x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
   labels = np.array([0, 3, 9, 9, 1, 4], np.int32)
-  params = jax.jit(model.init)(jax.random.key(1), x[:1])['params']
+  params = jit_init(model, jax.random.key(1), x[:1])['params']
   batch = {'image': x, 'label': labels}
   logp = np.asarray(model.apply({'params': params}, x), np.float64)
   nll = -logp[np.arange(6), labels]
