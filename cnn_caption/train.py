@@ -130,15 +130,18 @@ class RunMeta:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _cpu_threads() -> int | None:
+  """XLA:CPU's thread-pool size (run_record.cpu_threads) when running on CPU; None on an accelerator."""
+  return run_record.cpu_threads() if jax.default_backend() == 'cpu' else None
+
+
 def _warn_if_rounding_changes(saved_threads: int | None) -> None:
   """A warning when the run resumes on CPU with another XLA:CPU thread-pool size than the checkpoint's run had.
 
   The pool size changes how XLA:CPU rounds a step (docs/usage.md): the run goes on, but no longer bit for bit.
   """
-  if saved_threads is None or jax.default_backend() != 'cpu':
-    return
-  now = run_record.cpu_threads()
-  if now != saved_threads:
+  now = _cpu_threads()
+  if saved_threads is not None and now is not None and now != saved_threads:
     logging.warning(
       'resuming with an XLA:CPU thread pool of %d where the checkpoint was saved with %d: the floats from here on '
       'will not match an uninterrupted run bit for bit (NPROC=%d gives the saved size; docs/usage.md)',
@@ -383,7 +386,7 @@ class Trainer:
           state = state.replace(ema_params=state.params)
       logging.info('no checkpoint, starting fresh in %s', self.workdir)
     meta.devices, meta.processes = jax.device_count(), jax.process_count()
-    meta.cpu_threads = run_record.cpu_threads() if jax.default_backend() == 'cpu' else None
+    meta.cpu_threads = _cpu_threads()
     if parallel.is_main_process():
       task.save_assets(self.workdir)
       write_jsonl(self.metrics_path, meta.history)

@@ -314,8 +314,7 @@ def _signal_then_resume(
   assert len(lines) == 1, r.output(0)[-3000:]
   assert 'Traceback' not in r.output(0)
   step = int(lines[0].split(' at step ')[1].split(';')[0])
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  assert saved[-1] == step
+  assert _newest_checkpoint(workdir) == step
   return r, step
 
 

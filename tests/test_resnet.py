@@ -22,6 +22,7 @@ from cnn_caption.tasks import classification
 from cnn_caption.training import optim
 from cnn_caption.training import parallel
 from configs import classifier as classifier_config
+from conftest import jit_init
 from conftest import needs_fmnist
 from conftest import override
 
@@ -49,9 +50,7 @@ def test_parameter_count_by_hand_and_output_shapes():
   # Evaluation statistics: a mean and a variance per BatchNorm channel, outside the parameters.
   num_bn_channels = sum(v.size for v in jax.tree.leaves(variables['params']) if v.ndim == 1) - 10  # minus head bias
   assert _count(variables[norm.STATS]) == num_bn_channels
-  params = jax.jit(model.init, compiler_options=train.INIT_COMPILER_OPTIONS)(
-    jax.random.key(0), jnp.zeros((1, 28, 28, 1))
-  )['params']
+  params = jit_init(model, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
   x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
   # One compiled call gives the output and the intermediates.
   logp, inter = jax.jit(
@@ -156,9 +155,7 @@ def test_random_erase_in_training_batches_only(tmp_path):
 def test_eval_shift_and_flip_average_ten_views(tmp_path):
   config = _smoke(**{'data.num_eval': 8, 'eval_batch_size': 8, 'data.eval_flip': True, 'data.eval_shift': True})
   task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
-  params = jax.jit(task.model.init, compiler_options=train.INIT_COMPILER_OPTIONS)(
-    jax.random.key(0), jnp.zeros((1, 28, 28, 1))
-  )['params']
+  params = jit_init(task.model, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
   variables = task._variables(params)
   images, labels = task.splits['val']
   x = np.asarray(fashion_mnist.to_float(images[:8]))
