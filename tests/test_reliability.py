@@ -1,13 +1,16 @@
 """Library-level reliability: readers refuse inconsistent data, bounded weights, file modes, the workdir lock."""
 
+import gc
 import gzip
 import io
 import json
 import os
 import pickle
+import signal
 import stat
 import subprocess
 import sys
+import time
 import types
 import zipfile
 
@@ -383,3 +386,63 @@ def test_impossible_image_size_in_a_caption_workdir_blames_its_config(tmp_path):
   io_utils.write_json(str(tmp_path / 'config.json'), config.to_dict())
   with pytest.raises(UserError, match=r'config.json holds an impossible value \(config.data.image_size=0 is invalid'):
     inference.load_trained(str(tmp_path))
+
+
+
+def _signal_and_let_it_land(signum):
+  os.kill(os.getpid(), signum)
+  for _ in range(100_000):  # the handler runs in here: Python checks for signals between bytecodes
+    pass
+
+
+def _stop_inside_a_gc_callback(signum):
+  def callback(phase, info):
+    del info
+    if phase == 'start':
+      _signal_and_let_it_land(signum)
+
+  gc.callbacks.append(callback)  # as JAX's collector callback is
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+
+
+def _stop_inside_a_finalizer(signum):
+  class SignalsWhenCollected:
+    def __del__(self):
+      _signal_and_let_it_land(signum)
+
+  SignalsWhenCollected()  # its __del__ runs at once
+
+
+@pytest.mark.parametrize('land', [_stop_inside_a_gc_callback, _stop_inside_a_finalizer])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=['SIGTERM', 'SIGHUP', 'SIGINT'])
+def test_a_stop_that_lands_in_unraisable_code_still_stops_and_prints_nothing(land, signum, capfd):
+  # Python reports an exception raised inside a gc callback or a __del__ as "Exception ignored" and goes on:
+  # the stop must not be lost there, nor reported.
+  reported = []
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(sys, 'unraisablehook', reported.append)
+    with pytest.raises(parallel.Preempted) as stopped:
+      with parallel.StopRequest('setup'):
+        land(signum)
+        time.sleep(5)  # the stop comes here, or never
+    assert sys.unraisablehook == reported.append  # put back on leaving
+  assert stopped.value.signal_name == signal.Signals(signum).name
+  assert not reported, [r.exc_value for r in reported]
+  err = capfd.readouterr().err
+  assert 'Exception ignored' not in err and 'Traceback' not in err, err
+
+
+def test_other_unraisable_errors_are_still_reported():
+  class Broken:
+    def __del__(self):
+      raise ValueError('a real bug in a finalizer')
+
+  reported = []
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(sys, 'unraisablehook', reported.append)
+    with parallel.StopRequest('setup'):
+      Broken()
+  assert [str(r.exc_value) for r in reported] == ['a real bug in a finalizer']

@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from typing import Any, TypeVar
@@ -461,7 +462,14 @@ class StopRequest:
   final evaluation) one process raises Preempted at once; several cannot leave a collective alone, so they
   stop together at the next `agreed()` point (a collective every process reaches). A second Ctrl-C raises
   KeyboardInterrupt at once.
+
+  A handler's exception surfaces in whatever Python code runs when the signal lands. Where that code cannot
+  pass an exception on (a garbage-collector callback such as JAX's, a __del__, a weakref callback), Python
+  would print it as "Exception ignored" and carry on without stopping: sys.unraisablehook takes such a stop
+  instead, silently, and the signal is sent again, to land in code that can pass it on.
   """
+
+  REDELIVER_AFTER_S = 0.01
 
   def __init__(self, phase: str = 'setup'):
     self.phase = phase  # TRAINING, or the words for what runs now ('setup', 'the final evaluation', ...)
@@ -470,6 +478,8 @@ class StopRequest:
     self._previous = {}
     self._multi = jax.process_count() > 1
     self._calls = 0  # reached() calls: the preemption sync manager counts calls, not optimizer steps
+    self._lost: BaseException | None = None  # a stop swallowed by unraisable code, raised again on redelivery
+    self._previous_unraisable = None
 
   @property
   def signal_name(self) -> str | None:
@@ -480,15 +490,35 @@ class StopRequest:
       return self  # signal handlers can only be installed from the main thread
     for signum in STOP_SIGNALS:
       self._previous[signum] = signal.signal(signum, self._handle)
+    self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
     return self
 
   def __exit__(self, *exc) -> None:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     self._previous = {}
+    if sys.unraisablehook == self._unraisable:  # else a hook installed since wraps this one (inert from now)
+      sys.unraisablehook = self._previous_unraisable
+
+  def _unraisable(self, unraisable) -> None:
+    lost = unraisable.exc_value
+    if self._previous and self.signum is not None and isinstance(lost, (Preempted, KeyboardInterrupt)):
+      self._lost = lost
+      redeliver = threading.Timer(self.REDELIVER_AFTER_S, os.kill, (os.getpid(), self.signum))
+      redeliver.daemon = True
+      redeliver.start()
+      return
+    self._previous_unraisable(unraisable)
 
   def _handle(self, signum, frame) -> None:
     del frame
+    if self._lost is not None:  # the redelivery of a stop that unraisable code swallowed: not a new signal
+      lost, self._lost = self._lost, None
+      if isinstance(lost, KeyboardInterrupt):
+        raise KeyboardInterrupt
+      if not self._multi and self.phase != TRAINING:
+        raise Preempted(None, self.signal_name, self.phase)
+      return
     if signum == signal.SIGINT and self.signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     if self.signum is None:
