@@ -388,7 +388,6 @@ def test_impossible_image_size_in_a_caption_workdir_blames_its_config(tmp_path):
     inference.load_trained(str(tmp_path))
 
 
-
 def _signal_and_let_it_land(signum):
   os.kill(os.getpid(), signum)
   for _ in range(100_000):  # the handler runs in here: Python checks for signals between bytecodes
