@@ -165,6 +165,13 @@ def strong_smoke(overrides: dict):
 _LONG_FILES_FIRST = ('test_multiprocess.py', 'test_train.py', 'test_captioning.py')
 
 
+def pytest_configure(config):
+  # pytest-xdist (3.x) would hand out the files by their number of tests, most first: a file of few long
+  # tests (test_multiprocess.py) then starts halfway and the other worker idles at the end. Keep the order below.
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
   def rank(item):
     name = os.path.basename(str(item.path))
