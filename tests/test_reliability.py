@@ -445,3 +445,15 @@ def test_other_unraisable_errors_are_still_reported():
     with parallel.StopRequest('setup'):
       Broken()
   assert [str(r.exc_value) for r in reported] == ['a real bug in a finalizer']
+
+
+def test_a_second_ctrl_c_lost_in_unraisable_code_still_interrupts():
+  reported = []
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(sys, 'unraisablehook', reported.append)
+    with pytest.raises(KeyboardInterrupt):
+      with parallel.StopRequest(parallel.TRAINING):
+        _signal_and_let_it_land(signal.SIGINT)  # the first Ctrl-C in training is only noted
+        _stop_inside_a_gc_callback(signal.SIGINT)  # the second one lands in the collector's callback
+        time.sleep(5)
+  assert not reported, [r.exc_value for r in reported]
