@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -216,12 +217,19 @@ def _is_closed_loop_noise(exc_type, exc_value) -> bool:
   return exc_type is RuntimeError and str(exc_value) == 'Event loop is closed'
 
 
+def _is_abandoned_read(obj) -> bool:
+  """An orbax read coroutine that a failed restore left unfinished, reporting its error as it is collected."""
+  return inspect.iscoroutine(obj) and f'{os.sep}orbax{os.sep}' in obj.cr_code.co_filename
+
+
 def _silence_closed_loop_noise() -> None:
-  """Drops tensorstore's late callbacks into orbax's closed asyncio loop after a failed read.
+  """Drops the late noise of a failed read (tensorstore callbacks, orbax's unfinished read coroutines).
 
   When a restore fails (a damaged checkpoint, another model), reads still in flight finish later and
-  each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of lines). Only that exact
-  error is dropped; every other exception is reported as before.
+  each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of lines); the reads never
+  awaited print "Exception ignored in: <coroutine ...>" with the same error as the warning already logged,
+  at whatever point of the resumed run the collector runs. Only these are dropped; every other exception
+  is reported as before.
   """
   if getattr(sys.excepthook, '_drops_closed_loop', False):
     return
@@ -232,7 +240,8 @@ def _silence_closed_loop_noise() -> None:
       previous_hook(exc_type, exc_value, tb)
 
   def unraisablehook(unraisable):
-    if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+    noise = _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value) or _is_abandoned_read(unraisable.object)
+    if not noise:
       previous_unraisable(unraisable)
 
   excepthook._drops_closed_loop = True
