@@ -10,12 +10,38 @@ python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distribute
 python launch.py ... --jax_platforms=cpu       # any --jax_* option
 """
 
-from absl import app
-from absl import flags
-import jax
-from ml_collections import config_flags
+import os
+import signal
+import sys
 
-from cnn_caption import cli
+_ENDED = []  # not empty once the run has returned or raised: a signal then meets the process exiting
+
+
+def _stop_outside_the_run(signum, frame) -> None:
+  """Before the run installs its own handling (and after it), a stop signal ends the process with one line.
+
+  Nothing is written before then, and an exception raised from here could land inside an import that
+  swallows it (the run would go on after a KeyboardInterrupt traceback).
+  """
+  del frame
+  word, code = ('interrupted', 130) if signum == signal.SIGINT else ('preempted', 0)
+  name = signal.Signals(signum).name
+  when = 'while exiting; the run had ended' if _ENDED else 'while starting; nothing written; restart the same command'
+  print(f'{word} ({name}) {when}', file=sys.stderr, flush=True)
+  os._exit(code)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  for _signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    if signal.getsignal(_signum) is not signal.SIG_IGN:  # nohup, a shell's background job: left ignored
+      signal.signal(_signum, _stop_outside_the_run)
+
+from absl import app  # noqa: E402 (after the signal handlers: importing jax takes seconds)
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cnn_caption import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py or path.py:variant).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, plots, results.')
@@ -50,17 +76,20 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs be
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.main(
-    _MODE.value,
-    _CONFIG.value,
-    _WORKDIR.value,
-    _IMAGES.value,
-    cli.Distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value, _DISTRIBUTED_TIMEOUT.value
-    ),
-    _CACHE_DIR.value if _CACHE.value else '',
-    _COMPARE_TO.value,
-  )
+  try:
+    cli.main(
+      _MODE.value,
+      _CONFIG.value,
+      _WORKDIR.value,
+      _IMAGES.value,
+      cli.Distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_AUTO.value, _DISTRIBUTED_TIMEOUT.value
+      ),
+      _CACHE_DIR.value if _CACHE.value else '',
+      _COMPARE_TO.value,
+    )
+  finally:
+    _ENDED.append(True)
 
 
 if __name__ == '__main__':

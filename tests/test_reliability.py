@@ -457,3 +457,35 @@ def test_a_second_ctrl_c_lost_in_unraisable_code_still_interrupts():
         _stop_inside_a_gc_callback(signal.SIGINT)  # the second one lands in the collector's callback
         time.sleep(5)
   assert not reported, [r.exc_value for r in reported]
+
+
+def _catches_sigterm(pid) -> bool:
+  with open(f'/proc/{pid}/status') as f:
+    caught = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
+  return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=['SIGTERM', 'SIGHUP', 'SIGINT'])
+def test_a_stop_while_launch_imports_is_one_line_and_writes_nothing(tmp_path, signum):
+  # Before the run's own handling exists, Ctrl-C printed a KeyboardInterrupt traceback from inside an import,
+  # and the run then went on; SIGTERM ended it without a word.
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+    [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke', f'--workdir={workdir}'],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, not an ignoring parent
+  )
+  deadline = time.time() + 60
+  while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
+    time.sleep(0.001)  # launch.py's first lines install the handlers; importing jax then takes about a second
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  word, code = ('interrupted', 130) if signum == signal.SIGINT else ('preempted', 0)
+  name = signal.Signals(signum).name
+  assert err.splitlines() == [f'{word} ({name}) while starting; nothing written; restart the same command'], err[-2000:]
+  assert proc.returncode == code
+  assert not workdir.exists()
