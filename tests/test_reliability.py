@@ -470,14 +470,19 @@ def test_a_stop_while_launch_imports_is_one_line_and_writes_nothing(tmp_path, si
   # Before the run's own handling exists, Ctrl-C printed a KeyboardInterrupt traceback from inside an import,
   # and the run then went on; SIGTERM ended it without a word.
   workdir = tmp_path / 'run'
+  launch = [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke', f'--workdir={workdir}']
+  # Ctrl-C as from a terminal: SIGINT at its default (a test worker may ignore it, and children inherit that);
+  # the small program resets it, then becomes launch.py (same process).
+  exec_with_default_sigint = (
+    'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])'
+  )
   proc = subprocess.Popen(
-    [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke', f'--workdir={workdir}'],
+    [sys.executable, '-c', exec_with_default_sigint, *launch],
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, not an ignoring parent
   )
   deadline = time.time() + 60
   while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
