@@ -512,14 +512,8 @@ class StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self._lost is not None:  # the redelivery of a stop that unraisable code swallowed: not a new signal
-      lost, self._lost = self._lost, None
-      if isinstance(lost, KeyboardInterrupt):
-        raise KeyboardInterrupt
-      if not self._multi and self.phase != TRAINING:
-        raise Preempted(None, self.signal_name, self.phase)
-      return
-    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+    lost, self._lost = self._lost, None  # set: this is the redelivery of a swallowed stop, not a new signal
+    if isinstance(lost, KeyboardInterrupt) or (lost is None and signum == signal.SIGINT == self.signum):
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     if self.signum is None:
       self.signum = signum
