@@ -10,31 +10,17 @@ python launch.py ... --distributed_auto        # SLURM, TPU pods: jax.distribute
 python launch.py ... --jax_platforms=cpu       # any --jax_* option
 """
 
-import os
-import signal
-import sys
-
 _ENDED = []  # not empty once the run has returned or raised: a signal then meets the process exiting
 
 
-def _stop_outside_the_run(signum, frame) -> None:
-  """Before the run installs its own handling (and after it), a stop signal ends the process with one line.
-
-  Nothing is written before then, and an exception raised from here could land inside an import that
-  swallows it (the run would go on after a KeyboardInterrupt traceback).
-  """
-  del frame
-  word, code = ('interrupted', 130) if signum == signal.SIGINT else ('preempted', 0)
-  name = signal.Signals(signum).name
-  when = 'while exiting; the run had ended' if _ENDED else 'while starting; nothing written; restart the same command'
-  print(f'{word} ({name}) {when}', file=sys.stderr, flush=True)
-  os._exit(code)  # pylint: disable=protected-access
+def _when_stopped_outside_the_run() -> str:
+  return 'while exiting; the run had ended' if _ENDED else 'while starting; nothing written; restart the same command'
 
 
-if __name__ == '__main__':
-  for _signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-    if signal.getsignal(_signum) is not signal.SIG_IGN:  # nohup, a shell's background job: left ignored
-      signal.signal(_signum, _stop_outside_the_run)
+if __name__ == '__main__':  # before absl and jax are imported (seconds): a stop then is one line, not a traceback
+  from cnn_caption import stop_signals
+
+  stop_signals.install(_when_stopped_outside_the_run, resumable=True)
 
 from absl import app  # noqa: E402 (after the signal handlers: importing jax takes seconds)
 from absl import flags  # noqa: E402

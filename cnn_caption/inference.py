@@ -15,6 +15,20 @@ flag included (absl flags: --help lists them).
 
 from __future__ import annotations
 
+_WRITTEN = []  # not empty once OUT/results.json is written
+
+
+def _when_stopped() -> str:
+  if _WRITTEN:
+    return 'while exiting; the results were written'
+  return 'before the results were written; run the same command again'
+
+
+if __name__ == '__main__':  # before jax is imported (seconds): a stop is one line from the start
+  from cnn_caption import stop_signals
+
+  stop_signals.install(_when_stopped)
+
 from collections.abc import Sequence
 import json
 import os
@@ -174,6 +188,7 @@ def main(argv: Sequence[str]) -> int:
       raise UserError("--out is missing: pass the folder for the ensemble's results, e.g. --out=runs/ensemble")
     sizes, penalties = decoding_choices(flags.FLAGS.val_beam_sizes, flags.FLAGS.val_length_penalties)
     results = ensemble_results(workdirs, out, sizes, penalties)
+    _WRITTEN.append(True)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

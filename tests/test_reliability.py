@@ -465,19 +465,15 @@ def _catches_sigterm(pid) -> bool:
   return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=['SIGTERM', 'SIGHUP', 'SIGINT'])
-def test_a_stop_while_launch_imports_is_one_line_and_writes_nothing(tmp_path, signum):
-  # Before the run's own handling exists, Ctrl-C printed a KeyboardInterrupt traceback from inside an import,
-  # and the run then went on; SIGTERM ended it without a word.
-  workdir = tmp_path / 'run'
-  launch = [sys.executable, 'launch.py', '--config=configs/classifier.py:smoke', f'--workdir={workdir}']
+def _stop_while_importing(argv: list[str], signum: int) -> tuple[str, int]:
+  """Starts a program, sends `signum` as soon as /proc says it catches SIGTERM; (stderr, exit code)."""
   # Ctrl-C as from a terminal: SIGINT at its default (a test worker may ignore it, and children inherit that);
-  # the small program resets it, then becomes launch.py (same process).
+  # the small program resets it, then becomes the program (same process).
   exec_with_default_sigint = (
     'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])'
   )
   proc = subprocess.Popen(
-    [sys.executable, '-c', exec_with_default_sigint, *launch],
+    [sys.executable, '-c', exec_with_default_sigint, sys.executable, *argv],
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
     stdout=subprocess.DEVNULL,
@@ -486,11 +482,50 @@ def test_a_stop_while_launch_imports_is_one_line_and_writes_nothing(tmp_path, si
   )
   deadline = time.time() + 60
   while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
-    time.sleep(0.001)  # launch.py's first lines install the handlers; importing jax then takes about a second
+    time.sleep(0.001)  # the program's first lines install the handlers; importing jax then takes about a second
   proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
-  word, code = ('interrupted', 130) if signum == signal.SIGINT else ('preempted', 0)
+  return err, proc.returncode
+
+
+_STOP_SIGNALS = pytest.mark.parametrize(
+  'signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=['SIGTERM', 'SIGHUP', 'SIGINT']
+)
+
+
+@_STOP_SIGNALS
+def test_a_stop_while_launch_imports_is_one_line_and_writes_nothing(tmp_path, signum):
+  # Before the run's own handling exists, Ctrl-C printed a KeyboardInterrupt traceback from inside an import,
+  # and the run then went on; SIGTERM ended it without a word.
+  workdir = tmp_path / 'run'
+  err, code = _stop_while_importing(
+    ['launch.py', '--config=configs/classifier.py:smoke', f'--workdir={workdir}'], signum
+  )
+  word, expected_code = ('interrupted', 130) if signum == signal.SIGINT else ('preempted', 0)
   name = signal.Signals(signum).name
   assert err.splitlines() == [f'{word} ({name}) while starting; nothing written; restart the same command'], err[-2000:]
-  assert proc.returncode == code
+  assert code == expected_code
   assert not workdir.exists()
+
+
+@_STOP_SIGNALS
+@pytest.mark.parametrize('program', ['inference', 'compare'])
+def test_a_stop_in_a_side_tool_is_one_line(tmp_path, signum, program):
+  # The seed-ensemble and paired-bootstrap tools have nothing to save: a stop ends them with one line (it was
+  # a KeyboardInterrupt traceback, or no word at all for SIGTERM), exit 130 for Ctrl-C, 128 + N otherwise.
+  out = tmp_path / 'ens'
+  argv, when = {
+    'inference': (
+      ['-m', 'cnn_caption.inference', f'--out={out}', str(tmp_path / 'a'), str(tmp_path / 'b')],
+      'before the results were written; run the same command again',
+    ),
+    'compare': (
+      ['-m', 'cnn_caption.captioning.compare', str(tmp_path / 'a'), str(tmp_path / 'b')],
+      'while comparing; nothing is written, run the same command again',
+    ),
+  }[program]
+  err, code = _stop_while_importing(argv, signum)
+  word, expected_code = ('interrupted', 130) if signum == signal.SIGINT else ('stopped', 128 + signum)
+  assert err.splitlines() == [f'{word} ({signal.Signals(signum).name}) {when}'], err[-2000:]
+  assert code == expected_code
+  assert not out.exists()

@@ -12,6 +12,11 @@ differences (sortable, with thumbnails): launch.py --mode=compare --workdir=A --
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # before numpy and absl are imported: a stop is one line from the start
+  from cnn_caption import stop_signals
+
+  stop_signals.install(lambda: 'while comparing; nothing is written, run the same command again')
+
 from collections.abc import Sequence
 import json
 import os
