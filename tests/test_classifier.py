@@ -84,7 +84,7 @@ def test_conv1_as_matmul_is_the_same_convolution():
 def test_fast_layers_compute_the_same_function_and_gradients():
   """fast_layers is the original model up to rounding: same parameters, outputs and gradients.
 
-  (conv1 as 9 multiply-adds, ReLU + pool with a written-out backward.)
+  (conv1 as 9 multiply-adds, ReLU + pool with a written-out backward, outer-product kernel gradients.)
   """
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   exact, fast = classifier.FashionCNN(), classifier.FashionCNN(fast_layers=True)
@@ -98,6 +98,32 @@ def test_fast_layers_compute_the_same_function_and_gradients():
     strict=True,
   ):
     np.testing.assert_allclose(g_fast, g_exact, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_small_batch_dense_is_nn_dense_with_an_outer_product_kernel_gradient():
+  """SmallBatchDense: nn.Dense's parameters (bit for bit), outputs and gradients; by hand at two rows."""
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (5, 7))
+  ref, small = nn.Dense(3), classifier.SmallBatchDense(3)
+  params = ref.init(jax.random.key(1), x)['params']
+  jax.tree.map(np.testing.assert_array_equal, small.init(jax.random.key(1), x)['params'], params)
+  for rows in (5, classifier.OUTER_GRAD_MAX_ROWS + 4):  # the outer-product form and the plain matmul
+    xs = jax.random.normal(jax.random.key(rows), (rows, 7))
+    np.testing.assert_allclose(small.apply({'params': params}, xs), ref.apply({'params': params}, xs), atol=1e-6)
+    g_small, g_ref = (
+      jax.grad(lambda p, x, m=m: (m.apply({'params': p}, x) ** 2).sum(), argnums=(0, 1))(params, xs)
+      for m in (small, ref)
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_small, g_ref)
+  # Two rows, upstream gradient dy: the kernel gradient is x[0] (x) dy[0] + x[1] (x) dy[1], the input gradient dy @ k.T.
+  x2 = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+  k = jnp.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])
+  dy = jnp.array([[1.0, 0.0, -1.0], [2.0, 1.0, 0.0]])
+  _, vjp = jax.vjp(classifier.dense_outer_grad, x2, k)
+  dx, dk = vjp(dy)
+  np.testing.assert_array_equal(dk, [[7.0, 3.0, -1.0], [0.0, -1.0, -2.0]])
+  np.testing.assert_array_equal(dx, [[-1.0, -1.0], [2.0, -1.0]])
 
 
 def test_one_channel_conv_by_hand():

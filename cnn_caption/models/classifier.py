@@ -138,6 +138,58 @@ class OneChannelConv3x3(nn.Module):
     return conv3x3_one_channel(x_BxHxWx1, kernel) + bias_F
 
 
+# Up to this many rows the kernel gradient is written as a sum of outer products (dense_outer_grad): a win
+# on the homework's batch of 8, level at 16 and slower from 32 on (docs/benchmarks.md).
+OUTER_GRAD_MAX_ROWS = 8
+
+
+@jax.custom_vjp
+def dense_outer_grad(x_BxK: jax.Array, kernel_KxN: jax.Array) -> jax.Array:
+  """x @ kernel whose kernel gradient is the sum of the batch's B outer products, written out elementwise.
+
+  Autodiff makes the kernel gradient a matmul with a B-deep contraction: at B = 8 it writes the whole gradient
+  out, and the optimizer's update then reads it back with the kernel and writes the kernel: three passes over
+  a weight (fc1's is 2.76 MB) larger than the core's cache. A sum of B broadcast products is elementwise, so
+  XLA fuses it into a plain SGD update: one pass that reads the kernel and writes it. The input gradient is
+  the usual matmul. The same function and gradients as nn.Dense's up to rounding (another summation order).
+  """
+  return x_BxK @ kernel_KxN
+
+
+def _dense_outer_grad_fwd(x_BxK, kernel_KxN):
+  return x_BxK @ kernel_KxN, (x_BxK, kernel_KxN)
+
+
+def _dense_outer_grad_bwd(residuals, dy_BxN):
+  x_BxK, kernel_KxN = residuals
+  dkernel_KxN = x_BxK[0][:, None] * dy_BxN[0][None, :]
+  for i in range(1, x_BxK.shape[0]):
+    dkernel_KxN = dkernel_KxN + x_BxK[i][:, None] * dy_BxN[i][None, :]
+  return dy_BxN @ kernel_KxN.T, dkernel_KxN
+
+
+dense_outer_grad.defvjp(_dense_outer_grad_fwd, _dense_outer_grad_bwd)
+
+
+class SmallBatchDense(nn.Module):
+  """nn.Dense (same parameters and init) whose kernel gradient is dense_outer_grad's at a few rows.
+
+  From OUTER_GRAD_MAX_ROWS + 1 rows on (large batches, evaluation) it is nn.Dense's matmul.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxK: jax.Array) -> jax.Array:
+    kernel_KxN = self.param('kernel', nn.initializers.lecun_normal(), (x_BxK.shape[-1], self.features))
+    bias_N = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x_BxK, kernel_KxN, bias_N = nn.dtypes.promote_dtype(x_BxK, kernel_KxN, bias_N, dtype=self.dtype)
+    if x_BxK.ndim == 2 and x_BxK.shape[0] <= OUTER_GRAD_MAX_ROWS:
+      return dense_outer_grad(x_BxK, kernel_KxN) + bias_N
+    return x_BxK @ kernel_KxN + bias_N
+
+
 class FashionCNN(nn.Module):
   """conv16 3x3 same -> ReLU -> pool2 -> conv32 3x3 valid -> ReLU -> pool2 -> 600 -> 120 -> 10, log-softmax."""
 
@@ -148,8 +200,8 @@ class FashionCNN(nn.Module):
   hidden1: int = 600
   hidden2: int = 120
   conv1_as_matmul: bool = False  # conv1 as ShiftedSlicesConv3x3 (same parameters; faster, other rounding)
-  # conv1 as OneChannelConv3x3 and each ReLU + pool as ReluMaxPool2x2: the same function, faster on CPU,
-  # other float rounding; False is the original program, bit for bit.
+  # conv1 as OneChannelConv3x3, each ReLU + pool as ReluMaxPool2x2 and the dense layers as SmallBatchDense: the
+  # same function, faster on CPU, other float rounding; False is the original program, bit for bit.
   fast_layers: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); parameters stay float32
 
@@ -166,8 +218,9 @@ class FashionCNN(nn.Module):
     x = ReluMaxPool2x2(name='pool2')(x) if self.fast_layers else MaxPool2x2(name='pool2')(nn.relu(x))
     # Flatten in (C, H, W) order as torch's x.view(B, -1) did, so a ported torch fc1 would line up.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.hidden1, dtype=self.dtype, name='fc1')(x))
+    dense = SmallBatchDense if self.fast_layers else nn.Dense
+    x = nn.relu(dense(self.hidden1, dtype=self.dtype, name='fc1')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.hidden2, dtype=self.dtype, name='fc2')(x))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
+    x = nn.relu(dense(self.hidden2, dtype=self.dtype, name='fc2')(x))
+    logits = dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
     return nn.log_softmax(logits.astype(jnp.float32))
