@@ -148,10 +148,10 @@ def dense_outer_grad(x_BxK: jax.Array, kernel_KxN: jax.Array) -> jax.Array:
   """x @ kernel whose kernel gradient is the sum of the batch's B outer products, written out elementwise.
 
   Autodiff makes the kernel gradient a matmul with a B-deep contraction: at B = 8 it writes the whole gradient
-  out, and the optimizer's update then reads it back with the kernel and writes the kernel: three passes over
-  a weight (fc1's is 2.76 MB) larger than the core's cache. A sum of B broadcast products is elementwise, so
-  XLA fuses it into a plain SGD update: one pass that reads the kernel and writes it. The input gradient is
-  the usual matmul. The same function and gradients as nn.Dense's up to rounding (another summation order).
+  out, and the optimizer's update then reads it back with the kernel and writes the kernel, four passes over a
+  weight (fc1's is 2.76 MB) larger than the core's cache. A sum of B broadcast products is elementwise, so XLA
+  fuses it into a plain SGD update: the kernel is read once and written once. The input gradient is the usual
+  matmul. The same function and gradients as nn.Dense's up to rounding (another summation order).
   """
   return x_BxK @ kernel_KxN
 
