@@ -2,10 +2,11 @@
 
   python launch.py --config=configs/classifier.py --workdir=runs/fmnist
 
-Expected (seeds 0, 1, 2): val accuracy 0.9139 +- 0.0023, test accuracy 0.9098 +- 0.0043; about 3.5 minutes
-on one core (Intel Xeon, jax 0.10.2, 2026-12). --config.model.fast_layers=False runs the original program bit
-for bit (test 0.9090 +- 0.0017 over the same seeds, 4.5 minutes). XLA:CPU's float sums depend on the machine
-and on how many cores the process sees, so expect a few tenths of a point of difference elsewhere.
+Expected (seeds 0, 1, 2): val accuracy 0.9159 +- 0.0017, test accuracy 0.9108 +- 0.0022; about 9 minutes on
+one core of an AMD EPYC family 23 model 1 (AVX2, jax 0.10.2, 2026-12; 3.5 minutes on an Intel Xeon with AVX-512).
+--config.model.fast_layers=False runs the original program bit for bit (Intel Xeon: test 0.9090 +- 0.0017 over
+the same seeds, 4.5 minutes against 3.5). XLA:CPU's float sums depend on the machine and on how many cores the
+process sees, so expect a few tenths of a point of difference elsewhere.
 
 Variants (`--config=configs/classifier.py:VARIANT`):
   (none)       the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5 (above).
@@ -57,8 +58,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.num_classes = 10  # output classes
   config.model.dropout = 0.5  # after the 600-unit layer
   config.model.conv1_as_matmul = False  # conv1 as 9 shifted slices + a matmul: faster, other rounding (README)
-  # conv1 as 9 fused multiply-adds and ReLU+pool with a one-pass backward: the same function, faster on CPU,
-  # other rounding; False is the original program, bit for bit (docs/results.md: both over 3 seeds).
+  # conv1 as 9 fused multiply-adds, ReLU+pool with a one-pass backward, the dense layers' kernel gradient (up to
+  # 8 rows) as outer products fused into the SGD update: the same function, faster on CPU, other rounding; False
+  # is the original program, bit for bit (docs/results.md: both over 3 seeds).
   config.model.fast_layers = True
 
   config.optimizer = config_dict.ConfigDict()
