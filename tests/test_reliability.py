@@ -467,13 +467,16 @@ def _catches_sigterm(pid) -> bool:
 
 def _stop_while_importing(argv: list[str], signum: int) -> tuple[str, int]:
   """Starts a program, sends `signum` as soon as /proc says it catches SIGTERM; (stderr, exit code)."""
-  # Ctrl-C as from a terminal: SIGINT at its default (a test worker may ignore it, and children inherit that);
-  # the small program resets it, then becomes the program (same process).
-  exec_with_default_sigint = (
-    'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])'
+  # The stop signals at their defaults, as from a terminal: an ignored disposition is inherited across exec
+  # (a test worker may ignore SIGINT; a suite started under nohup ignores SIGHUP) and the program rightly keeps
+  # it, so the small program resets all three, then becomes the program (same process).
+  exec_with_default_signals = (
+    'import os, signal, sys\n'
+    'for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n'
+    'os.execv(sys.argv[1], sys.argv[1:])'
   )
   proc = subprocess.Popen(
-    [sys.executable, '-c', exec_with_default_sigint, sys.executable, *argv],
+    [sys.executable, '-c', exec_with_default_signals, sys.executable, *argv],
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
     stdout=subprocess.DEVNULL,
