@@ -20,6 +20,7 @@ import pytest
 from cnn_caption import config_utils
 from cnn_caption import inference
 from cnn_caption import io_utils
+from cnn_caption import stop_signals
 from cnn_caption import train
 from cnn_caption.data import captions
 from cnn_caption.data import fashion_mnist
@@ -472,7 +473,7 @@ def _stop_while_importing(argv: list[str], signum: int) -> tuple[str, int]:
   # it, so the small program resets all three, then becomes the program (same process).
   exec_with_default_signals = (
     'import os, signal, sys\n'
-    'for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n'
+    f'for s in {tuple(int(s) for s in stop_signals.SIGNALS)}: signal.signal(s, signal.SIG_DFL)\n'
     'os.execv(sys.argv[1], sys.argv[1:])'
   )
   proc = subprocess.Popen(
