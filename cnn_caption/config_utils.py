@@ -112,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   profiling.check_profile_steps(get_field(config, 'profile_steps') or ())
   check_xla_options(get_field(config, 'xla_options'))
+  check_xla_options(get_field(config, 'eval_xla_options'), 'eval_xla_options')
   for i, lr in enumerate(get_field(config, 'sweep.learning_rates') or ()):
     if not finite_pos(lr):
       raise UserError(f'config.sweep.learning_rates[{i}]={lr!r} is invalid: each must be > 0')
@@ -129,8 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     tasks_lib.task_class(config.task).validate_config(config)
 
 
-def xla_options(text: str | None) -> dict[str, str | bool]:
+def xla_options(text: str | None, field: str = 'xla_options') -> dict[str, str | bool]:
   """config.xla_options ('name=value,name=value') as jax.jit compiler options; {} when empty or None.
+
+  field: the config field the text came from, named in errors (xla_options or eval_xla_options).
 
   'true' / 'false' become booleans; every other value stays text, which XLA parses by the option's type.
   """
@@ -141,17 +144,17 @@ def xla_options(text: str | None) -> dict[str, str | bool]:
     name, sep, value = item.strip().partition('=')
     if not sep or not name.startswith('xla_'):
       raise UserError(
-        f'config.xla_options item {item.strip()!r} is not name=value with an XLA option name (xla_...); '
-        "e.g. --config.xla_options='xla_cpu_experimental_ynn_fusion_type=,xla_cpu_use_onednn=true'"
+        f'config.{field} item {item.strip()!r} is not name=value with an XLA option name (xla_...); '
+        f"e.g. --config.{field}='xla_cpu_experimental_ynn_fusion_type=,xla_cpu_use_onednn=true'"
       )
     lowered = value.strip().lower()
     options[name] = lowered == 'true' if lowered in ('true', 'false') else value.strip()
   return options
 
 
-def check_xla_options(text: str | None) -> None:
+def check_xla_options(text: str | None, field: str = 'xla_options') -> None:
   """UserError naming the option XLA refuses (unknown name, value of the wrong type); compiles x + 1 to ask it."""
-  options = xla_options(text)
+  options = xla_options(text, field)
   if not options:
     return
   try:
@@ -159,7 +162,7 @@ def check_xla_options(text: str | None) -> None:
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError: INVALID_ARGUMENT from XLA)
     reason = str(e).splitlines()[0].split('INVALID_ARGUMENT: ')[-1]
     raise UserError(
-      f'config.xla_options={text!r}: XLA refuses it ({reason}); fix or drop that option '
+      f'config.{field}={text!r}: XLA refuses it ({reason}); fix or drop that option '
       '(the names are XLA DebugOptions fields, e.g. xla_cpu_use_onednn=true)'
     ) from None
 
@@ -168,6 +171,7 @@ def check_xla_options(text: str | None) -> None:
 RESUME_SAFE_FIELDS = (
   'log_every_steps',
   'eval_batch_size',
+  'eval_xla_options',  # evaluation and decoding only: the training steps are the same
   'steps_per_call',
   'early_stopping_patience',
   'meteor_at_test',

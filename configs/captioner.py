@@ -127,6 +127,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
   # XLA options for the jitted train step only, 'name=value,...' (docs/benchmarks.md: which win where); '' = none
   config.xla_options = ''
+  config.eval_xla_options = ''  # the same for the decoding programs (evaluation, captions); '' = none
 
   if arg == 'smoke':
     config.data.synthetic_num_images = 48

@@ -4,8 +4,8 @@
 
 Expected (seeds 0, 1, 2): val accuracy 0.9159 +- 0.0017, test accuracy 0.9108 +- 0.0022; about 9 minutes on
 one core of an AMD EPYC family 23 model 1 (AVX2, jax 0.10.2, 2026-12; 3.5 minutes on an Intel Xeon with AVX-512).
---config.model.fast_layers=False runs the original program bit for bit (Intel Xeon: test 0.9090 +- 0.0017 over
-the same seeds, 4.5 minutes against 3.5). XLA:CPU's float sums depend on the machine and on how many cores the
+--config.model.fast_layers=False --config.eval_xla_options= runs the original program bit for bit (Intel Xeon:
+test 0.9090 +- 0.0017 over the same seeds, 4.5 minutes against 3.5). XLA:CPU's float sums depend on the machine and on how many cores the
 process sees, so expect a few tenths of a point of difference elsewhere.
 
 Variants (`--config=configs/classifier.py:VARIANT`):
@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
   # XLA options for the jitted train step only, 'name=value,...' (docs/benchmarks.md: which win where); '' = none
   config.xla_options = ''
+  # XLA options for evaluation and prediction (not the train step). YNNPACK for the matmuls only: its
+  # convolution and reduction fusions made the 1000-image evaluation 1.1-1.5x slower (docs/benchmarks.md).
+  config.eval_xla_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
 
   config.sweep = config_dict.ConfigDict()
   config.sweep.learning_rates = ()  # non-empty -> train one run per lr, pick the best by val accuracy

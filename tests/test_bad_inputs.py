@@ -137,6 +137,8 @@ CONFIG_CASES = [
   ('xla_option_unknown', [CLASSIFIER, '--config.xla_options=xla_cpu_nosuch=1'], "option: 'xla_cpu_nosuch'"),
   ('xla_option_bad_value', [CAPTIONER, '--config.xla_options=xla_cpu_use_onednn=maybe'], 'xla_cpu_use_onednn'),
   ('xla_option_no_value', [CLASSIFIER, '--config.xla_options=xla_cpu_use_onednn'], "item 'xla_cpu_use_onednn'"),
+  ('eval_xla_option_unknown', [CLASSIFIER, '--config.eval_xla_options=xla_cpu_nosuch=1'], 'config.eval_xla_options'),
+  ('eval_xla_option_no_value', [CAPTIONER, '--config.eval_xla_options=xla_cpu_use_onednn'], 'config.eval_xla_options'),
   ('q1_padding_unknown', ['--config=configs/q1_cnn.py', '--mode=summary', '--config.model.padding=FULL'], 'padding'),
 ]
 

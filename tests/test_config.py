@@ -96,3 +96,16 @@ def test_xla_options_parse_and_resume():
   assert config_utils.computation_differences(saved, current.to_dict()) == [
     "xla_options: '<absent>' -> 'xla_cpu_use_onednn=true'"
   ]
+
+
+def test_eval_xla_options_are_checked_and_resume_safe():
+  with pytest.raises(UserError, match="config.eval_xla_options item 'xla_cpu_use_onednn' is not name=value"):
+    config_utils.xla_options('xla_cpu_use_onednn', 'eval_xla_options')
+  with pytest.raises(UserError, match='config.eval_xla_options=.*XLA refuses it'):
+    config_utils.check_xla_options('xla_cpu_experimental_ynn_fusion_type=dot', 'eval_xla_options')
+  config_utils.check_xla_options(classifier_config.get_config().eval_xla_options, 'eval_xla_options')
+  # Evaluation options change no training step: a resume may change them (as eval_batch_size).
+  saved = classifier_config.get_config().to_dict()
+  current = classifier_config.get_config()
+  current.eval_xla_options = ''
+  assert config_utils.computation_differences(saved, current.to_dict()) == []

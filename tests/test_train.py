@@ -302,6 +302,30 @@ def test_xla_options_reach_the_train_step(tmp_path):
   assert 'ynn_fusion' not in step_hlo('xla_cpu_experimental_ynn_fusion_type=', str(tmp_path / 'b'))
 
 
+def test_eval_xla_options_reach_evaluation_not_the_train_step(tmp_path):
+  """config.eval_xla_options compiles evaluation with those options; the train step keeps config.xla_options."""
+  from cnn_caption.tasks import classification
+  from cnn_caption.training import parallel
+
+  def eval_hlo(eval_xla_options):
+    config = smoke_config(eval_xla_options=eval_xla_options)
+    task = classification.ClassificationTask(config, str(tmp_path), parallel.make_mesh())
+    params = task.model.init(jax.random.key(0), *task.example_inputs())['params']
+    batch = {'image': np.zeros((100, 28, 28, 1), np.float32), 'label': np.zeros((100,), np.int32)}
+    batch['mask'] = np.ones((100,), bool)
+    args = (task._variables(params), parallel.shard_batch(batch, task.mesh))
+    text = task._eval_fn._jitted.lower(*args).compile().as_text()
+    return text, task.evaluate(params, 'val')
+
+  default, metrics_default = eval_hlo('')
+  if 'ynn_fusion' not in default:
+    pytest.skip('XLA:CPU uses no YNNPACK fusion for evaluation on this machine')
+  off, metrics_off = eval_hlo('xla_cpu_experimental_ynn_fusion_type=')
+  assert 'ynn_fusion' not in off
+  assert metrics_off['accuracy'] == metrics_default['accuracy']
+  assert metrics_off['loss'] == pytest.approx(metrics_default['loss'], rel=1e-5)
+
+
 @pytest.mark.parametrize('config_name', ['classifier', 'captioner_attention'])
 def test_initialiser_compiled_at_level_1_gives_the_parameters_of_the_default_compilation(config_name):
   config = importlib.import_module(f'configs.{config_name}').get_config(None)

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cnn_caption import config_utils
 from cnn_caption import io_utils
 from cnn_caption import models
 from cnn_caption import plots
@@ -350,6 +351,8 @@ class CaptioningTask(base.Task):
     self.mesh = mesh
     self.selection_metric = config.get('selection_metric', CaptioningTask.selection_metric)
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+    # config.eval_xla_options: XLA options for the decoding programs (evaluation, captions), not the train step.
+    self._eval_options = config_utils.xla_options(config.get('eval_xla_options'), 'eval_xla_options') or None
     data_dir = dataset_dir(config, workdir)
     self.synthetic = config.data.dir is None
     splits = captions_lib.load_karpathy(data_dir, config.data.image_dir, config.data.on_error)
@@ -621,6 +624,7 @@ class CaptioningTask(base.Task):
         value=self.config.eval_batch_size,
         what='greedy decoding' if beam_size == 1 else f'beam-{beam_size} decoding',
         out_shardings=parallel.replicated(self.mesh),
+        compiler_options=self._eval_options,
       )
     return self._decoders[key]
 
@@ -838,7 +842,9 @@ class CaptioningTask(base.Task):
     if 'scene' not in self._decoders:
       probs = lambda p, f: jax.nn.softmax(self.model.apply({'params': p}, f, method='scene_logits'), axis=-1)
       fn = (lambda p, f: jax.vmap(probs, in_axes=(0, None))(p, f).mean(0)) if self.ensemble else probs
-      self._decoders['scene'] = jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
+      self._decoders['scene'] = jax.jit(
+        fn, out_shardings=parallel.replicated(self.mesh), compiler_options=self._eval_options
+      )
     feats = self.feats[split]
     fetch = lambda rows: {'feats': feats[rows].astype(np.float32)}
     predicted = []
@@ -986,6 +992,7 @@ class CaptioningTask(base.Task):
       self._decoders['teacher_forced_alphas'] = jax.jit(
         lambda p, f, x: self.model.apply({'params': p}, f, x, train=False)[1],
         out_shardings=parallel.replicated(self.mesh),
+        compiler_options=self._eval_options,
       )
     fn, feats = self._decoders['teacher_forced_alphas'], self.feats[split]
     fetch = lambda rows: {'feats': feats[rows].astype(np.float32), 'tokens': inputs[rows]}
@@ -1006,7 +1013,8 @@ class CaptioningTask(base.Task):
       self._decoders['attention'] = jax.jit(
         lambda p, f: decoders.greedy_decode(
           self.model, p, f, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, max_len=d.max_len
-        )
+        ),
+        compiler_options=self._eval_options,
       )
     entries = self.entries['val'][:num_images]
     tokens, alphas = self._decoders['attention'](params, self.feats['val'][: len(entries)].astype(np.float32))

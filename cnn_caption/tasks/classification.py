@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cnn_caption import config_utils
 from cnn_caption import io_utils
 from cnn_caption import models
 from cnn_caption import plots
@@ -111,11 +112,17 @@ class ClassificationTask(base.Task):
       self.metrics = self.loss_metrics
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+    # config.eval_xla_options: XLA options for the evaluation and prediction programs (not the train step).
+    self._eval_options = config_utils.xla_options(config.get('eval_xla_options'), 'eval_xla_options') or None
     self._eval_fn = memory.CheckedJit(
-      self._eval_counts, knob='eval_batch_size', value=config.eval_batch_size, what='evaluation'
+      self._eval_counts,
+      knob='eval_batch_size',
+      value=config.eval_batch_size,
+      what='evaluation',
+      compiler_options=self._eval_options,
     )
     self._batch_norm = norm.has_batch_norm(self.model, self.example_inputs())
-    self._moments_fn = jax.jit(functools.partial(norm.batch_moments, self.model))
+    self._moments_fn = jax.jit(functools.partial(norm.batch_moments, self.model), compiler_options=self._eval_options)
     self._predict_fn = None  # jitted at the first predict
     self.loss = functools.partial(
       classification_loss, label_smoothing=config.get('loss', {}).get('label_smoothing', 0.0)
@@ -225,7 +232,9 @@ class ClassificationTask(base.Task):
   def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The predicted class of every image of a split and its probability (as evaluate scores them)."""
     if self._predict_fn is None:
-      self._predict_fn = jax.jit(self._predictions, out_shardings=parallel.replicated(self.mesh))
+      self._predict_fn = jax.jit(
+        self._predictions, out_shardings=parallel.replicated(self.mesh), compiler_options=self._eval_options
+      )
     images = self.splits[split][0]
     fetch = lambda rows: {'image': fashion_mnist.to_float(images[rows])}
     variables = self._variables(params)
