@@ -7,7 +7,7 @@
 The project side is the trainer's own call: `jax.jit(train.train_steps, donate_argnums=0)` with the
 classification task's loss, config.steps_per_call steps per call, on random data of Fashion-MNIST's shape
 (the batches are prepared before timing, as the trainer's host prefetch does): the default program
-(`project`) and the original one (`project_exact`: --config.model.fast_layers=False, gradient norm logged),
+(`project`, with the config's XLA options) and the original one (`project_exact`: configs/classifier.py:original),
 interleaved. Each record ends with `targets`: the ceiling share, the ratio to the original program and to
 the best peer, each with its target and whether it is met. The peer is
 /work/shared/peers/torch_cnn.py (eager, --channels-last and, unless --no_compile, --compile), each
@@ -43,8 +43,9 @@ def make_project(
 ):
   """Returns a function that trains for about `seconds` and returns samples/s (compiled on creation).
 
-  exact: the original program (config.model.fast_layers=False, the gradient norm logged, no XLA options), bit
-  for bit. xla_options: 'name=value,...' for the train step instead of the config's own config.xla_options.
+  exact: the original program (configs/classifier.py:original: fast_layers=False, the gradient norm logged, no
+  XLA options), bit for bit. xla_options: 'name=value,...' for the train step instead of the config's own
+  config.xla_options.
   """
   import jax
   import jax.numpy as jnp
@@ -60,13 +61,9 @@ def make_project(
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import classifier
 
-  config = classifier.get_config()
-  if xla_options is not None:
+  config = classifier.get_config('original' if exact else None)
+  if xla_options is not None and not exact:
     config.xla_options = xla_options
-  if exact:
-    config.model.fast_layers = False
-    config.log_grad_norm = True
-    config.xla_options = ''
   # The task's loss and metrics are static: no data needed.
   cls = classification.ClassificationTask
   task = types.SimpleNamespace(loss=cls.loss, metrics=cls.metrics if config.log_grad_norm else cls.loss_metrics)

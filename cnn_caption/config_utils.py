@@ -133,15 +133,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def xla_options(text: str | None, field: str = 'xla_options') -> dict[str, str | bool]:
   """config.xla_options ('name=value,name=value') as jax.jit compiler options; {} when empty or None.
 
+  'true' / 'false' become booleans; every other value stays text, which XLA parses by the option's type. A
+  list value keeps its commas: an item that is neither name=value nor an option name continues the value
+  before it (xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE).
   field: the config field the text came from, named in errors (xla_options or eval_xla_options).
-
-  'true' / 'false' become booleans; every other value stays text, which XLA parses by the option's type.
   """
-  options = {}
+  options, last = {}, None
   for item in (text or '').split(','):
     if not item.strip():
       continue
     name, sep, value = item.strip().partition('=')
+    if not sep and last is not None and not name.startswith('xla_') and isinstance(options[last], str):
+      options[last] = f'{options[last]},{name}'
+      continue
     if not sep or not name.startswith('xla_'):
       raise UserError(
         f'config.{field} item {item.strip()!r} is not name=value with an XLA option name (xla_...); '
@@ -149,6 +153,7 @@ def xla_options(text: str | None, field: str = 'xla_options') -> dict[str, str |
       )
     lowered = value.strip().lower()
     options[name] = lowered == 'true' if lowered in ('true', 'false') else value.strip()
+    last = name
   return options
 
 

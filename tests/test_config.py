@@ -87,10 +87,22 @@ def test_xla_options_parse_and_resume():
   with pytest.raises(UserError, match="item 'vector_width=512' is not name=value with an XLA option name"):
     config_utils.xla_options('vector_width=512')
   config_utils.check_xla_options('xla_cpu_use_onednn=false')  # XLA accepts it: no error
+  # A list value keeps its commas; a bare option name is still refused.
+  two = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,'
+  two += 'xla_cpu_use_onednn=false'
+  assert config_utils.xla_options(two) == {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+    'xla_cpu_use_onednn': False,
+  }
+  config_utils.check_xla_options(two)
+  with pytest.raises(UserError, match="item 'LIBRARY_FUSION_TYPE_DOT' is not name=value"):
+    config_utils.xla_options('LIBRARY_FUSION_TYPE_DOT')
+  with pytest.raises(UserError, match="item 'xla_cpu_use_onednn' is not name=value"):
+    config_utils.xla_options('xla_cpu_use_onednn=false,xla_cpu_use_onednn')
   # A checkpoint from before the field: '' (none) is the computation it had; options set change the floats.
-  saved = classifier_config.get_config().to_dict()
+  saved = classifier_config.get_config('strong').to_dict()  # a config whose default is no options
   del saved['xla_options']
-  current = classifier_config.get_config()
+  current = classifier_config.get_config('strong')
   assert config_utils.computation_differences(saved, current.to_dict()) == []
   current.xla_options = 'xla_cpu_use_onednn=true'
   assert config_utils.computation_differences(saved, current.to_dict()) == [
@@ -109,3 +121,11 @@ def test_eval_xla_options_are_checked_and_resume_safe():
   current = classifier_config.get_config()
   current.eval_xla_options = ''
   assert config_utils.computation_differences(saved, current.to_dict()) == []
+
+
+def test_original_variant_is_the_homework_run_as_the_original_program():
+  """classifier.py:original changes the program (layers, gradient-norm metric, XLA options) and nothing else."""
+  default = config_utils.flatten(classifier_config.get_config().to_dict())
+  original = config_utils.flatten(classifier_config.get_config('original').to_dict())
+  changed = {k: original[k] for k in default if default[k] != original[k]}
+  assert changed == {'model.fast_layers': False, 'log_grad_norm': True, 'xla_options': '', 'eval_xla_options': ''}
