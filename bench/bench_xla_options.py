@@ -18,7 +18,10 @@ from bench_classifier import make_project
 import common
 
 SETS = (
+  'xla_defaults=',  # the homework config sets YNNPACK fusion types of its own (configs/classifier.py)
   'ynn_fusions_off=xla_cpu_experimental_ynn_fusion_type=',
+  'ynn_reduce_only=xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE',
+  'ynn_one_dot_reduce=xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
   'vector_width_512=xla_cpu_prefer_vector_width=512',
   'onednn=xla_cpu_use_onednn=true',
   'xnnpack=xla_cpu_use_xnnpack=true',
@@ -50,7 +53,7 @@ def main():
     results = common.interleave(args.reps, sides)
     base = statistics.median(results['default'])
     for name, values in results.items():
-      record = {'bench': 'xla_options', 'batch_size': batch_size, 'set': name, 'options': sets.get(name, '')}
+      record = {'bench': 'xla_options', 'batch_size': batch_size, 'set': name, 'options': sets.get(name, 'config')}
       record.update(samples_per_s=common.spread(values), ratio=round(statistics.median(values) / base, 3))
       common.emit(record)
 

@@ -2,8 +2,9 @@
 
   python launch.py --config=configs/classifier.py --workdir=runs/fmnist
 
-Expected (seeds 0, 1, 2): val accuracy 0.9159 +- 0.0017, test accuracy 0.9108 +- 0.0022; about 9 minutes on
-one core of an AMD EPYC family 23 model 1 (AVX2, jax 0.10.2, 2026-12; 3.5 minutes on an Intel Xeon with AVX-512).
+Expected (seeds 0, 1, 2): val accuracy 0.9153 +- 0.0036, test accuracy 0.9107 +- 0.0039; about 3 minutes on
+one core of an AMD EPYC family 25 model 17 (AVX-512, jax 0.10.2, 2026-12; before the train step's XLA options,
+3.5 minutes on an Intel Xeon with AVX-512 and 9 on an AMD EPYC family 23 model 1 with AVX2).
 The `original` variant runs the original program bit for bit (Intel Xeon: test 0.9090 +- 0.0017 over the same
 seeds, 4.5 minutes against 3.5). XLA:CPU's float sums depend on the machine and on how many cores the
 process sees, so expect a few tenths of a point of difference elsewhere.
@@ -97,7 +98,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into workdir/profile; () = off
   # XLA options for the jitted train step only, 'name=value,...' (docs/benchmarks.md: which win where); '' = none.
   # YNNPACK's dot and reduction fusions without its single-convolution and single-dot ones: the homework step
-  # 1.18x faster at batch 64 and level at batch 8 (AMD EPYC, AVX-512); no gain for the strong and resnet models.
+  # 1.18x faster at batch 64 and level at batch 8 (measured on an AMD EPYC with AVX-512 only); no gain for the
+  # strong and resnet models, which keep XLA's defaults.
   config.xla_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'
   # XLA options for evaluation and prediction (not the train step). YNNPACK for the matmuls only: its
   # convolution and reduction fusions made the 1000-image evaluation 1.1-1.5x slower (docs/benchmarks.md).
