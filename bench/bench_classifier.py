@@ -71,7 +71,7 @@ def make_project(
   model = models.create_model(config, **overrides)
   tx = optim.make_optimizer(config.optimizer, 1000)
   state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
-  options = config_utils.xla_options(config.xla_options) or None  # as the trainer compiles its step
+  options = config_utils.compiler_options(config)  # as the trainer compiles its step
   step = functools.partial(train.train_steps, task=task, num_steps=steps_per_call)
   fn = jax.jit(step, donate_argnums=0, compiler_options=options)
   rng = np.random.default_rng(0)

@@ -157,6 +157,11 @@ def xla_options(text: str | None, field: str = 'xla_options') -> dict[str, str |
   return options
 
 
+def compiler_options(config: ml_collections.ConfigDict, field: str = 'xla_options') -> dict[str, str | bool] | None:
+  """config.<field> (xla_options: the train step; eval_xla_options: evaluation) as jax.jit's compiler_options."""
+  return xla_options(config.get(field), field) or None
+
+
 def check_xla_options(text: str | None, field: str = 'xla_options') -> None:
   """UserError naming the option XLA refuses (unknown name, value of the wrong type); compiles x + 1 to ask it."""
   options = xla_options(text, field)

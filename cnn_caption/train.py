@@ -445,8 +445,8 @@ class Trainer:
   def _compile(self, num_steps: int) -> Callable:
     if num_steps not in self._step_fns:
       fn = functools.partial(train_steps, task=self.task, num_steps=num_steps)
-      options = config_utils.xla_options(self.config.get('xla_options'))  # this path only, not evaluation
-      self._step_fns[num_steps] = jax.jit(fn, donate_argnums=0, compiler_options=options or None)
+      options = config_utils.compiler_options(self.config)  # config.xla_options: this path only, not evaluation
+      self._step_fns[num_steps] = jax.jit(fn, donate_argnums=0, compiler_options=options)
     return self._step_fns[num_steps]
 
   def _host_batches(self, order: np.ndarray, start: int, num_steps: int, step: int, params) -> dict[str, np.ndarray]:

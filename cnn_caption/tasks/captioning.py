@@ -352,7 +352,7 @@ class CaptioningTask(base.Task):
     self.selection_metric = config.get('selection_metric', CaptioningTask.selection_metric)
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     # config.eval_xla_options: XLA options for the decoding programs (evaluation, captions), not the train step.
-    self._eval_options = config_utils.xla_options(config.get('eval_xla_options'), 'eval_xla_options') or None
+    self._eval_options = config_utils.compiler_options(config, 'eval_xla_options')
     data_dir = dataset_dir(config, workdir)
     self.synthetic = config.data.dir is None
     splits = captions_lib.load_karpathy(data_dir, config.data.image_dir, config.data.on_error)

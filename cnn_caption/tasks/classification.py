@@ -113,7 +113,7 @@ class ClassificationTask(base.Task):
     self.num_train = len(self.splits['train'][1])
     parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
     # config.eval_xla_options: XLA options for the evaluation and prediction programs (not the train step).
-    self._eval_options = config_utils.xla_options(config.get('eval_xla_options'), 'eval_xla_options') or None
+    self._eval_options = config_utils.compiler_options(config, 'eval_xla_options')
     self._eval_fn = memory.CheckedJit(
       self._eval_counts,
       knob='eval_batch_size',
