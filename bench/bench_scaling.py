@@ -2,6 +2,7 @@
 
   python bench/bench_scaling.py                 # classifier (batch 64) and attention captioner (batch 32)
   python bench/bench_scaling.py --only=classifier --repeats=3
+  python bench/bench_scaling.py --only=classifier --batch_size=8 --steps_per_call=8   # the homework's shape
 
 Times the code that trains: real `launch.py` runs (Fashion-MNIST; the synthetic captioning set at 224 px,
 features cached once and shared), reading the trainer's own "samples/s" progress lines of process 0 and
@@ -25,16 +26,16 @@ LAYOUTS = (('1x1', 1, 1), ('1x2', 1, 2), ('2x1', 2, 1))  # (name, processes, dev
 RATE = re.compile(r'epoch \d+ step \d+/\d+ .* ([\d.]+) examples/s')
 
 
-def model_args(name: str, shared: str) -> list[str]:
+def model_args(name: str, shared: str, batch_size: int = 64, steps_per_call: int = 1) -> list[str]:
   if name == 'classifier':
     return [
       '--config=configs/classifier.py',
-      '--config.batch_size=64',
-      '--config.data.num_train=12800',
+      f'--config.batch_size={batch_size}',
+      f'--config.data.num_train={200 * batch_size * steps_per_call}',
       '--config.data.num_eval=1000',
       '--config.num_epochs=1',
-      '--config.log_every_steps=20',
-      '--config.steps_per_call=1',
+      f'--config.log_every_steps={20 * steps_per_call}',
+      f'--config.steps_per_call={steps_per_call}',
     ]
   return [
     '--config=configs/captioner_attention.py',
@@ -89,11 +90,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--only', choices=('classifier', 'attention'))
   parser.add_argument('--repeats', type=int, default=1)
+  parser.add_argument('--batch_size', type=int, default=64, help="the classifier's (200 calls of steps_per_call steps)")
+  parser.add_argument('--steps_per_call', type=int, default=1, help="the classifier's")
   flags = parser.parse_args()
   models = [flags.only] if flags.only else ['classifier', 'attention']
   with tempfile.TemporaryDirectory() as tmp:
     for model in models:
-      args = model_args(model, tmp)
+      args = model_args(model, tmp, flags.batch_size, flags.steps_per_call)
       for rep in range(flags.repeats):
         for name, processes, devices in LAYOUTS:
           t0 = time.time()
@@ -107,7 +110,8 @@ def main() -> None:
                 'layout': name,
                 'processes': processes,
                 'devices_per_process': devices,
-                'batch_size': 64 if model == 'classifier' else 32,
+                'batch_size': flags.batch_size if model == 'classifier' else 32,
+                'steps_per_call': flags.steps_per_call if model == 'classifier' else None,
                 'samples_per_s': round(statistics.median(steady), 1),
                 'intervals': len(steady),
                 'wall_s': round(time.time() - t0, 1),
