@@ -42,7 +42,7 @@ CLASSIFIER = [
 ]
 ATTENTION = [
   '--config=configs/captioner_attention.py:smoke',
-  '--config.data.synthetic_num_images=24',
+  '--config.data.synthetic_num_images=16',
   '--config.num_epochs=1',
   '--config.eval_batch_size=8',
 ]
@@ -247,7 +247,7 @@ def test_two_processes_equal_one_process_for_the_attention_captioner(runs_dir):
   ]
   names = sorted(os.listdir(folder_one))
   entries = [n for n in names if n.endswith('.npy') and not n.startswith('store-')]
-  assert sorted(os.listdir(folder_two)) == names and len(entries) == 24
+  assert sorted(os.listdir(folder_two)) == names and len(entries) == 16
   for name in names:
     if name.endswith('.npy'):
       np.testing.assert_array_equal(np.load(os.path.join(folder_two, name)), np.load(os.path.join(folder_one, name)))

@@ -178,10 +178,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_160_one_epoch, tmp_
 @pytest.mark.slow
 def test_sweep_smoke_picks_by_validation_and_members_equal_runs_alone(tmp_path):
   args = ['--config.data.num_eval=50', '--config.eval_batch_size=50', '--config.num_epochs=1']
-  result = run_launch('--config=configs/classifier.py:smoke_sweep', *args, f'--workdir={tmp_path / "sweep"}')
+  rates = '--config.sweep.learning_rates=(0.01,0.1)'  # two of the variant's three: a choice, at less cost
+  result = run_launch('--config=configs/classifier.py:smoke_sweep', *args, rates, f'--workdir={tmp_path / "sweep"}')
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads((tmp_path / 'sweep' / 'results.json').read_text())
-  assert [r['learning_rate'] for r in results['runs']] == [0.001, 0.01, 0.1]
+  assert [r['learning_rate'] for r in results['runs']] == [0.01, 0.1]
   assert results['best']['val_accuracy'] == max(r['val_accuracy'] for r in results['runs'])
   assert os.path.exists(tmp_path / 'sweep' / 'plots' / 'val_accuracy.png')
   alone = run_launch(
