@@ -66,6 +66,10 @@ def local_rows(mesh: Mesh, num_rows: int) -> slice:
 def shard_local_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int, batch_axis: int = 0) -> Batch:
   """This process's rows (local_rows) of a global batch of global_rows -> global arrays sharded over the mesh."""
   sharding = _sharding(mesh, batch_axis)
+  if jax.process_count() == 1:
+    # One process holds every row: device_put places them as the sharding says, the same arrays for less host
+    # time a call (the homework run, 8 batches of 8 a call, pinned to the core its steps run on: 0.35 ms against 0.45).
+    return jax.device_put(batch, sharding)
 
   def put(x):
     shape = (*x.shape[:batch_axis], global_rows, *x.shape[batch_axis + 1 :])
