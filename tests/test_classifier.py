@@ -275,7 +275,7 @@ def test_offline_tfds_fallback_fails_at_once_with_install_hint(tmp_path, monkeyp
 
 
 _ALL_REDUCE_BUFFERS = """
-import functools, re, sys, types
+import functools, re, types
 import jax, numpy as np
 from cnn_caption import config_utils, models, train
 from cnn_caption.tasks import classification
@@ -302,7 +302,7 @@ def test_a_batch_split_over_devices_costs_one_all_reduce_buffer_per_parameter():
   """The homework step on 2 devices reduces each parameter's gradient (and the loss), not rows of activations.
 
   Between processes every all-reduce buffer is a gloo collective of a few milliseconds: the per-row outer-product
-  kernel gradients of SmallBatchDense once made a batch-8 step carry 56 (0.22 s a step over 2 processes).
+  kernel gradients of SmallBatchDense once made a batch-8 step carry 56 (up to 0.22 s a step over 2 processes).
   """
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   out = subprocess.run(

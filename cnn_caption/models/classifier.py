@@ -177,7 +177,7 @@ class SmallBatchDense(nn.Module):
   From OUTER_GRAD_MAX_ROWS + 1 rows on (large batches, evaluation), and whenever the batch is split over
   several devices, it is nn.Dense's matmul. Split over devices, each device holds only some of the rows, so the
   per-row outer products would cost one cross-device collective per row and layer (over gloo between processes,
-  a few milliseconds each, measured: 56 all-reduces, 0.22 s a batch-8 step), and the gradient must be reduced
+  a few milliseconds each, measured: 56 all-reduces, up to 0.22 s a batch-8 step), and the gradient must be reduced
   across devices before the update anyway, so the fusion it exists for cannot happen.
   """
 
