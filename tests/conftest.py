@@ -56,6 +56,32 @@ def jit_init(module, *args, **kwargs):
   return jax.jit(functools.partial(module.init, **kwargs), compiler_options=train.INIT_COMPILER_OPTIONS)(*args)
 
 
+def train_step_hlo(config, workdir: str, mesh=None) -> str:
+  """The compiled HLO of the trainer's own one-step program for a classifier config (a batch of 8 zeros).
+
+  With a mesh, the state is replicated and the batch split over it, as a run places them.
+  """
+  import types
+
+  import numpy as np
+
+  from cnn_caption import models
+  from cnn_caption import train
+  from cnn_caption.tasks import classification
+  from cnn_caption.training import optim
+  from cnn_caption.training import parallel
+
+  cls = classification.ClassificationTask
+  task = types.SimpleNamespace(num_train=160, loss=cls.loss, metrics=cls.loss_metrics)
+  trainer = train.Trainer(config, workdir, task, mesh)
+  tx = optim.make_optimizer(config.optimizer, 100)
+  state = train.create_train_state(models.create_model(config), models.example_inputs(config), jax.random.key(0), tx)
+  batch = {'image': np.zeros((1, 8, 28, 28, 1), np.float32), 'label': np.zeros((1, 8), np.int32)}
+  if mesh is not None:
+    state, batch = parallel.replicate(state, mesh), parallel.shard_local_batch(batch, mesh, 8, 1)
+  return trainer._compile(1).lower(state, batch, jax.random.key(1)).compile().as_text()
+
+
 def has_fashion_mnist() -> bool:
   return os.path.exists(os.path.join(FMNIST_DIR, 'train-images-idx3-ubyte.gz'))
 

@@ -275,24 +275,14 @@ def test_offline_tfds_fallback_fails_at_once_with_install_hint(tmp_path, monkeyp
 
 
 _ALL_REDUCE_BUFFERS = """
-import functools, re, types
-import jax, numpy as np
-from cnn_caption import config_utils, models, train
-from cnn_caption.tasks import classification
-from cnn_caption.training import optim, parallel
+import re, sys, tempfile
+import jax
+sys.path.insert(0, 'tests')
+from conftest import train_step_hlo
+from cnn_caption.training import parallel
 from configs import classifier
-config = classifier.get_config()
-mesh = parallel.make_mesh()
-cls = classification.ClassificationTask
-task = types.SimpleNamespace(loss=cls.loss, metrics=cls.loss_metrics)
-tx = optim.make_optimizer(config.optimizer, 1000)
-state = train.create_train_state(models.create_model(config), models.example_inputs(config), jax.random.key(0), tx)
-state = parallel.replicate(state, mesh)
-batch = {'image': np.zeros((1, 8, 28, 28, 1), np.float32), 'label': np.zeros((1, 8), np.int32)}
-batch = parallel.shard_local_batch(batch, mesh, 8, 1)
-step = jax.jit(functools.partial(train.train_steps, task=task, num_steps=1),
-               compiler_options=config_utils.compiler_options(config))
-hlo = step.lower(state, batch, jax.random.key(1)).compile().as_text()
+with tempfile.TemporaryDirectory() as workdir:
+  hlo = train_step_hlo(classifier.get_config(), workdir, parallel.make_mesh())
 results = re.findall(r'= (.*?) all-reduce(?:-start)?\\(', hlo)
 print(jax.device_count(), sum(len(re.findall(r'[a-z]+[0-9]*\\[[0-9,]*\\]', r)) for r in results))
 """

@@ -24,6 +24,7 @@ from conftest import override
 from conftest import read_jsonl
 from conftest import run_launch
 from conftest import strip_timing
+from conftest import train_step_hlo
 
 pytestmark = needs_fmnist
 
@@ -280,27 +281,12 @@ def test_finished_sweep_only_summarises_and_picks_by_validation(tmp_path):
 
 def test_xla_options_reach_the_train_step(tmp_path):
   """config.xla_options compiles the train step with those XLA options (here: YNNPACK fusions off)."""
-  import types
-
-  from cnn_caption import models
-  from cnn_caption.tasks import classification
-  from cnn_caption.training import optim
-
-  def step_hlo(xla_options, workdir):
-    config = smoke_config(xla_options=xla_options)
-    cls = classification.ClassificationTask
-    task = types.SimpleNamespace(num_train=160, loss=cls.loss, metrics=cls.loss_metrics)
-    trainer = train.Trainer(config, workdir, task, None)
-    model = models.create_model(config)
-    tx = optim.make_optimizer(config.optimizer, 100)
-    state = train.create_train_state(model, models.example_inputs(config), jax.random.key(0), tx)
-    batch = {'image': np.zeros((1, 8, 28, 28, 1), np.float32), 'label': np.zeros((1, 8), np.int32)}
-    return trainer._compile(1).lower(state, batch, jax.random.key(1)).compile().as_text()
-
-  default = step_hlo('', str(tmp_path / 'a'))
+  default = train_step_hlo(smoke_config(xla_options=''), str(tmp_path / 'a'))
   if 'ynn_fusion' not in default:
     pytest.skip('XLA:CPU uses no YNNPACK fusion for this step on this machine')
-  assert 'ynn_fusion' not in step_hlo('xla_cpu_experimental_ynn_fusion_type=', str(tmp_path / 'b'))
+  assert 'ynn_fusion' not in train_step_hlo(
+    smoke_config(xla_options='xla_cpu_experimental_ynn_fusion_type='), str(tmp_path / 'b')
+  )
 
 
 def test_eval_xla_options_reach_evaluation_not_the_train_step(tmp_path):
