@@ -178,7 +178,8 @@ def test_classifier_summary(capsys):
   rows = _rows(config)
   assert rows[0].shape == tuple(config.model.input_shape)
   assert rows[-1].size == config.model.num_classes
-  assert any(r.kind == 'Conv' for r in rows)
+  kinds = {r.layer: r.kind for r in rows}
+  assert 'Conv' in kinds['conv1'] and 'Conv' in kinds['conv2'] and 'Dense' in kinds['fc1']  # the fast layers' classes
   inputs = models.example_inputs(config)
   assert analysis.total_params(rows) == _param_count(model, *inputs, train=False)
   assert cli.summary(config) == 0

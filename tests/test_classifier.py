@@ -302,3 +302,39 @@ def test_a_batch_split_over_devices_costs_one_all_reduce_buffer_per_parameter():
   devices, buffers = map(int, out.stdout.split())
   params = 10  # kernel and bias of conv1, conv2, fc1, fc2, fc3
   assert devices == 2 and 1 <= buffers <= params + 1, out.stdout
+
+
+def test_matmul_input_grad_conv_is_nn_conv():
+  """MatmulInputGradConv: nn.Conv's parameters and forward bit for bit, its gradients up to rounding."""
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5))
+  ref, conv = nn.Conv(7, (3, 3), padding='VALID'), classifier.MatmulInputGradConv(7)
+  params = ref.init(jax.random.key(1), x)['params']
+  jax.tree.map(np.testing.assert_array_equal, conv.init(jax.random.key(1), x)['params'], params)
+  np.testing.assert_array_equal(conv.apply({'params': params}, x), ref.apply({'params': params}, x))
+  g_conv, g_ref = (
+    jax.grad(lambda p, x, m=m: (m.apply({'params': p}, x) ** 2).sum(), argnums=(0, 1))(params, x) for m in (conv, ref)
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_conv, g_ref)
+
+
+def test_matmul_input_grad_conv_by_hand():
+  """One output pixel with gradient 1 sends the kernel itself back onto the input window it read."""
+  x = jnp.zeros((1, 4, 5, 2))
+  kernel = jnp.arange(1.0, 19.0).reshape(3, 3, 2, 1)
+  _, vjp = jax.vjp(classifier.conv_valid_matmul_input_grad, x, kernel)
+  dy = jnp.zeros((1, 2, 3, 1)).at[0, 1, 2, 0].set(1.0)  # output row 1, column 2 reads input rows 1..3, columns 2..4
+  dx, _ = vjp(dy)
+  np.testing.assert_array_equal(dx[0, 1:4, 2:5], kernel[..., 0])
+  assert not jnp.any(dx.at[0, 1:4, 2:5].set(0.0))
+
+
+def test_strided_relu_max_pool_is_reshape_and_max():
+  """The strided forward gives reshape-and-max's values bit for bit (odd sizes floor) and the same gradient."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  np.testing.assert_array_equal(classifier.relu_max_pool_2x2_strided(x), classifier.relu_max_pool_2x2(x))
+  np.testing.assert_array_equal(classifier.relu_max_pool_2x2_strided(x), classifier.max_pool_2x2(jnp.maximum(x, 0)))
+  w = jax.random.normal(jax.random.key(1), (2, 3, 3, 3))
+  pools = (classifier.relu_max_pool_2x2_strided, classifier.relu_max_pool_2x2)
+  np.testing.assert_array_equal(*(jax.grad(lambda v, f=f: (f(v) * w).sum())(x) for f in pools))

@@ -6,6 +6,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_caption.models import dropout
+
+
+def max_pool_2x2_strided(x_BxHxWxC: jax.Array) -> jax.Array:
+  """max_pool_2x2 as the maximum of the 4 strided views of each window.
+
+  Elementwise, so XLA fuses it with an elementwise producer (conv1's multiply-adds) instead of writing the
+  producer out and reducing it.
+  """
+  h, w = x_BxHxWxC.shape[1] // 2 * 2, x_BxHxWxC.shape[2] // 2 * 2
+  x = x_BxHxWxC[:, :h, :w]
+  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, floor mode; reshape-and-max has a faster backward on CPU than nn.max_pool."""
@@ -50,12 +63,32 @@ def _relu_max_pool_bwd(residuals, dy_BxhxwxC):
 relu_max_pool_2x2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
 
 
+@jax.custom_vjp
+def relu_max_pool_2x2_strided(x_BxHxWxC: jax.Array) -> jax.Array:
+  """relu_max_pool_2x2 with its forward as max_pool_2x2_strided (the same values and the same backward)."""
+  return max_pool_2x2_strided(jnp.maximum(x_BxHxWxC, 0))
+
+
+def _relu_max_pool_strided_fwd(x_BxHxWxC):
+  y = max_pool_2x2_strided(jnp.maximum(x_BxHxWxC, 0))
+  return y, (x_BxHxWxC, y)
+
+
+relu_max_pool_2x2_strided.defvjp(_relu_max_pool_strided_fwd, _relu_max_pool_bwd)
+
+
 class ReluMaxPool2x2(nn.Module):
-  """relu_max_pool_2x2 as a (parameter-free) module, a row of the per-layer summary."""
+  """relu_max_pool_2x2 as a (parameter-free) module, a row of the per-layer summary.
+
+  strided: the forward as the maximum of 4 strided views (fused with an elementwise producer such as conv1's
+  multiply-adds); after a convolution, reshape-and-max (a YNNPACK reduction) is the faster one on XLA:CPU.
+  """
+
+  strided: bool = False
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    return relu_max_pool_2x2(x_BxHxWxC)
+    return (relu_max_pool_2x2_strided if self.strided else relu_max_pool_2x2)(x_BxHxWxC)
 
 
 class ShiftedSlicesConv3x3(nn.Module):
@@ -138,6 +171,68 @@ class OneChannelConv3x3(nn.Module):
     return conv3x3_one_channel(x_BxHxWx1, kernel) + bias_F
 
 
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_valid(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_KxKxCxF, (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO)
+
+
+@jax.custom_vjp
+def conv_valid_matmul_input_grad(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array) -> jax.Array:
+  """A 'VALID' stride-1 convolution (nn.Conv's, bit for bit) whose input gradient is one matmul.
+
+  The input gradient of a convolution is a 'full' convolution of the output gradient with the flipped kernel;
+  XLA:CPU's convolution runs it at a third of the core's matmul rate for the homework's conv2 (32 -> 16
+  channels at 12x12). Here each output pixel's gradient goes through the kernel as one (F x K*K*C) matmul for
+  all pixels at once, and the K*K shifted pieces are summed into place (one fused elementwise pass). The forward
+  and the kernel gradient are XLA's convolutions, as nn.Conv's.
+  """
+  return _conv_valid(x_BxHxWxC, kernel_KxKxCxF)
+
+
+def _conv_valid_matmul_input_grad_fwd(x_BxHxWxC, kernel_KxKxCxF):
+  return _conv_valid(x_BxHxWxC, kernel_KxKxCxF), (x_BxHxWxC, kernel_KxKxCxF)
+
+
+def _conv_valid_matmul_input_grad_bwd(residuals, dy_BxhxwxF):
+  x_BxHxWxC, kernel_KxKxCxF = residuals
+  kh, kw, c, f = kernel_KxKxCxF.shape
+  b, h, w, _ = dy_BxhxwxF.shape
+  _, kernel_vjp = jax.vjp(lambda k: _conv_valid(x_BxHxWxC, k), kernel_KxKxCxF)
+  (dkernel,) = kernel_vjp(dy_BxhxwxF)
+  dpieces = (dy_BxhxwxF.reshape(-1, f) @ kernel_KxKxCxF.reshape(-1, f).T).reshape(b, h, w, kh, kw, c)
+  dx = None
+  for i in range(kh):
+    for j in range(kw):
+      piece = jnp.pad(dpieces[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+      dx = piece if dx is None else dx + piece
+  return dx.astype(x_BxHxWxC.dtype), dkernel
+
+
+conv_valid_matmul_input_grad.defvjp(_conv_valid_matmul_input_grad_fwd, _conv_valid_matmul_input_grad_bwd)
+
+
+class MatmulInputGradConv(nn.Module):
+  """nn.Conv(features, kernel_size, padding='VALID') whose input gradient is conv_valid_matmul_input_grad's.
+
+  The same parameters, init and forward as nn.Conv, bit for bit; the same gradients up to rounding (another
+  summation order).
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    shape = (*self.kernel_size, x_BxHxWxC.shape[-1], self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
+    bias_F = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x_BxHxWxC, kernel, bias_F = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias_F, dtype=self.dtype)
+    return conv_valid_matmul_input_grad(x_BxHxWxC, kernel) + bias_F
+
+
 # Up to this many rows the kernel gradient is written as a sum of outer products (dense_outer_grad): a win
 # on the homework's batch of 8, level at 16 and slower from 32 on (docs/benchmarks.md).
 OUTER_GRAD_MAX_ROWS = 8
@@ -204,8 +299,9 @@ class FashionCNN(nn.Module):
   hidden1: int = 600
   hidden2: int = 120
   conv1_as_matmul: bool = False  # conv1 as ShiftedSlicesConv3x3 (same parameters; faster, other rounding)
-  # conv1 as OneChannelConv3x3, each ReLU + pool as ReluMaxPool2x2 and the dense layers as SmallBatchDense: the
-  # same function, faster on CPU, other float rounding; False is the original program, bit for bit.
+  # conv1 as OneChannelConv3x3, each ReLU + pool as ReluMaxPool2x2 (pool1's forward strided), conv2 as
+  # MatmulInputGradConv, the dense layers as SmallBatchDense and dropout as dropout.FusedDropout: the same function,
+  # faster on CPU, other float rounding and other dropout masks; False is the original program, bit for bit.
   fast_layers: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for config.half_precision); parameters stay float32
 
@@ -217,14 +313,17 @@ class FashionCNN(nn.Module):
       x = ShiftedSlicesConv3x3(self.conv1_channels, dtype=self.dtype, name='conv1')(x_BxHxWx1)
     else:
       x = nn.Conv(self.conv1_channels, (3, 3), padding='SAME', dtype=self.dtype, name='conv1')(x_BxHxWx1)
-    x = ReluMaxPool2x2(name='pool1')(x) if self.fast_layers else MaxPool2x2(name='pool1')(nn.relu(x))
-    x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', dtype=self.dtype, name='conv2')(x)
+    x = ReluMaxPool2x2(strided=True, name='pool1')(x) if self.fast_layers else MaxPool2x2(name='pool1')(nn.relu(x))
+    if self.fast_layers:
+      x = MatmulInputGradConv(self.conv2_channels, dtype=self.dtype, name='conv2')(x)
+    else:
+      x = nn.Conv(self.conv2_channels, (3, 3), padding='VALID', dtype=self.dtype, name='conv2')(x)
     x = ReluMaxPool2x2(name='pool2')(x) if self.fast_layers else MaxPool2x2(name='pool2')(nn.relu(x))
     # Flatten in (C, H, W) order as torch's x.view(B, -1) did, so a ported torch fc1 would line up.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     dense = SmallBatchDense if self.fast_layers else nn.Dense
     x = nn.relu(dense(self.hidden1, dtype=self.dtype, name='fc1')(x))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = (dropout.FusedDropout if self.fast_layers else nn.Dropout)(self.dropout, deterministic=not train)(x)
     x = nn.relu(dense(self.hidden2, dtype=self.dtype, name='fc2')(x))
     logits = dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
     return nn.log_softmax(logits.astype(jnp.float32))
