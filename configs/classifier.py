@@ -2,12 +2,11 @@
 
   python launch.py --config=configs/classifier.py --workdir=runs/fmnist
 
-Expected (seeds 0, 1, 2): val accuracy 0.9153 +- 0.0036, test accuracy 0.9107 +- 0.0039; about 3 minutes on
-one core of an AMD EPYC family 25 model 17 (AVX-512, jax 0.10.2, 2026-12; before the train step's XLA options,
-3.5 minutes on an Intel Xeon with AVX-512 and 9 on an AMD EPYC family 23 model 1 with AVX2).
-The `original` variant runs the original program bit for bit (Intel Xeon: test 0.9090 +- 0.0017 over the same
-seeds, 4.5 minutes against 3.5). XLA:CPU's float sums depend on the machine and on how many cores the
-process sees, so expect a few tenths of a point of difference elsewhere.
+Expected (seeds 0, 1, 2): val accuracy 0.9148 +- 0.0019, test accuracy 0.9091 +- 0.0025; about 2.5 minutes on
+one core of an Intel Xeon with AVX-512 (CPU model 207, jax 0.10.2, 2026-12). The `original` variant runs the
+original program bit for bit (the same machine: test 0.9090 +- 0.0017 over the same seeds, 5.5 minutes).
+XLA:CPU's float sums depend on the machine and on how many cores the process sees, so expect a few tenths of a
+point of difference elsewhere.
 
 Variants (`--config=configs/classifier.py:VARIANT`):
   (none)       the homework run: 15 epochs, plain SGD, batch 8, lr 0.01, dropout 0.5 (above).
@@ -15,8 +14,8 @@ Variants (`--config=configs/classifier.py:VARIANT`):
                gradient norm logged, XLA's default options (the fast layers and options are the same function
                with other float rounding).
   sweep        the homework's learning-rate sweep 0.001 / 0.01 / 0.1, one child process per rate, best by
-               validation accuracy: lr 0.01, which is exactly the run above (0.001: test 0.8769; 0.1: test
-               0.8972; seed 0, AMD EPYC, 2026-11).
+               validation accuracy: lr 0.01, which is exactly the run above (0.001: test 0.8786; 0.1: test
+               0.8797; seed 0, Intel Xeon, 2026-12).
   smoke        400 training and 200 val/test examples, 2 epochs: tests and quick checks, under a minute.
   smoke_sweep  the sweep at the smoke sizes.
   strong       beyond the homework: a CNN shaped for XLA:CPU speed (models/strong_classifier.py, 959k parameters:
