@@ -35,21 +35,6 @@ class MaxPool2x2(nn.Module):
     return max_pool_2x2(x_BxHxWxC)
 
 
-@jax.custom_vjp
-def relu_max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
-  """max_pool_2x2(relu(x)) with a written-out backward: one elementwise pass, no reductions.
-
-  The gradient goes to every input equal to its window's maximum that is positive (exact float ties within a
-  window, which need two equal positive activations, each get it; autodiff would split it among them).
-  """
-  return max_pool_2x2(jnp.maximum(x_BxHxWxC, 0))
-
-
-def _relu_max_pool_fwd(x_BxHxWxC):
-  y = max_pool_2x2(jnp.maximum(x_BxHxWxC, 0))
-  return y, (x_BxHxWxC, y)
-
-
 def _relu_max_pool_bwd(residuals, dy_BxhxwxC):
   x_BxHxWxC, y_BxhxwxC = residuals
   b, h, w, c = y_BxhxwxC.shape
@@ -60,21 +45,34 @@ def _relu_max_pool_bwd(residuals, dy_BxhxwxC):
   return (jnp.pad(dx, pad).astype(x_BxHxWxC.dtype),)
 
 
-relu_max_pool_2x2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
+def _relu_then(pool, doc: str):
+  """pool(relu(x)) as a custom_vjp function whose backward is _relu_max_pool_bwd (pool: a 2x2 max-pool)."""
+
+  def forward(x_BxHxWxC):
+    return pool(jnp.maximum(x_BxHxWxC, 0))
+
+  def forward_with_residuals(x_BxHxWxC):
+    y = forward(x_BxHxWxC)
+    return y, (x_BxHxWxC, y)
+
+  forward.__doc__ = doc
+  fn = jax.custom_vjp(forward)
+  fn.defvjp(forward_with_residuals, _relu_max_pool_bwd)
+  return fn
 
 
-@jax.custom_vjp
-def relu_max_pool_2x2_strided(x_BxHxWxC: jax.Array) -> jax.Array:
-  """relu_max_pool_2x2 with its forward as max_pool_2x2_strided (the same values and the same backward)."""
-  return max_pool_2x2_strided(jnp.maximum(x_BxHxWxC, 0))
+relu_max_pool_2x2 = _relu_then(
+  max_pool_2x2,
+  """max_pool_2x2(relu(x)) with a written-out backward: one elementwise pass, no reductions.
 
-
-def _relu_max_pool_strided_fwd(x_BxHxWxC):
-  y = max_pool_2x2_strided(jnp.maximum(x_BxHxWxC, 0))
-  return y, (x_BxHxWxC, y)
-
-
-relu_max_pool_2x2_strided.defvjp(_relu_max_pool_strided_fwd, _relu_max_pool_bwd)
+  The gradient goes to every input equal to its window's maximum that is positive (exact float ties within a
+  window, which need two equal positive activations, each get it; autodiff would split it among them).
+  """,
+)
+relu_max_pool_2x2_strided = _relu_then(
+  max_pool_2x2_strided,
+  'relu_max_pool_2x2 with its forward as max_pool_2x2_strided (the same values and the same backward).',
+)
 
 
 class ReluMaxPool2x2(nn.Module):
